@@ -1,0 +1,1 @@
+"""Shared package of the dylen-jobs functions: config, db, dispatch, processing, auth, HTTP."""

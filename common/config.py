@@ -1,0 +1,296 @@
+"""Configuration: read once from the environment (plus an optional `.env`) into a frozen object.
+
+A wrong value raises ConfigError naming the variable, so a misconfigured instance fails at cold start
+instead of on its first request.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+from common.errors import ConfigError
+
+PROVIDERS = ("local-http", "gcp")
+AUTH_MODES = ("firebase", "dev")
+DEFAULT_TIER_LIMITS = "free=3,starter=20,plus=50,pro=80"
+FIREBASE_CERTS_URL = (
+    "https://www.googleapis.com/robot/v1/metadata/x509/securetoken@system.gserviceaccount.com"
+)
+GOOGLE_OIDC_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines; `#` comments, optional `export ` and surrounding quotes. No interpolation."""
+    values: dict[str, str] = {}
+    if not path.is_file():
+        return values
+    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export ") :].lstrip()
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise ConfigError(f"{path}:{number}: expected KEY=VALUE, got {raw!r}")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key] = value
+    return values
+
+
+class _Reader:
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+
+    def str(self, name: str, default: str | None = None) -> str | None:
+        value = self.env.get(name)
+        if value is None or value.strip() == "":
+            return default
+        return value.strip()
+
+    def bool(self, name: str, default: bool) -> bool:
+        value = self.str(name)
+        if value is None:
+            return default
+        lowered = value.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+
+    def int(self, name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
+        value = self.str(name)
+        if value is None:
+            return default
+        try:
+            number = int(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer, got {value!r}") from None
+        if number < minimum or (maximum is not None and number > maximum):
+            bounds = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+            raise ConfigError(f"{name} must be {bounds}, got {number}")
+        return number
+
+    def float(self, name: str, default: float, *, minimum: float) -> float:
+        value = self.str(name)
+        if value is None:
+            return default
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {value!r}") from None
+        if number < minimum:
+            raise ConfigError(f"{name} must be >= {minimum}, got {number}")
+        return number
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.str(name, default)
+        assert value is not None
+        if value not in choices:
+            raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def url(self, name: str, default: str | None = None) -> str | None:
+        value = self.str(name, default)
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ConfigError(f"{name} must be an http(s) URL, got {value!r}")
+        return value.rstrip("/") if value and value.count("/") > 2 else value
+
+
+def parse_tier_limits(raw: str, name: str = "DYLEN_TIER_HISTORY_LIMITS") -> dict[str, int]:
+    limits: dict[str, int] = {}
+    for part in raw.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        tier, sep, number = part.partition("=")
+        tier = tier.strip()
+        if not sep or not tier:
+            raise ConfigError(f"{name}: expected tier=limit pairs, got {part!r}")
+        try:
+            limit = int(number)
+        except ValueError:
+            raise ConfigError(f"{name}: limit of {tier!r} must be an integer, got {number!r}") from None
+        if limit < 0:
+            raise ConfigError(f"{name}: limit of {tier!r} must be >= 0")
+        limits[tier] = limit
+    if "free" not in limits:
+        raise ConfigError(f"{name} must define the 'free' tier (the fallback for unknown tiers)")
+    return limits
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str | None
+    cloud_sql_instance: str | None
+    db_user: str | None
+    db_name: str | None
+    db_password: str | None = field(repr=False)
+    db_iam_auth: bool
+    db_pool_size: int
+    db_max_overflow: int
+    db_connect_timeout_seconds: float
+    auto_process: bool
+    task_provider: str
+    base_url: str
+    process_job_url: str
+    cloud_tasks_queue_path: str | None
+    cloud_tasks_emulator_host: str | None
+    tasks_invoker_sa: str | None
+    tasks_oidc_audience: str | None
+    tasks_allowed_sas: tuple[str, ...]
+    firebase_certs_url: str
+    google_oidc_certs_url: str
+    task_secret: str | None = field(repr=False)
+    auth_mode: str
+    firebase_project_id: str | None
+    job_max_attempts: int
+    job_timeout_seconds: int
+    rescue_after_seconds: int
+    tier_history_limits: dict[str, int]
+    lesson_generator: str | None
+    local_dispatch_min_backoff_seconds: float
+    local_dispatch_max_backoff_seconds: float
+    local_dispatch_workers: int
+
+    @property
+    def uses_cloud_sql(self) -> bool:
+        return self.cloud_sql_instance is not None
+
+    @property
+    def oidc_audience(self) -> str:
+        return self.tasks_oidc_audience or self.process_job_url
+
+
+def load_settings(env: Mapping[str, str] | None = None, *, dotenv: Path | None = None) -> Settings:
+    """Build Settings from `env` (default: os.environ) with `.env` filling unset variables."""
+    source = dict(os.environ if env is None else env)
+    dotenv_path = dotenv if dotenv is not None else Path.cwd() / ".env"
+    for key, value in read_dotenv(dotenv_path).items():
+        source.setdefault(key, value)
+    r = _Reader(source)
+
+    base_url = r.url("DYLEN_BASE_URL", "http://localhost:8080")
+    assert base_url is not None
+    process_job_url = r.url("DYLEN_PROCESS_JOB_URL", f"{base_url}/process_job")
+    assert process_job_url is not None
+
+    settings = Settings(
+        database_url=r.str("DYLEN_DATABASE_URL"),
+        cloud_sql_instance=r.str("DYLEN_CLOUD_SQL_INSTANCE"),
+        db_user=r.str("DYLEN_DB_USER"),
+        db_name=r.str("DYLEN_DB_NAME"),
+        db_password=r.str("DYLEN_DB_PASSWORD"),
+        db_iam_auth=r.bool("DYLEN_DB_IAM_AUTH", False),
+        db_pool_size=r.int("DYLEN_DB_POOL_SIZE", 5, minimum=1, maximum=100),
+        db_max_overflow=r.int("DYLEN_DB_MAX_OVERFLOW", 2, minimum=0, maximum=100),
+        db_connect_timeout_seconds=r.float("DYLEN_DB_CONNECT_TIMEOUT_SECONDS", 5.0, minimum=0.1),
+        auto_process=r.bool("DYLEN_JOBS_AUTO_PROCESS", True),
+        task_provider=r.choice("DYLEN_TASK_SERVICE_PROVIDER", "local-http", PROVIDERS),
+        base_url=base_url,
+        process_job_url=process_job_url,
+        cloud_tasks_queue_path=r.str("DYLEN_CLOUD_TASKS_QUEUE_PATH"),
+        cloud_tasks_emulator_host=r.str("CLOUD_TASKS_EMULATOR_HOST"),
+        tasks_invoker_sa=r.str("DYLEN_TASKS_INVOKER_SA"),
+        tasks_oidc_audience=r.str("DYLEN_TASKS_OIDC_AUDIENCE"),
+        tasks_allowed_sas=tuple(
+            sa.strip()
+            for sa in (r.str("DYLEN_TASKS_ALLOWED_SA") or r.str("DYLEN_TASKS_INVOKER_SA") or "").split(",")
+            if sa.strip()
+        ),
+        # Overridable for tests and emulators only; production uses Google's published keys.
+        firebase_certs_url=r.url("DYLEN_FIREBASE_CERTS_URL", FIREBASE_CERTS_URL) or FIREBASE_CERTS_URL,
+        google_oidc_certs_url=r.url("DYLEN_GOOGLE_OIDC_CERTS_URL", GOOGLE_OIDC_CERTS_URL)
+        or GOOGLE_OIDC_CERTS_URL,
+        task_secret=r.str("DYLEN_TASK_SECRET"),
+        auth_mode=r.choice("DYLEN_AUTH_MODE", "firebase", AUTH_MODES),
+        firebase_project_id=r.str("DYLEN_FIREBASE_PROJECT_ID"),
+        job_max_attempts=r.int("DYLEN_JOB_MAX_ATTEMPTS", 5, minimum=1, maximum=100),
+        job_timeout_seconds=r.int("DYLEN_JOB_TIMEOUT_SECONDS", 600, minimum=1, maximum=86400),
+        rescue_after_seconds=r.int("DYLEN_RESCUE_AFTER_SECONDS", 300, minimum=1),
+        tier_history_limits=parse_tier_limits(
+            r.str("DYLEN_TIER_HISTORY_LIMITS", DEFAULT_TIER_LIMITS) or DEFAULT_TIER_LIMITS
+        ),
+        lesson_generator=r.str("DYLEN_LESSON_GENERATOR"),
+        local_dispatch_min_backoff_seconds=r.float(
+            "DYLEN_LOCAL_DISPATCH_MIN_BACKOFF_SECONDS", 0.1, minimum=0.0
+        ),
+        local_dispatch_max_backoff_seconds=r.float(
+            "DYLEN_LOCAL_DISPATCH_MAX_BACKOFF_SECONDS", 10.0, minimum=0.0
+        ),
+        local_dispatch_workers=r.int("DYLEN_LOCAL_DISPATCH_WORKERS", 8, minimum=1, maximum=256),
+    )
+    _check_combinations(settings)
+    return settings
+
+
+def _check_combinations(s: Settings) -> None:
+    if s.lesson_generator is not None and ":" not in s.lesson_generator:
+        raise ConfigError(
+            f"DYLEN_LESSON_GENERATOR must be module:callable, got {s.lesson_generator!r}"
+        )
+    if s.cloud_sql_instance and s.cloud_sql_instance.count(":") != 2:
+        raise ConfigError(
+            "DYLEN_CLOUD_SQL_INSTANCE must be project:region:instance, "
+            f"got {s.cloud_sql_instance!r}"
+        )
+    if s.cloud_sql_instance and s.database_url:
+        raise ConfigError("Set DYLEN_DATABASE_URL or DYLEN_CLOUD_SQL_INSTANCE, not both")
+    if s.database_url and not s.database_url.startswith("postgresql"):
+        raise ConfigError(
+            "DYLEN_DATABASE_URL must be a postgresql:// URL, "
+            f"got one starting {s.database_url.split(':', 1)[0]!r}"
+        )
+    if s.cloud_sql_instance:
+        if not s.db_user:
+            raise ConfigError("DYLEN_DB_USER is required with DYLEN_CLOUD_SQL_INSTANCE")
+        if not s.db_name:
+            raise ConfigError("DYLEN_DB_NAME is required with DYLEN_CLOUD_SQL_INSTANCE")
+        if not s.db_iam_auth and not s.db_password:
+            raise ConfigError(
+                "DYLEN_DB_PASSWORD is required with DYLEN_CLOUD_SQL_INSTANCE "
+                "unless DYLEN_DB_IAM_AUTH=true"
+            )
+    if s.task_provider == "gcp":
+        if not s.cloud_tasks_queue_path:
+            raise ConfigError(
+                "DYLEN_CLOUD_TASKS_QUEUE_PATH is required when DYLEN_TASK_SERVICE_PROVIDER=gcp "
+                "(projects/<p>/locations/<l>/queues/<q>)"
+            )
+        if not s.cloud_tasks_emulator_host and not s.process_job_url.startswith("https://"):
+            raise ConfigError(
+                "DYLEN_PROCESS_JOB_URL must be the deployed https:// process_job URL when "
+                f"DYLEN_TASK_SERVICE_PROVIDER=gcp (Cloud Tasks sends OIDC only over https), "
+                f"got {s.process_job_url!r}"
+            )
+        if s.auth_mode == "dev" and not s.cloud_tasks_emulator_host:
+            raise ConfigError(
+                "DYLEN_AUTH_MODE=dev is refused with real Cloud Tasks "
+                "(DYLEN_TASK_SERVICE_PROVIDER=gcp without CLOUD_TASKS_EMULATOR_HOST)"
+            )
+    if s.auth_mode == "firebase" and not s.firebase_project_id:
+        raise ConfigError("DYLEN_FIREBASE_PROJECT_ID is required when DYLEN_AUTH_MODE=firebase")
+    if s.local_dispatch_max_backoff_seconds < s.local_dispatch_min_backoff_seconds:
+        raise ConfigError(
+            "DYLEN_LOCAL_DISPATCH_MAX_BACKOFF_SECONDS must be >= "
+            "DYLEN_LOCAL_DISPATCH_MIN_BACKOFF_SECONDS"
+        )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, loaded on first use."""
+    return load_settings()
+
+
+def reset_settings() -> None:
+    """Forget the cached settings (tests that change the environment in-process)."""
+    get_settings.cache_clear()

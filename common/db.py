@@ -1,0 +1,136 @@
+"""The database engine (created lazily, once per process) and the transaction helper.
+
+Every query runs inside `transaction()`, which turns "the database is not there" into
+DatabaseUnavailable (503) so no caller ever answers a driver traceback.
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, exc
+from sqlalchemy.engine import Connection, make_url
+
+from common.config import Settings, get_settings
+from common.errors import ConfigError, DatabaseUnavailable
+
+_lock = threading.Lock()
+_engine: Engine | None = None
+_connector: Any = None
+
+
+def normalize_url(url: str) -> str:
+    """Accept plain postgresql:// URLs and pin the pg8000 driver."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "postgresql":
+        raise ConfigError("DYLEN_DATABASE_URL must point at PostgreSQL")
+    return parsed.set(drivername="postgresql+pg8000").render_as_string(hide_password=False)
+
+
+def _cloud_sql_creator(settings: Settings) -> Any:
+    # Imported only here: functions configured with a plain URL never load the connector.
+    global _connector
+    from google.cloud.sql.connector import Connector, IPTypes
+
+    if _connector is None:
+        _connector = Connector(refresh_strategy="lazy", ip_type=IPTypes.PUBLIC)
+        atexit.register(_connector.close)
+    connector = _connector
+
+    def creator() -> Any:
+        kwargs: dict[str, Any] = {
+            "user": settings.db_user,
+            "db": settings.db_name,
+            "enable_iam_auth": settings.db_iam_auth,
+        }
+        if not settings.db_iam_auth:
+            kwargs["password"] = settings.db_password
+        return connector.connect(settings.cloud_sql_instance, "pg8000", **kwargs)
+
+    return creator
+
+
+def build_engine(settings: Settings) -> Engine:
+    common: dict[str, Any] = {
+        "pool_size": settings.db_pool_size,
+        "max_overflow": settings.db_max_overflow,
+        # A connection found dead at checkout is replaced, so a database restart costs no process.
+        "pool_pre_ping": True,
+        "pool_recycle": 1800,
+        "pool_timeout": settings.db_connect_timeout_seconds,
+    }
+    if settings.uses_cloud_sql:
+        engine = create_engine(
+            "postgresql+pg8000://", creator=_cloud_sql_creator(settings), **common
+        )
+    else:
+        if not settings.database_url:
+            raise ConfigError(
+                "DYLEN_DATABASE_URL (or DYLEN_CLOUD_SQL_INSTANCE) is required; "
+                "`make run` and `make test` start an embedded PostgreSQL for you"
+            )
+        engine = create_engine(
+            normalize_url(settings.database_url),
+            connect_args={"timeout": settings.db_connect_timeout_seconds},
+            **common,
+        )
+
+        @event.listens_for(engine, "connect")
+        def _unbounded_reads(dbapi_conn: Any, _record: Any) -> None:
+            # pg8000's `timeout` bounds every socket read; keep it for connect only, so that a
+            # down server fails fast but a long archive batch is not cut off.
+            sock = getattr(dbapi_conn, "_usock", None)
+            if sock is not None:
+                sock.settimeout(None)
+
+    return engine
+
+
+def get_engine() -> Engine:
+    global _engine
+    if _engine is None:
+        with _lock:
+            if _engine is None:
+                _engine = build_engine(get_settings())
+    return _engine
+
+
+def dispose_engine() -> None:
+    global _engine
+    with _lock:
+        if _engine is not None:
+            _engine.dispose()
+            _engine = None
+
+
+def is_unavailable(error: BaseException) -> bool:
+    """True for errors that mean "cannot reach the database", not "the SQL is wrong"."""
+    if isinstance(error, exc.TimeoutError):  # pool exhausted for pool_timeout seconds
+        return True
+    if isinstance(error, exc.DBAPIError):
+        if error.connection_invalidated:
+            return True
+        if isinstance(error, (exc.OperationalError, exc.InterfaceError)):
+            return True
+        orig = getattr(error, "orig", None)
+        # pg8000 reports server shutdown / admin termination as DatabaseError with SQLSTATE 57P0x.
+        args = getattr(orig, "args", ())
+        if args and isinstance(args[0], dict) and str(args[0].get("C", "")).startswith("57P"):
+            return True
+    return isinstance(error, (ConnectionError, OSError))
+
+
+@contextmanager
+def transaction() -> Iterator[Connection]:
+    """One transaction: commits on success, rolls back on error, 503 when the database is away."""
+    try:
+        with get_engine().begin() as conn:
+            yield conn
+    except Exception as error:
+        if is_unavailable(error):
+            raise DatabaseUnavailable("The database is unreachable; retry shortly.") from error
+        raise

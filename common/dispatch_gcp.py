@@ -1,0 +1,95 @@
+"""The `gcp` dispatcher: one Cloud Tasks HTTP task per dispatch, with an OIDC token.
+
+Imported only when DYLEN_TASK_SERVICE_PROVIDER=gcp, and the client is built on first dispatch, so
+neither import nor cold start pays for google-cloud-tasks unless it is used.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+from common.config import Settings
+from common.dispatch import task_name_for
+from common.log import logger
+from common.store import Job
+
+# Cloud Tasks accepts dispatch deadlines from 15 seconds to 30 minutes for HTTP targets.
+MIN_DEADLINE_SECONDS = 15
+MAX_DEADLINE_SECONDS = 1800
+CREATE_TASK_TIMEOUT_SECONDS = 10.0
+
+
+def dispatch_deadline_seconds(job_timeout_seconds: int) -> int:
+    return max(MIN_DEADLINE_SECONDS, min(MAX_DEADLINE_SECONDS, job_timeout_seconds))
+
+
+def build_client(settings: Settings) -> Any:
+    from google.cloud import tasks_v2
+
+    if settings.cloud_tasks_emulator_host:
+        import grpc
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud.tasks_v2.services.cloud_tasks.transports import CloudTasksGrpcTransport
+
+        channel = grpc.insecure_channel(settings.cloud_tasks_emulator_host)
+        transport = CloudTasksGrpcTransport(channel=channel, credentials=AnonymousCredentials())
+        return tasks_v2.CloudTasksClient(transport=transport)
+    return tasks_v2.CloudTasksClient()
+
+
+class CloudTasksDispatcher:
+    def __init__(self, settings: Settings) -> None:
+        assert settings.cloud_tasks_queue_path, "checked at config load"
+        self.settings = settings
+        self.queue_path = settings.cloud_tasks_queue_path
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    self._client = build_client(self.settings)
+        return self._client
+
+    def build_task(self, job: Job) -> Any:
+        from google.cloud import tasks_v2
+        from google.protobuf import duration_pb2
+
+        s = self.settings
+        headers = {"Content-Type": "application/json"}
+        if s.task_secret:
+            headers["X-Dylen-Task-Secret"] = s.task_secret
+        http_request = tasks_v2.HttpRequest(
+            http_method=tasks_v2.HttpMethod.POST,
+            url=s.process_job_url,
+            headers=headers,
+            body=json.dumps({"job_id": str(job.id)}).encode(),
+        )
+        if s.tasks_invoker_sa:
+            http_request.oidc_token = tasks_v2.OidcToken(
+                service_account_email=s.tasks_invoker_sa, audience=s.oidc_audience
+            )
+        return tasks_v2.Task(
+            name=f"{self.queue_path}/tasks/{task_name_for(job)}",
+            http_request=http_request,
+            dispatch_deadline=duration_pb2.Duration(
+                seconds=dispatch_deadline_seconds(s.job_timeout_seconds)
+            ),
+        )
+
+    def dispatch(self, job: Job) -> None:
+        from google.api_core import exceptions
+
+        task = self.build_task(job)
+        try:
+            self.client.create_task(
+                parent=self.queue_path, task=task, timeout=CREATE_TASK_TIMEOUT_SECONDS
+            )
+        except exceptions.AlreadyExists:
+            logger.info("Task already exists; treating as dispatched", extra={"job_id": str(job.id)})
+            return
+        logger.info("Task enqueued", extra={"job_id": str(job.id), "task": task.name})

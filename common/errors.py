@@ -1,0 +1,153 @@
+"""The one exception hierarchy. Functions raise these; the HTTP edge maps them to problem+json."""
+
+from __future__ import annotations
+
+from typing import Any
+
+PROBLEM_BASE = "https://dylen.dev/problems/"
+
+
+class DylenError(Exception):
+    """Base of every error the project raises on purpose."""
+
+    status = 500
+    type_slug = "internal"
+    title = "Internal error"
+
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        errors: list[dict[str, Any]] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail or self.title)
+        self.detail = detail or self.title
+        self.errors = errors
+        self.headers = headers or {}
+
+    @property
+    def type_uri(self) -> str:
+        return PROBLEM_BASE + self.type_slug
+
+    def to_problem(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "type": self.type_uri,
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+        }
+        if self.errors:
+            body["errors"] = self.errors
+        return body
+
+
+class ConfigError(DylenError):
+    """Configuration is wrong; raised at cold start so the instance refuses to serve."""
+
+    type_slug = "configuration"
+    title = "Configuration error"
+
+
+class MalformedRequest(DylenError):
+    status = 400
+    type_slug = "malformed-request"
+    title = "Malformed request"
+
+
+class Unauthenticated(DylenError):
+    status = 401
+    type_slug = "unauthenticated"
+    title = "Authentication required"
+
+    def __init__(self, detail: str | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("headers", {"WWW-Authenticate": "Bearer"})
+        super().__init__(detail, **kwargs)
+
+
+class Forbidden(DylenError):
+    status = 403
+    type_slug = "forbidden"
+    title = "Forbidden"
+
+
+class NotFound(DylenError):
+    status = 404
+    type_slug = "not-found"
+    title = "Not found"
+
+
+class MethodNotAllowed(DylenError):
+    status = 405
+    type_slug = "method-not-allowed"
+    title = "Method not allowed"
+
+    def __init__(self, allowed: list[str]) -> None:
+        super().__init__(
+            f"Allowed: {', '.join(allowed)}", headers={"Allow": ", ".join(allowed)}
+        )
+
+
+class IdempotencyConflict(DylenError):
+    status = 409
+    type_slug = "idempotency-conflict"
+    title = "Idempotency key reused with a different request"
+
+
+class Conflict(DylenError):
+    status = 409
+    type_slug = "conflict"
+    title = "Conflict"
+
+
+class Gone(DylenError):
+    status = 410
+    type_slug = "lesson-archived"
+    title = "Lesson archived"
+
+
+class PayloadTooLarge(DylenError):
+    status = 413
+    type_slug = "payload-too-large"
+    title = "Payload too large"
+
+
+class UnsupportedMediaType(DylenError):
+    status = 415
+    type_slug = "unsupported-media-type"
+    title = "Unsupported media type"
+
+
+class ValidationFailed(DylenError):
+    status = 422
+    type_slug = "validation-failed"
+    title = "Invalid request fields"
+
+
+class DatabaseUnavailable(DylenError):
+    status = 503
+    type_slug = "database-unavailable"
+    title = "Database unavailable"
+
+    def __init__(self, detail: str | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("headers", {"Retry-After": "5"})
+        super().__init__(detail, **kwargs)
+
+
+class DispatchError(DylenError):
+    """A task could not be handed to the queue; the job stays queued for rescue_jobs."""
+
+    status = 503
+    type_slug = "dispatch-failed"
+    title = "Task dispatch failed"
+
+
+class PermanentJobError(DylenError):
+    """Raised by a handler when retrying cannot help (bad payload); the job ends as `error`."""
+
+    type_slug = "job-permanent-failure"
+    title = "Job failed permanently"
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code

@@ -1,0 +1,62 @@
+"""Job kinds: how each validates its payload and what it does when process_job runs it.
+
+A handler's `run` does the slow work without holding a database transaction and returns a
+Completion; the processor then applies `write` and the `done` transition in one transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from sqlalchemy.engine import Connection
+
+from common.errors import ValidationFailed
+from common.store import Job
+
+
+@dataclass(frozen=True)
+class Completion:
+    result: dict[str, Any]
+    write: Callable[[Connection], None] | None = None
+
+
+class Handler(Protocol):
+    kind: str
+    user_creatable: bool
+
+    def validate(self, payload: Any) -> dict[str, Any]:
+        """Normalised payload, or ValidationFailed listing every bad field."""
+
+    def run(self, job: Job) -> Completion:
+        """Do the work. PermanentJobError ends the job; any other exception is retried."""
+
+
+def _registry() -> dict[str, Handler]:
+    from common.handlers.lesson import LessonHandler
+
+    handlers: list[Handler] = [LessonHandler()]
+    return {h.kind: h for h in handlers}
+
+
+_handlers: dict[str, Handler] | None = None
+
+
+def get_handler(kind: str) -> Handler | None:
+    global _handlers
+    if _handlers is None:
+        _handlers = _registry()
+    return _handlers.get(kind)
+
+
+def user_handler(kind: Any) -> Handler:
+    """The handler for a kind users may create, or a 422 naming the allowed kinds."""
+    handler = get_handler(kind) if isinstance(kind, str) else None
+    if handler is None or not handler.user_creatable:
+        allowed = sorted(k for k, h in (_handlers or {}).items() if h.user_creatable)
+        raise ValidationFailed(
+            "Unknown job kind.",
+            errors=[{"field": "job_kind", "message": f"must be one of: {', '.join(allowed)}"}],
+        )
+    return handler

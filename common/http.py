@@ -1,0 +1,133 @@
+"""The HTTP edge shared by every function: method check, auth, JSON parsing, error mapping.
+
+Entry points stay thin: `serve(request, methods=..., auth=..., action=...)`. Every DylenError
+becomes problem+json with its status; anything else is logged with its traceback and answered as a
+plain 500 problem, never a stack trace.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import flask
+
+from common.auth import authenticate_task, authenticate_user
+from common.config import Settings, get_settings
+from common.errors import (
+    DylenError,
+    MalformedRequest,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
+from common.log import logger, reset_trace, set_trace
+
+MAX_BODY_BYTES = 64 * 1024
+PROBLEM_TYPE = "application/problem+json"
+
+
+@dataclass
+class Call:
+    request: flask.Request
+    settings: Settings
+    user_id: str | None = None
+    task_caller: str | None = None
+
+    @property
+    def uid(self) -> str:
+        assert self.user_id is not None, "endpoint declared auth='user'"
+        return self.user_id
+
+    def json(self) -> Any:
+        return read_json(self.request)
+
+    def path_id(self) -> str:
+        """The single path segment (`/<id>`), or 404."""
+        segment = self.request.path.strip("/")
+        if not segment or "/" in segment:
+            raise NotFound("Expected a path of the form /<id>.")
+        return segment
+
+    def require_root_path(self) -> None:
+        if self.request.path.strip("/"):
+            raise NotFound("This function is served at its root path.")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def read_json(request: flask.Request) -> Any:
+    length = request.content_length
+    if length is not None and length > MAX_BODY_BYTES:
+        raise PayloadTooLarge(f"The body must be at most {MAX_BODY_BYTES} bytes.")
+    mimetype = request.mimetype or ""
+    if mimetype != "application/json" and not mimetype.endswith("+json"):
+        raise UnsupportedMediaType("Send the body as application/json.")
+    raw = request.stream.read(MAX_BODY_BYTES + 1)
+    if len(raw) > MAX_BODY_BYTES:
+        raise PayloadTooLarge(f"The body must be at most {MAX_BODY_BYTES} bytes.")
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except UnicodeDecodeError:
+        raise MalformedRequest("The body is not valid UTF-8.") from None
+    except (ValueError, RecursionError) as error:
+        raise MalformedRequest(f"The body is not valid JSON: {error}") from None
+
+
+def json_response(
+    body: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> flask.Response:
+    return flask.Response(
+        json.dumps(body, ensure_ascii=False, separators=(",", ":")),
+        status=status,
+        mimetype="application/json",
+        headers=headers,
+    )
+
+
+def problem_response(error: DylenError) -> flask.Response:
+    return flask.Response(
+        json.dumps(error.to_problem(), ensure_ascii=False),
+        status=error.status,
+        mimetype=PROBLEM_TYPE,
+        headers=error.headers,
+    )
+
+
+AuthKind = Literal["user", "task", None]
+
+
+def serve(
+    request: flask.Request,
+    *,
+    methods: tuple[str, ...],
+    auth: AuthKind,
+    action: Callable[[Call], flask.Response],
+    task_audience: Callable[[Settings], str] | None = None,
+) -> flask.Response:
+    token = set_trace(request.headers.get("X-Cloud-Trace-Context"))
+    try:
+        if request.method not in methods:
+            raise MethodNotAllowed(list(methods))
+        settings = get_settings()
+        call = Call(request=request, settings=settings)
+        if auth == "user":
+            call.user_id = authenticate_user(request.headers, settings)
+        elif auth == "task":
+            audience = task_audience(settings) if task_audience else settings.oidc_audience
+            call.task_caller = authenticate_task(request.headers, settings, audience=audience)
+        return action(call)
+    except DylenError as error:
+        if error.status >= 500:
+            logger.error(error.detail, extra={"problem": error.type_slug, "path": request.path})
+        return problem_response(error)
+    except Exception:
+        logger.exception("Unhandled error", extra={"path": request.path, "method": request.method})
+        return problem_response(DylenError("An unexpected error occurred; it has been logged."))
+    finally:
+        reset_trace(token)

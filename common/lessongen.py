@@ -1,0 +1,78 @@
+"""The built-in lesson generator: a deterministic template generator, not a language model.
+
+It turns the request into a well-formed, structured lesson with no network access, so the whole
+pipeline runs offline. Replace it with DYLEN_LESSON_GENERATOR=module:callable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from common.handlers.lesson import LessonRequest
+
+_ANGLES = (
+    ("What {t} is", "{T} is best understood by starting from its core idea and the problem it solves."),
+    ("Why {t} matters", "Knowing {t} pays off whenever you meet the situations it was made for."),
+    ("Key terms in {t}", "A handful of precise terms make every later explanation of {t} shorter."),
+    ("How {t} works", "Step by step, {t} follows a small number of rules that compose."),
+    ("A worked example of {t}", "Walking through one concrete case makes the rules of {t} tangible."),
+    ("Common mistakes with {t}", "Most errors with {t} come from a few recurring misunderstandings."),
+    ("{T} in practice", "In real work, {t} shows up in routines, tools and decisions."),
+    ("Comparing {t} with alternatives", "Seeing what {t} is not sharpens what it is."),
+    ("Practising {t}", "Deliberate practice with feedback is the fastest way to fluency in {t}."),
+    ("Where to go after {t}", "Once {t} is familiar, related topics open up naturally."),
+)
+
+
+def _fmt(template: str, topic: str) -> str:
+    return template.format(t=topic, T=topic[:1].upper() + topic[1:])
+
+
+def generate_lesson(request: LessonRequest) -> dict[str, Any]:
+    from common.handlers.lesson import SECTIONS_BY_DEPTH
+
+    topic = request.topic
+    count = SECTIONS_BY_DEPTH[request.depth]
+    # Same request, same lesson: a stable seed rotates which angles and quiz answers appear.
+    seed = int(hashlib.sha256(topic.encode("utf-8")).hexdigest()[:8], 16)
+    sections = []
+    for index in range(count):
+        heading_t, body_t = _ANGLES[(seed + index) % len(_ANGLES)] if count < len(_ANGLES) else _ANGLES[index]
+        heading = _fmt(heading_t, topic)
+        body = _fmt(body_t, topic)
+        if request.details:
+            body += f" With your focus in mind ({request.details}), look for how this applies."
+        options = [
+            f"It is central to {heading.lower()}",
+            "It is unrelated to the topic",
+            "It only matters in rare edge cases",
+        ]
+        answer = (seed + index) % len(options)
+        options[0], options[answer] = options[answer], options[0]
+        sections.append(
+            {
+                "heading": heading,
+                "body": body,
+                "key_points": [
+                    f"{heading}: the one idea to remember.",
+                    f"Connect it to what you already know about {topic}.",
+                    "Check yourself with the quiz below.",
+                ],
+                "quiz": {
+                    "question": f"Which statement best describes '{heading}'?",
+                    "options": options,
+                    "answer_index": answer,
+                },
+            }
+        )
+    return {
+        "title": f"{_fmt('{T}', topic)}: {request.depth} lesson",
+        "summary": f"A {count}-part {request.depth} lesson on {topic}"
+        + (f", focused on {request.details}." if request.details else "."),
+        "language": request.language,
+        "depth": request.depth,
+        "generator": "dylen-template-v1",
+        "sections": sections,
+    }

@@ -1,0 +1,62 @@
+"""One JSON object per line on stdout, in the shape Cloud Logging reads (severity, message, trace)."""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import os
+import sys
+from datetime import datetime, timezone
+from typing import Any
+
+_trace: contextvars.ContextVar[str | None] = contextvars.ContextVar("dylen_trace", default=None)
+_STD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "severity": record.levelname,
+            "message": record.getMessage(),
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(),
+            "logger": record.name,
+        }
+        for key, value in vars(record).items():
+            if key not in _STD_ATTRS and not key.startswith("_"):
+                entry[key] = value
+        trace = _trace.get()
+        if trace:
+            entry["logging.googleapis.com/trace"] = trace
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+def _configure() -> logging.Logger:
+    logger = logging.getLogger("dylen")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(JsonFormatter())
+        logger.addHandler(handler)
+        logger.setLevel(os.environ.get("DYLEN_LOG_LEVEL", "INFO").upper())
+        logger.propagate = False
+    return logger
+
+
+logger = _configure()
+
+
+def set_trace(header: str | None) -> contextvars.Token[str | None]:
+    """Bind the request's X-Cloud-Trace-Context (`TRACE_ID/SPAN;o=1`) to its log lines."""
+    value = None
+    if header:
+        trace_id = header.split("/", 1)[0].strip()
+        if trace_id and len(trace_id) <= 64 and trace_id.isalnum():
+            project = os.environ.get("GOOGLE_CLOUD_PROJECT")
+            value = f"projects/{project}/traces/{trace_id}" if project else trace_id
+    return _trace.set(value)
+
+
+def reset_trace(token: contextvars.Token[str | None]) -> None:
+    _trace.reset(token)

@@ -1,0 +1,143 @@
+"""process_job: claim, run, record, and answer Cloud Tasks so it retries exactly when that helps.
+
+Answer rule (DESIGN, Job life 3):
+- 2xx: done; already final; permanent failure recorded; unknown job; out of attempts.
+- 503 + Retry-After: another attempt holds a live lease.
+- 500: this attempt failed and attempts remain (job back to `queued`, error kept).
+"""
+
+from __future__ import annotations
+
+import math
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import exc
+
+from common import store
+from common.config import get_settings
+from common.db import transaction
+from common.errors import MalformedRequest, PermanentJobError, ValidationFailed
+from common.handlers import get_handler
+from common.log import logger
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class _Superseded(Exception):
+    """The claim was lost (canceled, or a newer attempt took over) before the finish committed."""
+
+
+def parse_task_body(body: Any) -> uuid.UUID | None:
+    """The job id of a task body; None for a well-formed id of no possible job."""
+    if not isinstance(body, dict) or "job_id" not in body:
+        raise ValidationFailed(
+            "Task body must be {\"job_id\": \"...\"}.",
+            errors=[{"field": "job_id", "message": "is required"}],
+        )
+    raw = body["job_id"]
+    if not isinstance(raw, str):
+        raise MalformedRequest("job_id must be a string.")
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        return None
+
+
+def _error(code: str, message: str, attempt: int) -> dict[str, Any]:
+    return {"code": code, "message": message[:2000], "attempt": attempt}
+
+
+def process_job(job_id: uuid.UUID | None, *, task_name: str | None = None) -> Answer:
+    settings = get_settings()
+    log = {"job_id": str(job_id) if job_id else None, "task_name": task_name}
+    logger.info(f"Received task for job {job_id}", extra=log)
+    if job_id is None:
+        return Answer(200, {"outcome": "unknown_job"})
+
+    with transaction() as conn:
+        claim = store.claim_job(conn, job_id, lease_seconds=settings.job_timeout_seconds)
+
+    job = claim.job
+    if job is None:
+        logger.warning("Task for unknown job; acknowledging so it is not retried", extra=log)
+        return Answer(200, {"job_id": str(job_id), "outcome": "unknown_job"})
+    if not claim.claimed:
+        return _answer_unclaimed(job, claim, log)
+
+    attempt = job.attempts
+    log["attempt"] = attempt
+    handler = get_handler(job.job_kind)
+    try:
+        if handler is None:
+            raise PermanentJobError("unknown_kind", f"No handler for job kind {job.job_kind!r}.")
+        completion = handler.run(job)
+    except PermanentJobError as failure:
+        return _record_failure(job, _error(failure.code, failure.detail, attempt), final=True, log=log)
+    except Exception as failure:  # the handler's own fault: retry while attempts remain
+        logger.warning(
+            "Job attempt failed",
+            extra={**log, "error": repr(failure), "traceback": traceback.format_exc(limit=8)},
+        )
+        final = attempt >= job.max_attempts
+        code = "attempts_exhausted" if final else "handler_failed"
+        message = f"{type(failure).__name__}: {failure}"
+        return _record_failure(job, _error(code, message, attempt), final=final, log=log)
+
+    try:
+        with transaction() as conn:
+            if completion.write is not None:
+                completion.write(conn)
+            if not store.complete_job(conn, job.id, attempt=attempt, result=completion.result):
+                raise _Superseded
+    except (_Superseded, exc.IntegrityError):
+        # Canceled meanwhile, or a newer attempt took over and (maybe) finished: our writes rolled back.
+        logger.info("Attempt superseded; its writes were discarded", extra=log)
+        return Answer(200, {"job_id": str(job.id), "outcome": "superseded"})
+    logger.info("Job completed successfully.", extra=log)
+    return Answer(200, {"job_id": str(job.id), "status": "done", "result": completion.result})
+
+
+def _answer_unclaimed(job: store.Job, claim: store.Claim, log: dict[str, Any]) -> Answer:
+    body = {"job_id": str(job.id), "status": job.status}
+    if job.status in ("done", "error", "canceled"):
+        return Answer(200, {**body, "outcome": "already_final"})
+    lease_live = (
+        job.status == "running"
+        and job.lease_expires_at is not None
+        and claim.now is not None
+        and job.lease_expires_at > claim.now
+    )
+    if lease_live:
+        assert job.lease_expires_at is not None and claim.now is not None
+        wait = max(1, math.ceil((job.lease_expires_at - claim.now).total_seconds()))
+        return Answer(503, {**body, "outcome": "lease_held"}, {"Retry-After": str(wait)})
+    if job.attempts >= job.max_attempts:
+        error = _error("attempts_exhausted", "No attempts left after the last lease expired.", job.attempts)
+        with transaction() as conn:
+            store.expire_exhausted_job(conn, job.id, error=error)
+        logger.error("Job out of attempts", extra=log)
+        return Answer(200, {**body, "status": "error", "outcome": "attempts_exhausted"})
+    # Queued yet not claimed: a concurrent delivery won the row lock a moment ago.
+    return Answer(503, {**body, "outcome": "contended"}, {"Retry-After": "1"})
+
+
+def _record_failure(job: store.Job, error: dict[str, Any], *, final: bool, log: dict[str, Any]) -> Answer:
+    with transaction() as conn:
+        recorded = store.fail_job(conn, job.id, attempt=job.attempts, error=error, final=final)
+    body = {"job_id": str(job.id), "error": {"code": error["code"], "message": error["message"]}}
+    if not recorded:
+        logger.info("Failure not recorded: the claim was lost meanwhile", extra=log)
+        return Answer(200, {**body, "outcome": "superseded"})
+    if final:
+        logger.error("Job failed", extra={**log, "error_code": error["code"]})
+        return Answer(200, {**body, "status": "error"})
+    logger.warning("Job will be retried", extra={**log, "error_code": error["code"]})
+    return Answer(500, {**body, "status": "queued", "outcome": "retry"})

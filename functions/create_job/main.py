@@ -1,0 +1,26 @@
+"""create_job: POST / {job_kind, idempotency_key, payload} -> 202 (new) or 200 (same request again)."""
+
+import flask
+import functions_framework
+
+from common import jobs
+from common.config import get_settings
+from common.http import Call, json_response, serve
+
+get_settings()  # a bad configuration fails the cold start, not the first request
+
+
+def _create(call: Call) -> flask.Response:
+    call.require_root_path()
+    outcome = jobs.create_job(call.uid, call.json())
+    location = f"{call.settings.base_url}/get_job/{outcome.job.id}"
+    return json_response(
+        jobs.job_view(outcome.job),
+        202 if outcome.created else 200,
+        {"Location": location},
+    )
+
+
+@functions_framework.http
+def create_job(request: flask.Request) -> flask.Response:
+    return serve(request, methods=("POST",), auth="user", action=_create)

@@ -1,0 +1,24 @@
+"""process_job: POST / {"job_id"} from Cloud Tasks (or the local dispatcher); runs the job inline."""
+
+import flask
+import functions_framework
+
+from common import processor
+from common.config import get_settings
+from common.http import Call, json_response, serve
+
+get_settings()  # a bad configuration fails the cold start, not the first request
+
+
+def _process(call: Call) -> flask.Response:
+    call.require_root_path()
+    job_id = processor.parse_task_body(call.json())
+    answer = processor.process_job(
+        job_id, task_name=call.request.headers.get("X-CloudTasks-TaskName")
+    )
+    return json_response(answer.body, answer.status, answer.headers)
+
+
+@functions_framework.http
+def process_job(request: flask.Request) -> flask.Response:
+    return serve(request, methods=("POST",), auth="task", action=_process)
