@@ -5,8 +5,7 @@ from __future__ import annotations
 import hmac
 import threading
 import time
-from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from common.config import Settings
 from common.errors import Forbidden, Unauthenticated
@@ -18,7 +17,11 @@ CLOCK_SKEW_SECONDS = 10
 _CERTS_TTL_SECONDS = 3600
 
 
-def _bearer(headers: Mapping[str, str]) -> str | None:
+class Headers(Protocol):
+    def get(self, key: str) -> str | None: ...
+
+
+def _bearer(headers: Headers) -> str | None:
     value = headers.get("Authorization")
     if not value:
         return None
@@ -81,14 +84,16 @@ def _decode(token: str, *, certs_url: str, audience: str | None) -> dict[str, An
         raise Unauthenticated(f"Invalid token: {error}") from None
 
 
-def authenticate_user(headers: Mapping[str, str], settings: Settings) -> str:
+def authenticate_user(headers: Headers, settings: Settings) -> str:
     """The caller's uid, or Unauthenticated (401)."""
     if settings.auth_mode == "dev":
-        uid = headers.get(USER_HEADER, "").strip()
+        uid = (headers.get(USER_HEADER) or "").strip()
         if not uid:
             raise Unauthenticated(f"Dev auth: send the {USER_HEADER} header with your user id.")
         if not _valid_uid(uid):
-            raise Unauthenticated(f"{USER_HEADER} must be 1-{MAX_UID_LENGTH} printable characters without spaces.")
+            raise Unauthenticated(
+                f"{USER_HEADER} must be 1-{MAX_UID_LENGTH} printable characters without spaces."
+            )
         return uid
     token = _bearer(headers)
     if token is None:
@@ -97,13 +102,13 @@ def authenticate_user(headers: Mapping[str, str], settings: Settings) -> str:
     claims = _decode(token, certs_url=settings.firebase_certs_url, audience=project)
     if claims.get("iss") != f"https://securetoken.google.com/{project}":
         raise Unauthenticated("Invalid token: wrong issuer.")
-    uid = claims.get("sub")
-    if not isinstance(uid, str) or not _valid_uid(uid):
+    subject = claims.get("sub")
+    if not isinstance(subject, str) or not _valid_uid(subject):
         raise Unauthenticated("Invalid token: no usable subject.")
-    return uid
+    return subject
 
 
-def authenticate_task(headers: Mapping[str, str], settings: Settings, *, audience: str) -> str:
+def authenticate_task(headers: Headers, settings: Settings, *, audience: str) -> str:
     """Accept a task from Cloud Tasks / Cloud Scheduler / the local dispatcher, or raise 401/403.
 
     Returns how the caller authenticated ("secret" or the service-account email).

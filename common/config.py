@@ -49,14 +49,14 @@ class _Reader:
     def __init__(self, env: Mapping[str, str]) -> None:
         self.env = env
 
-    def str(self, name: str, default: str | None = None) -> str | None:
+    def text(self, name: str, default: str | None = None) -> str | None:
         value = self.env.get(name)
         if value is None or value.strip() == "":
             return default
         return value.strip()
 
-    def bool(self, name: str, default: bool) -> bool:
-        value = self.str(name)
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.text(name)
         if value is None:
             return default
         lowered = value.lower()
@@ -66,8 +66,8 @@ class _Reader:
             return False
         raise ConfigError(f"{name} must be true or false, got {value!r}")
 
-    def int(self, name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
-        value = self.str(name)
+    def integer(self, name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
+        value = self.text(name)
         if value is None:
             return default
         try:
@@ -79,8 +79,8 @@ class _Reader:
             raise ConfigError(f"{name} must be {bounds}, got {number}")
         return number
 
-    def float(self, name: str, default: float, *, minimum: float) -> float:
-        value = self.str(name)
+    def number(self, name: str, default: float, *, minimum: float) -> float:
+        value = self.text(name)
         if value is None:
             return default
         try:
@@ -92,14 +92,14 @@ class _Reader:
         return number
 
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
-        value = self.str(name, default)
+        value = self.text(name, default)
         assert value is not None
         if value not in choices:
             raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
         return value
 
     def url(self, name: str, default: str | None = None) -> str | None:
-        value = self.str(name, default)
+        value = self.text(name, default)
         if value is not None and not value.startswith(("http://", "https://")):
             raise ConfigError(f"{name} must be an http(s) URL, got {value!r}")
         return value.rstrip("/") if value and value.count("/") > 2 else value
@@ -173,7 +173,8 @@ class Settings:
 def load_settings(env: Mapping[str, str] | None = None, *, dotenv: Path | None = None) -> Settings:
     """Build Settings from `env` (default: os.environ) with `.env` filling unset variables."""
     source = dict(os.environ if env is None else env)
-    dotenv_path = dotenv if dotenv is not None else Path.cwd() / ".env"
+    # DYLEN_ENV_FILE lets tests and tools point away from a developer's .env (e.g. /dev/null).
+    dotenv_path = dotenv or Path(source.get("DYLEN_ENV_FILE") or Path.cwd() / ".env")
     for key, value in read_dotenv(dotenv_path).items():
         source.setdefault(key, value)
     r = _Reader(source)
@@ -184,49 +185,49 @@ def load_settings(env: Mapping[str, str] | None = None, *, dotenv: Path | None =
     assert process_job_url is not None
 
     settings = Settings(
-        database_url=r.str("DYLEN_DATABASE_URL"),
-        cloud_sql_instance=r.str("DYLEN_CLOUD_SQL_INSTANCE"),
-        db_user=r.str("DYLEN_DB_USER"),
-        db_name=r.str("DYLEN_DB_NAME"),
-        db_password=r.str("DYLEN_DB_PASSWORD"),
-        db_iam_auth=r.bool("DYLEN_DB_IAM_AUTH", False),
-        db_pool_size=r.int("DYLEN_DB_POOL_SIZE", 5, minimum=1, maximum=100),
-        db_max_overflow=r.int("DYLEN_DB_MAX_OVERFLOW", 2, minimum=0, maximum=100),
-        db_connect_timeout_seconds=r.float("DYLEN_DB_CONNECT_TIMEOUT_SECONDS", 5.0, minimum=0.1),
-        auto_process=r.bool("DYLEN_JOBS_AUTO_PROCESS", True),
+        database_url=r.text("DYLEN_DATABASE_URL"),
+        cloud_sql_instance=r.text("DYLEN_CLOUD_SQL_INSTANCE"),
+        db_user=r.text("DYLEN_DB_USER"),
+        db_name=r.text("DYLEN_DB_NAME"),
+        db_password=r.text("DYLEN_DB_PASSWORD"),
+        db_iam_auth=r.boolean("DYLEN_DB_IAM_AUTH", False),
+        db_pool_size=r.integer("DYLEN_DB_POOL_SIZE", 5, minimum=1, maximum=100),
+        db_max_overflow=r.integer("DYLEN_DB_MAX_OVERFLOW", 2, minimum=0, maximum=100),
+        db_connect_timeout_seconds=r.number("DYLEN_DB_CONNECT_TIMEOUT_SECONDS", 5.0, minimum=0.1),
+        auto_process=r.boolean("DYLEN_JOBS_AUTO_PROCESS", True),
         task_provider=r.choice("DYLEN_TASK_SERVICE_PROVIDER", "local-http", PROVIDERS),
         base_url=base_url,
         process_job_url=process_job_url,
-        cloud_tasks_queue_path=r.str("DYLEN_CLOUD_TASKS_QUEUE_PATH"),
-        cloud_tasks_emulator_host=r.str("CLOUD_TASKS_EMULATOR_HOST"),
-        tasks_invoker_sa=r.str("DYLEN_TASKS_INVOKER_SA"),
-        tasks_oidc_audience=r.str("DYLEN_TASKS_OIDC_AUDIENCE"),
+        cloud_tasks_queue_path=r.text("DYLEN_CLOUD_TASKS_QUEUE_PATH"),
+        cloud_tasks_emulator_host=r.text("CLOUD_TASKS_EMULATOR_HOST"),
+        tasks_invoker_sa=r.text("DYLEN_TASKS_INVOKER_SA"),
+        tasks_oidc_audience=r.text("DYLEN_TASKS_OIDC_AUDIENCE"),
         tasks_allowed_sas=tuple(
             sa.strip()
-            for sa in (r.str("DYLEN_TASKS_ALLOWED_SA") or r.str("DYLEN_TASKS_INVOKER_SA") or "").split(",")
+            for sa in (r.text("DYLEN_TASKS_ALLOWED_SA") or r.text("DYLEN_TASKS_INVOKER_SA") or "").split(",")
             if sa.strip()
         ),
         # Overridable for tests and emulators only; production uses Google's published keys.
         firebase_certs_url=r.url("DYLEN_FIREBASE_CERTS_URL", FIREBASE_CERTS_URL) or FIREBASE_CERTS_URL,
         google_oidc_certs_url=r.url("DYLEN_GOOGLE_OIDC_CERTS_URL", GOOGLE_OIDC_CERTS_URL)
         or GOOGLE_OIDC_CERTS_URL,
-        task_secret=r.str("DYLEN_TASK_SECRET"),
+        task_secret=r.text("DYLEN_TASK_SECRET"),
         auth_mode=r.choice("DYLEN_AUTH_MODE", "firebase", AUTH_MODES),
-        firebase_project_id=r.str("DYLEN_FIREBASE_PROJECT_ID"),
-        job_max_attempts=r.int("DYLEN_JOB_MAX_ATTEMPTS", 5, minimum=1, maximum=100),
-        job_timeout_seconds=r.int("DYLEN_JOB_TIMEOUT_SECONDS", 600, minimum=1, maximum=86400),
-        rescue_after_seconds=r.int("DYLEN_RESCUE_AFTER_SECONDS", 300, minimum=1),
+        firebase_project_id=r.text("DYLEN_FIREBASE_PROJECT_ID"),
+        job_max_attempts=r.integer("DYLEN_JOB_MAX_ATTEMPTS", 5, minimum=1, maximum=100),
+        job_timeout_seconds=r.integer("DYLEN_JOB_TIMEOUT_SECONDS", 600, minimum=1, maximum=86400),
+        rescue_after_seconds=r.integer("DYLEN_RESCUE_AFTER_SECONDS", 300, minimum=1),
         tier_history_limits=parse_tier_limits(
-            r.str("DYLEN_TIER_HISTORY_LIMITS", DEFAULT_TIER_LIMITS) or DEFAULT_TIER_LIMITS
+            r.text("DYLEN_TIER_HISTORY_LIMITS", DEFAULT_TIER_LIMITS) or DEFAULT_TIER_LIMITS
         ),
-        lesson_generator=r.str("DYLEN_LESSON_GENERATOR"),
-        local_dispatch_min_backoff_seconds=r.float(
+        lesson_generator=r.text("DYLEN_LESSON_GENERATOR"),
+        local_dispatch_min_backoff_seconds=r.number(
             "DYLEN_LOCAL_DISPATCH_MIN_BACKOFF_SECONDS", 0.1, minimum=0.0
         ),
-        local_dispatch_max_backoff_seconds=r.float(
+        local_dispatch_max_backoff_seconds=r.number(
             "DYLEN_LOCAL_DISPATCH_MAX_BACKOFF_SECONDS", 10.0, minimum=0.0
         ),
-        local_dispatch_workers=r.int("DYLEN_LOCAL_DISPATCH_WORKERS", 8, minimum=1, maximum=256),
+        local_dispatch_workers=r.integer("DYLEN_LOCAL_DISPATCH_WORKERS", 8, minimum=1, maximum=256),
     )
     _check_combinations(settings)
     return settings
@@ -234,13 +235,10 @@ def load_settings(env: Mapping[str, str] | None = None, *, dotenv: Path | None =
 
 def _check_combinations(s: Settings) -> None:
     if s.lesson_generator is not None and ":" not in s.lesson_generator:
-        raise ConfigError(
-            f"DYLEN_LESSON_GENERATOR must be module:callable, got {s.lesson_generator!r}"
-        )
+        raise ConfigError(f"DYLEN_LESSON_GENERATOR must be module:callable, got {s.lesson_generator!r}")
     if s.cloud_sql_instance and s.cloud_sql_instance.count(":") != 2:
         raise ConfigError(
-            "DYLEN_CLOUD_SQL_INSTANCE must be project:region:instance, "
-            f"got {s.cloud_sql_instance!r}"
+            f"DYLEN_CLOUD_SQL_INSTANCE must be project:region:instance, got {s.cloud_sql_instance!r}"
         )
     if s.cloud_sql_instance and s.database_url:
         raise ConfigError("Set DYLEN_DATABASE_URL or DYLEN_CLOUD_SQL_INSTANCE, not both")
@@ -256,8 +254,7 @@ def _check_combinations(s: Settings) -> None:
             raise ConfigError("DYLEN_DB_NAME is required with DYLEN_CLOUD_SQL_INSTANCE")
         if not s.db_iam_auth and not s.db_password:
             raise ConfigError(
-                "DYLEN_DB_PASSWORD is required with DYLEN_CLOUD_SQL_INSTANCE "
-                "unless DYLEN_DB_IAM_AUTH=true"
+                "DYLEN_DB_PASSWORD is required with DYLEN_CLOUD_SQL_INSTANCE unless DYLEN_DB_IAM_AUTH=true"
             )
     if s.task_provider == "gcp":
         if not s.cloud_tasks_queue_path:
@@ -280,8 +277,7 @@ def _check_combinations(s: Settings) -> None:
         raise ConfigError("DYLEN_FIREBASE_PROJECT_ID is required when DYLEN_AUTH_MODE=firebase")
     if s.local_dispatch_max_backoff_seconds < s.local_dispatch_min_backoff_seconds:
         raise ConfigError(
-            "DYLEN_LOCAL_DISPATCH_MAX_BACKOFF_SECONDS must be >= "
-            "DYLEN_LOCAL_DISPATCH_MIN_BACKOFF_SECONDS"
+            "DYLEN_LOCAL_DISPATCH_MAX_BACKOFF_SECONDS must be >= DYLEN_LOCAL_DISPATCH_MIN_BACKOFF_SECONDS"
         )
 
 

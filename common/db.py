@@ -64,9 +64,7 @@ def build_engine(settings: Settings) -> Engine:
         "pool_timeout": settings.db_connect_timeout_seconds,
     }
     if settings.uses_cloud_sql:
-        engine = create_engine(
-            "postgresql+pg8000://", creator=_cloud_sql_creator(settings), **common
-        )
+        engine = create_engine("postgresql+pg8000://", creator=_cloud_sql_creator(settings), **common)
     else:
         if not settings.database_url:
             raise ConfigError(

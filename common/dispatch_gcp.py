@@ -76,9 +76,7 @@ class CloudTasksDispatcher:
         return tasks_v2.Task(
             name=f"{self.queue_path}/tasks/{task_name_for(job)}",
             http_request=http_request,
-            dispatch_deadline=duration_pb2.Duration(
-                seconds=dispatch_deadline_seconds(s.job_timeout_seconds)
-            ),
+            dispatch_deadline=duration_pb2.Duration(seconds=dispatch_deadline_seconds(s.job_timeout_seconds)),
         )
 
     def dispatch(self, job: Job) -> None:
@@ -86,9 +84,7 @@ class CloudTasksDispatcher:
 
         task = self.build_task(job)
         try:
-            self.client.create_task(
-                parent=self.queue_path, task=task, timeout=CREATE_TASK_TIMEOUT_SECONDS
-            )
+            self.client.create_task(parent=self.queue_path, task=task, timeout=CREATE_TASK_TIMEOUT_SECONDS)
         except exceptions.AlreadyExists:
             logger.info("Task already exists; treating as dispatched", extra={"job_id": str(job.id)})
             return

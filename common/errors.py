@@ -83,9 +83,7 @@ class MethodNotAllowed(DylenError):
     title = "Method not allowed"
 
     def __init__(self, allowed: list[str]) -> None:
-        super().__init__(
-            f"Allowed: {', '.join(allowed)}", headers={"Allow": ", ".join(allowed)}
-        )
+        super().__init__(f"Allowed: {', '.join(allowed)}", headers={"Allow": ", ".join(allowed)})
 
 
 class IdempotencyConflict(DylenError):

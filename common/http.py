@@ -79,9 +79,7 @@ def read_json(request: flask.Request) -> Any:
         raise MalformedRequest(f"The body is not valid JSON: {error}") from None
 
 
-def json_response(
-    body: Any, status: int = 200, headers: dict[str, str] | None = None
-) -> flask.Response:
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> flask.Response:
     return flask.Response(
         json.dumps(body, ensure_ascii=False, separators=(",", ":")),
         status=status,

@@ -54,15 +54,11 @@ def create_job(user_id: str, body: Any) -> Created:
             max_attempts=settings.job_max_attempts,
         )
         if job is None:
-            existing = store.find_job_by_key(
-                conn, user_id=user_id, job_kind=kind, idempotency_key=key
-            )
+            existing = store.find_job_by_key(conn, user_id=user_id, job_kind=kind, idempotency_key=key)
             if existing is None:  # the conflicting row vanished; cannot happen without deletes
                 raise IdempotencyConflict("The idempotency key is in use; retry.")
             if existing.request_json != request_json:
-                raise IdempotencyConflict(
-                    "This idempotency_key was already used with a different request."
-                )
+                raise IdempotencyConflict("This idempotency_key was already used with a different request.")
             return Created(job=existing, created=False)
     logger.info("Job created", extra={"job_id": str(job.id), "job_kind": kind})
     if settings.auto_process:

@@ -39,7 +39,7 @@ def parse_task_body(body: Any) -> uuid.UUID | None:
     """The job id of a task body; None for a well-formed id of no possible job."""
     if not isinstance(body, dict) or "job_id" not in body:
         raise ValidationFailed(
-            "Task body must be {\"job_id\": \"...\"}.",
+            'Task body must be {"job_id": "..."}.',
             errors=[{"field": "job_id", "message": "is required"}],
         )
     raw = body["job_id"]
@@ -57,7 +57,7 @@ def _error(code: str, message: str, attempt: int) -> dict[str, Any]:
 
 def process_job(job_id: uuid.UUID | None, *, task_name: str | None = None) -> Answer:
     settings = get_settings()
-    log = {"job_id": str(job_id) if job_id else None, "task_name": task_name}
+    log: dict[str, Any] = {"job_id": str(job_id) if job_id else None, "task_name": task_name}
     logger.info(f"Received task for job {job_id}", extra=log)
     if job_id is None:
         return Answer(200, {"outcome": "unknown_job"})

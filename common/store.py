@@ -106,9 +106,7 @@ def find_job_by_key(
 
 
 def get_job(conn: Connection, job_id: uuid.UUID) -> Job | None:
-    row = conn.execute(
-        text(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = :id"), {"id": job_id}
-    ).first()
+    row = conn.execute(text(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = :id"), {"id": job_id}).first()
     return Job.from_row(row) if row else None
 
 
@@ -155,9 +153,7 @@ def claim_job(conn: Connection, job_id: uuid.UUID, *, lease_seconds: int) -> Cla
 _FINISH_GUARD = "WHERE id = :id AND status = 'running' AND attempts = :attempt"
 
 
-def complete_job(
-    conn: Connection, job_id: uuid.UUID, *, attempt: int, result: dict[str, Any]
-) -> bool:
+def complete_job(conn: Connection, job_id: uuid.UUID, *, attempt: int, result: dict[str, Any]) -> bool:
     """`running` -> `done`, only if this attempt still holds the claim (not canceled, not stolen)."""
     updated = conn.execute(
         text(
@@ -183,8 +179,7 @@ def fail_job(
         text(
             "UPDATE jobs SET status = CASE WHEN :final THEN 'error' ELSE 'queued' END, "
             "error_json = CAST(:error AS jsonb), lease_expires_at = NULL, "
-            "completed_at = CASE WHEN :final THEN now() END, updated_at = now() "
-            + _FINISH_GUARD
+            "completed_at = CASE WHEN :final THEN now() END, updated_at = now() " + _FINISH_GUARD
         ),
         {"id": job_id, "attempt": attempt, "error": _jsonb(error), "final": final},
     )

@@ -67,7 +67,7 @@ def _load_generator(spec: str) -> Generator:
         raise ConfigError(f"DYLEN_LESSON_GENERATOR={spec!r} cannot be loaded: {error}") from error
     if not callable(generator):
         raise ConfigError(f"DYLEN_LESSON_GENERATOR={spec!r} is not callable")
-    return generator  # type: ignore[no-any-return]
+    return generator
 
 
 _generator: Generator | None = None

@@ -13,9 +13,7 @@ get_settings()  # a bad configuration fails the cold start, not the first reques
 def _process(call: Call) -> flask.Response:
     call.require_root_path()
     job_id = processor.parse_task_body(call.json())
-    answer = processor.process_job(
-        job_id, task_name=call.request.headers.get("X-CloudTasks-TaskName")
-    )
+    answer = processor.process_job(job_id, task_name=call.request.headers.get("X-CloudTasks-TaskName"))
     return json_response(answer.body, answer.status, answer.headers)
 
 

@@ -1,0 +1,1 @@
+"""Local development tooling (embedded PostgreSQL, `make run`). Never deployed."""

@@ -1,0 +1,146 @@
+"""Fixtures: a fresh database built from the migrations, and real function processes over it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from tests.support import ROOT, FunctionServer, Stack, base_env
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A server to create the test database on: DYLEN_TEST_DATABASE_URL, else an embedded one."""
+    configured = os.environ.get("DYLEN_TEST_DATABASE_URL")
+    if configured:
+        yield configured
+        return
+    from devtools.embedded_pg import EmbeddedPostgres
+
+    pg = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data", durable=False)
+    pg.start()
+    try:
+        yield pg.url
+    finally:
+        pg.destroy()
+
+
+@pytest.fixture(scope="session")
+def database_url(pg_admin_url: str) -> Iterator[str]:
+    """A database of its own for this run, built by `python -m common.cli migrate`."""
+    from devtools.embedded_pg import create_database
+
+    name = f"dylen_test_{uuid.uuid4().hex[:10]}"
+    create_database(pg_admin_url, name)
+    url = sa.engine.make_url(pg_admin_url).set(database=name).render_as_string(hide_password=False)
+    env = {**os.environ, "DYLEN_DATABASE_URL": url, "DYLEN_AUTH_MODE": "dev", "PYTHONPATH": str(ROOT)}
+    subprocess.run(
+        [sys.executable, "-m", "common.cli", "migrate"], env=env, cwd=ROOT, check=True, capture_output=True
+    )
+    yield url
+    admin = sa.create_engine(
+        sa.engine.make_url(pg_admin_url).set(drivername="postgresql+pg8000"), isolation_level="AUTOCOMMIT"
+    )
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def db(database_url: str) -> Iterator[sa.Engine]:
+    """An engine on the test database, for Given steps (factories) and Then checks."""
+    engine = sa.create_engine(
+        sa.engine.make_url(database_url).set(drivername="postgresql+pg8000"), pool_size=10
+    )
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def app_env(database_url: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Point in-process `common` code at the test database (for tests that call it directly)."""
+    from common import db as common_db
+
+    env = base_env(database_url)
+    for key, value in env.items():
+        if key.startswith("DYLEN_"):
+            monkeypatch.setenv(key, value)
+    common_db.dispose_engine()
+    yield env
+    common_db.dispose_engine()
+
+
+@pytest.fixture(scope="session")
+def logs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("function-logs")
+
+
+@pytest.fixture(scope="session")
+def calls_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where tests.generators records each handler run, to count them per job."""
+    return tmp_path_factory.mktemp("generator-calls")
+
+
+StackFactory = Callable[..., Stack]
+
+
+@pytest.fixture(scope="session")
+def make_stack(database_url: str, logs_dir: Path, calls_dir: Path) -> Iterator[StackFactory]:
+    """Start (once per distinct configuration) process_job and the user functions.
+
+    `make_stack(DYLEN_JOBS_AUTO_PROCESS="false")` shares processes with every other test asking for
+    the same configuration, so the suite pays each cold start once.
+    """
+    stacks: dict[tuple[tuple[str, str], ...], Stack] = {}
+
+    def factory(**overrides: str) -> Stack:
+        key = tuple(sorted(overrides.items()))
+        if key not in stacks:
+            env = base_env(database_url, DYLEN_TEST_CALLS_DIR=str(calls_dir), **overrides)
+            process = FunctionServer("process_job", env, logs_dir).start(wait=False)
+            env.setdefault("DYLEN_PROCESS_JOB_URL", process.url + "/")
+            servers = {"process_job": process}
+            for name in ("create_job", "get_job", "get_lesson", "list_lessons"):
+                servers[name] = FunctionServer(name, env, logs_dir).start(wait=False)
+            for server in servers.values():
+                server.wait_ready()
+            stacks[key] = Stack(servers)
+        return stacks[key]
+
+    yield factory
+    for stack in stacks.values():
+        stack.stop()
+
+
+@pytest.fixture(scope="session")
+def stack(make_stack: StackFactory) -> Stack:
+    """The default deployment: local dispatch on, built-in generator."""
+    return make_stack()
+
+
+@pytest.fixture(scope="session")
+def manual_stack(make_stack: StackFactory) -> Stack:
+    """Auto-process off and the test generator: the test delivers tasks itself."""
+    return make_stack(
+        DYLEN_JOBS_AUTO_PROCESS="false",
+        DYLEN_LESSON_GENERATOR="tests.generators:generate",
+        DYLEN_JOB_MAX_ATTEMPTS="3",
+    )
+
+
+@pytest.fixture
+def user() -> str:
+    """A user of this test alone, so tests sharing processes never see each other's data."""
+    return f"user-{uuid.uuid4().hex[:12]}"
+
+
+def handler_runs(calls_dir: Path, job_id: str) -> int:
+    path = calls_dir / job_id
+    return len(path.read_text().splitlines()) if path.exists() else 0

@@ -1,0 +1,99 @@
+"""Factories for Given steps: rows written straight to the test database."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+
+def make_user(conn: sa.Connection, user_id: str | None = None, *, tier: str = "free") -> str:
+    user_id = user_id or f"user-{uuid.uuid4().hex[:12]}"
+    conn.execute(
+        sa.text(
+            "INSERT INTO users (id, tier) VALUES (:id, :tier) ON CONFLICT (id) DO UPDATE SET tier = :tier"
+        ),
+        {"id": user_id, "tier": tier},
+    )
+    return user_id
+
+
+def make_job(
+    conn: sa.Connection,
+    *,
+    user_id: str | None,
+    payload: Any = None,
+    job_kind: str = "lesson",
+    status: str = "queued",
+    attempts: int = 0,
+    max_attempts: int = 3,
+    lease_seconds: float | None = None,
+    error: dict[str, Any] | None = None,
+) -> str:
+    job_id = str(uuid.uuid4())
+    conn.execute(
+        sa.text(
+            "INSERT INTO jobs (id, user_id, job_kind, status, idempotency_key, request_json, attempts, "
+            "max_attempts, lease_expires_at, error_json, dispatched_at) VALUES (:id, :user_id, :kind, :status, "
+            ":key, CAST(:request AS jsonb), :attempts, :max_attempts, "
+            "CASE WHEN CAST(:lease AS float8) IS NULL THEN NULL "
+            "ELSE now() + make_interval(secs => CAST(:lease AS float8)) END, CAST(:error AS jsonb), now())"
+        ),
+        {
+            "id": job_id,
+            "user_id": user_id,
+            "kind": job_kind,
+            "status": status,
+            "key": uuid.uuid4().hex,
+            "request": json.dumps(
+                {"job_kind": job_kind, "payload": payload if payload is not None else {"topic": "x"}}
+            ),
+            "attempts": attempts,
+            "max_attempts": max_attempts,
+            "lease": lease_seconds,
+            "error": json.dumps(error) if error else None,
+        },
+    )
+    return job_id
+
+
+def make_lesson(
+    conn: sa.Connection,
+    *,
+    user_id: str,
+    created_at: datetime | None = None,
+    archived_at: datetime | None = None,
+    topic: str = "Factory topic",
+) -> str:
+    job_id = make_job(conn, user_id=user_id, status="done")
+    lesson_id = str(uuid.uuid4())
+    conn.execute(
+        sa.text(
+            "INSERT INTO lessons (id, user_id, job_id, topic, title, content, created_at, archived_at) "
+            "VALUES (:id, :user_id, :job_id, :topic, :title, '{\"sections\": []}', coalesce(:created_at, now()), "
+            ":archived_at)"
+        ),
+        {
+            "id": lesson_id,
+            "user_id": user_id,
+            "job_id": job_id,
+            "topic": topic,
+            "title": topic.title(),
+            "created_at": created_at,
+            "archived_at": archived_at,
+        },
+    )
+    return lesson_id
+
+
+def job_row(conn: sa.Connection, job_id: str) -> Any:
+    return conn.execute(sa.text("SELECT * FROM jobs WHERE id = :id"), {"id": job_id}).mappings().one()
+
+
+def lesson_count(conn: sa.Connection, job_id: str) -> int:
+    return int(
+        conn.execute(sa.text("SELECT count(*) FROM lessons WHERE job_id = :id"), {"id": job_id}).scalar_one()
+    )

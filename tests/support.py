@@ -1,0 +1,193 @@
+"""Test support: real functions-framework processes on loopback ports and small HTTP helpers."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+TASK_SECRET = "test-task-secret"
+USER_FUNCTIONS = ("create_job", "get_job", "get_lesson", "list_lessons")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def session() -> requests.Session:
+    s = requests.Session()
+    s.trust_env = False  # tests talk to loopback only
+    return s
+
+
+class FunctionServer:
+    """One function under `functions-framework`, as Cloud Run would run it, on a loopback port."""
+
+    def __init__(self, name: str, env: Mapping[str, str], log_dir: Path, *, port: int | None = None) -> None:
+        self.name = name
+        self.env = dict(env)
+        self.port = port or free_port()
+        self.log_path = log_dir / f"{name}-{self.port}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, *, wait: bool = True) -> FunctionServer:
+        env = {**self.env, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "functions_framework",
+                "--target",
+                self.name,
+                "--source",
+                str(ROOT / "functions" / self.name / "main.py"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+            env=env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited at start-up:\n{self.log()[-3000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"{self.name} not listening after {timeout}s:\n{self.log()[-3000:]}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        lines = []
+        for line in self.log().splitlines():
+            if line.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    lines.append(json.loads(line))
+        return lines
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: no cleanup, like a Cloud Run instance taken away."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def base_env(database_url: str, **overrides: str) -> dict[str, str]:
+    keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "VIRTUAL_ENV", "SYSTEMROOT")
+    env = {k: v for k, v in os.environ.items() if k in keep}
+    env.update(
+        DYLEN_ENV_FILE=os.devnull,
+        DYLEN_DATABASE_URL=database_url,
+        DYLEN_AUTH_MODE="dev",
+        DYLEN_TASK_SECRET=TASK_SECRET,
+        DYLEN_LOCAL_DISPATCH_MIN_BACKOFF_SECONDS="0.05",
+        DYLEN_LOCAL_DISPATCH_MAX_BACKOFF_SECONDS="1",
+        DYLEN_DB_POOL_SIZE="5",
+        DYLEN_DB_MAX_OVERFLOW="5",
+    )
+    env.update(overrides)
+    return env
+
+
+class Stack:
+    """process_job plus the user functions, wired together like a deployment."""
+
+    def __init__(self, servers: dict[str, FunctionServer]) -> None:
+        self.servers = servers
+        self.http = session()
+
+    def url(self, name: str) -> str:
+        return self.servers[name].url
+
+    def create(self, user: str, body: Any, **kwargs: Any) -> requests.Response:
+        headers = {"X-Dylen-User": user, **kwargs.pop("headers", {})}
+        return self.http.post(self.url("create_job") + "/", json=body, headers=headers, timeout=30, **kwargs)
+
+    def get_job(self, user: str, job_id: str) -> requests.Response:
+        return self.http.get(f"{self.url('get_job')}/{job_id}", headers={"X-Dylen-User": user}, timeout=30)
+
+    def get_lesson(self, user: str, lesson_id: str) -> requests.Response:
+        return self.http.get(
+            f"{self.url('get_lesson')}/{lesson_id}", headers={"X-Dylen-User": user}, timeout=30
+        )
+
+    def list_lessons(self, user: str, **params: Any) -> requests.Response:
+        return self.http.get(
+            self.url("list_lessons") + "/", params=params, headers={"X-Dylen-User": user}, timeout=30
+        )
+
+    def deliver(self, job_id: str, *, secret: str | None = TASK_SECRET, **headers: str) -> requests.Response:
+        h = dict(headers)
+        if secret is not None:
+            h["X-Dylen-Task-Secret"] = secret
+        return self.http.post(self.url("process_job") + "/", json={"job_id": job_id}, headers=h, timeout=60)
+
+    def wait_for(
+        self, user: str, job_id: str, statuses: tuple[str, ...] = ("done", "error"), timeout: float = 20
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        body: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            response = self.get_job(user, job_id)
+            assert response.status_code == 200, response.text
+            body = response.json()
+            if body["status"] in statuses:
+                return body
+            time.sleep(0.05)
+        raise AssertionError(f"job {job_id} still {body.get('status')} after {timeout}s: {body}")
+
+    def stop(self) -> None:
+        for server in self.servers.values():
+            server.stop()
+
+
+def lesson_body(topic: str = "Photosynthesis", key: str | None = None, **payload: Any) -> dict[str, Any]:
+    import uuid
+
+    return {
+        "job_kind": "lesson",
+        "idempotency_key": key or uuid.uuid4().hex,
+        "payload": {"topic": topic, **payload},
+    }

@@ -1,0 +1,107 @@
+"""Configuration fails loudly, naming the variable, for every wrong value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from common.config import load_settings
+from common.errors import ConfigError
+
+DEV = {"DYLEN_AUTH_MODE": "dev"}
+
+
+def test_defaults_match_the_design() -> None:
+    s = load_settings(DEV)
+    assert (s.db_pool_size, s.db_max_overflow) == (5, 2)
+    assert s.auto_process is True
+    assert s.task_provider == "local-http"
+    assert s.base_url == "http://localhost:8080"
+    assert s.process_job_url == "http://localhost:8080/process_job"
+    assert (s.job_max_attempts, s.job_timeout_seconds, s.rescue_after_seconds) == (5, 600, 300)
+    assert s.tier_history_limits == {"free": 3, "starter": 20, "plus": 50, "pro": 80}
+    assert s.lesson_generator is None
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"DYLEN_DB_POOL_SIZE": "zero"}, "DYLEN_DB_POOL_SIZE"),
+        ({"DYLEN_DB_POOL_SIZE": "0"}, "DYLEN_DB_POOL_SIZE"),
+        ({"DYLEN_JOBS_AUTO_PROCESS": "maybe"}, "DYLEN_JOBS_AUTO_PROCESS"),
+        ({"DYLEN_TASK_SERVICE_PROVIDER": "sqs"}, "DYLEN_TASK_SERVICE_PROVIDER"),
+        ({"DYLEN_AUTH_MODE": "none"}, "DYLEN_AUTH_MODE"),
+        ({"DYLEN_BASE_URL": "localhost:8080"}, "DYLEN_BASE_URL"),
+        ({"DYLEN_JOB_MAX_ATTEMPTS": "0"}, "DYLEN_JOB_MAX_ATTEMPTS"),
+        ({"DYLEN_TIER_HISTORY_LIMITS": "pro=80"}, "DYLEN_TIER_HISTORY_LIMITS"),
+        ({"DYLEN_TIER_HISTORY_LIMITS": "free=x"}, "DYLEN_TIER_HISTORY_LIMITS"),
+        ({"DYLEN_LESSON_GENERATOR": "just_a_module"}, "DYLEN_LESSON_GENERATOR"),
+        ({"DYLEN_DATABASE_URL": "mysql://x"}, "DYLEN_DATABASE_URL"),
+        ({"DYLEN_TASK_SERVICE_PROVIDER": "gcp"}, "DYLEN_CLOUD_TASKS_QUEUE_PATH"),
+        ({"DYLEN_CLOUD_SQL_INSTANCE": "p:r:i", "DYLEN_DB_NAME": "d"}, "DYLEN_DB_USER"),
+        (
+            {"DYLEN_CLOUD_SQL_INSTANCE": "p:r:i", "DYLEN_DB_USER": "u", "DYLEN_DB_NAME": "d"},
+            "DYLEN_DB_PASSWORD",
+        ),
+        ({"DYLEN_CLOUD_SQL_INSTANCE": "instance-only"}, "DYLEN_CLOUD_SQL_INSTANCE"),
+    ],
+)
+def test_bad_values_name_the_variable(env: dict[str, str], named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        load_settings({**DEV, **env})
+
+
+def test_firebase_mode_needs_a_project() -> None:
+    with pytest.raises(ConfigError, match="DYLEN_FIREBASE_PROJECT_ID"):
+        load_settings({})
+
+
+def test_dotenv_fills_only_unset_variables(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text(
+        "# local\nexport DYLEN_DB_POOL_SIZE=9\nDYLEN_JOB_MAX_ATTEMPTS='7'\nDYLEN_AUTH_MODE=dev\n"
+    )
+    s = load_settings({"DYLEN_JOB_MAX_ATTEMPTS": "2"}, dotenv=env_file)
+    assert (s.db_pool_size, s.job_max_attempts) == (9, 2)
+
+
+def test_malformed_dotenv_line_is_reported_with_its_line(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("DYLEN_AUTH_MODE=dev\nnot a pair\n")
+    with pytest.raises(ConfigError, match=r"\.env:2"):
+        load_settings({}, dotenv=env_file)
+
+
+def test_settings_are_frozen() -> None:
+    s = load_settings(DEV)
+    with pytest.raises(AttributeError):
+        s.db_pool_size = 10  # type: ignore[misc]
+
+
+def test_secret_is_not_in_repr() -> None:
+    assert "hunter2" not in repr(load_settings({**DEV, "DYLEN_TASK_SECRET": "hunter2"}))
+
+
+def test_a_function_refuses_to_start_with_a_bad_config(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.support import ROOT
+
+    result = subprocess.run(
+        [sys.executable, "-c", "import runpy; runpy.run_path('functions/create_job/main.py')"],
+        env={
+            "PYTHONPATH": str(ROOT),
+            "DYLEN_AUTH_MODE": "dev",
+            "DYLEN_DB_POOL_SIZE": "-3",
+            "DYLEN_ENV_FILE": "/dev/null",
+            "PATH": "/usr/bin:/bin",
+        },
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "DYLEN_DB_POOL_SIZE" in result.stderr

@@ -1,0 +1,158 @@
+"""The local-http dispatcher: Cloud Tasks-like headers, backoff, and proxies ignored on loopback."""
+
+from __future__ import annotations
+
+import http.server
+import itertools
+import threading
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from common.config import load_settings
+from common.dispatch import LocalHttpDispatcher, backoff_seconds, is_loopback_url, task_name_for
+from common.store import Job
+from tests.conftest import StackFactory
+from tests.support import lesson_body
+
+
+class Recorder(http.server.ThreadingHTTPServer):
+    """A stand-in process_job that answers a scripted list of statuses and records each request."""
+
+    def __init__(self, statuses: list[int]) -> None:
+        self.statuses = statuses
+        self.requests: list[dict[str, Any]] = []
+        self.done = threading.Event()
+        recorder = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers["Content-Length"])
+                recorder.requests.append(
+                    {"headers": dict(self.headers), "body": self.rfile.read(length), "at": time.monotonic()}
+                )
+                status = recorder.statuses.pop(0) if recorder.statuses else 200
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                if 200 <= status < 300:
+                    recorder.done.set()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/"
+
+
+def _job(max_attempts: int = 5) -> Job:
+    now = datetime.now(UTC)
+    return Job(
+        id=uuid.uuid4(),
+        user_id="u",
+        job_kind="lesson",
+        status="queued",
+        idempotency_key="k",
+        request_json={},
+        result_json=None,
+        error_json=None,
+        attempts=0,
+        max_attempts=max_attempts,
+        lease_expires_at=None,
+        dispatched_at=now,
+        created_at=now,
+        updated_at=now,
+        started_at=None,
+        completed_at=None,
+    )
+
+
+def _dispatcher(url: str, **env: str) -> LocalHttpDispatcher:
+    settings = load_settings(
+        {
+            "DYLEN_AUTH_MODE": "dev",
+            "DYLEN_PROCESS_JOB_URL": url,
+            "DYLEN_TASK_SECRET": "shh",
+            "DYLEN_LOCAL_DISPATCH_MIN_BACKOFF_SECONDS": "0.05",
+            "DYLEN_LOCAL_DISPATCH_MAX_BACKOFF_SECONDS": "0.4",
+            **env,
+        }
+    )
+    return LocalHttpDispatcher(settings)
+
+
+def test_backoff_doubles_and_is_capped() -> None:
+    assert [backoff_seconds(n, minimum=0.1, maximum=1.0) for n in range(1, 7)] == [
+        0.1,
+        0.2,
+        0.4,
+        0.8,
+        1.0,
+        1.0,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("url", "loopback"),
+    [
+        ("http://127.0.0.1:8080/", True),
+        ("http://localhost/x", True),
+        ("http://[::1]:9/", True),
+        ("https://process-job-abc.a.run.app/", False),
+        ("http://10.0.0.1/", False),
+    ],
+)
+def test_loopback_detection(url: str, loopback: bool) -> None:
+    assert is_loopback_url(url) is loopback
+
+
+def test_delivery_sends_cloud_tasks_headers_and_retries_with_backoff() -> None:
+    # Given process_job answers 503, then 500, then 200
+    recorder = Recorder([503, 500, 200])
+    job = _job()
+    # When the job is dispatched
+    _dispatcher(recorder.url).dispatch(job)
+    assert recorder.done.wait(10)
+    # Then it was delivered three times, like Cloud Tasks would
+    reqs = recorder.requests
+    assert len(reqs) == 3
+    for n, req in enumerate(reqs):
+        h = req["headers"]
+        assert req["body"] == f'{{"job_id": "{job.id}"}}'.encode()
+        assert h["Content-Type"] == "application/json"
+        assert h["X-Dylen-Task-Secret"] == "shh"
+        assert h["X-CloudTasks-QueueName"]
+        assert h["X-CloudTasks-TaskName"] == task_name_for(job)
+        assert h["X-CloudTasks-TaskRetryCount"] == str(n)
+        assert h["X-CloudTasks-TaskExecutionCount"] == str(n)
+        assert float(h["X-CloudTasks-TaskETA"]) > 0
+    assert "X-CloudTasks-TaskPreviousResponse" not in reqs[0]["headers"]
+    assert reqs[1]["headers"]["X-CloudTasks-TaskPreviousResponse"] == "503"
+    assert reqs[2]["headers"]["X-CloudTasks-TaskPreviousResponse"] == "500"
+    gaps = [b["at"] - a["at"] for a, b in itertools.pairwise(reqs)]
+    assert gaps[0] >= 0.04 and gaps[1] >= 0.09, gaps
+
+
+def test_delivery_is_bounded_by_the_jobs_attempts() -> None:
+    recorder = Recorder([500] * 10)
+    _dispatcher(recorder.url).dispatch(_job(max_attempts=3))
+    time.sleep(1.5)
+    assert len(recorder.requests) == 3
+
+
+def test_dead_proxy_in_the_environment_does_not_stop_local_dispatch(
+    make_stack: StackFactory, user: str
+) -> None:
+    # Given proxies that lead nowhere (port 9 on loopback refuses connections)
+    dead = "http://127.0.0.1:9"
+    stack = make_stack(HTTP_PROXY=dead, HTTPS_PROXY=dead, http_proxy=dead, https_proxy=dead)
+    # When a job is created, it is still delivered to process_job on loopback and finishes
+    job = stack.create(user, lesson_body("Proxies")).json()
+    assert stack.wait_for(user, job["job_id"])["status"] == "done"
