@@ -8,7 +8,6 @@ also take away. PostgreSQL refuses to run as root, so as root the server runs as
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import socket
@@ -154,8 +153,18 @@ class EmbeddedPostgres:
         raise RuntimeError(f"embedded PostgreSQL did not accept connections on port {self.port}")
 
     def stop(self, mode: str = "fast") -> None:
-        with contextlib.suppress(subprocess.CalledProcessError):  # already stopped
-            self._run([_bin("pg_ctl"), "-D", str(self.data_dir), "-m", mode, "-w", "stop"], timeout=60)
+        """Stop and wait; if a fast shutdown stalls (a checkpoint on a loaded disk), go immediate."""
+        for attempt_mode in dict.fromkeys((mode, "immediate")):
+            try:
+                self._run(
+                    [_bin("pg_ctl"), "-D", str(self.data_dir), "-m", attempt_mode, "-w", "-t", "30", "stop"],
+                    timeout=60,
+                )
+                return
+            except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as error:
+                print(f"pg_ctl stop -m {attempt_mode} failed: {getattr(error, 'stderr', error)}", flush=True)
+                if not self.is_running():
+                    return
 
     def restart(self) -> None:
         self.stop()

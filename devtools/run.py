@@ -7,11 +7,13 @@ gateway on :8080 that routes /<function>/... like the cloudfunctions.net URLs do
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import http.server
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -21,12 +23,10 @@ from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 FUNCTIONS = ("create_job", "get_job", "process_job", "get_lesson", "list_lessons")
-DEV_DIR = ROOT / ".dev"
+DEV_DIR = Path(os.environ.get("DYLEN_DEV_DIR") or ROOT / ".dev")
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], name: str, timeout: float = 30) -> None:
-    import socket
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -79,7 +79,42 @@ def _gateway(port: int, routes: dict[str, int]) -> http.server.ThreadingHTTPServ
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    # `localhost` may resolve to ::1 first; answer there too where IPv6 loopback exists.
+    with contextlib.suppress(OSError):
+        server6 = _IPv6Server(("::1", port), Handler)
+        threading.Thread(target=server6.serve_forever, daemon=True).start()
     return server
+
+
+class _IPv6Server(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
+def _warm_up(ports: dict[str, int], secret: str) -> None:
+    """One harmless request each, so the first real job does not pay the database connect."""
+    import uuid
+
+    import requests
+
+    http = requests.Session()
+    http.trust_env = False
+    probe = str(uuid.uuid4())
+    try:
+        http.post(
+            f"http://127.0.0.1:{ports['process_job']}/",
+            json={"job_id": probe},
+            headers={"X-Dylen-Task-Secret": secret},
+            timeout=30,
+        )
+        for name in ("get_job", "get_lesson"):
+            http.get(
+                f"http://127.0.0.1:{ports[name]}/{probe}", headers={"X-Dylen-User": "warm-up"}, timeout=30
+            )
+        http.get(
+            f"http://127.0.0.1:{ports['list_lessons']}/", headers={"X-Dylen-User": "warm-up"}, timeout=30
+        )
+    except requests.RequestException as error:
+        print(f"warning: warm-up request failed ({error}); functions will warm on first use", flush=True)
 
 
 def main() -> int:
@@ -112,7 +147,7 @@ def main() -> int:
     def shutdown(*_: object) -> None:
         for _name, proc in procs:
             if proc.poll() is None:
-                proc.terminate()
+                proc.send_signal(signal.SIGINT)  # gunicorn's quick shutdown
         for _name, proc in procs:
             try:
                 proc.wait(timeout=10)
@@ -152,6 +187,7 @@ def main() -> int:
         for name, proc in procs:
             _wait_port(ports[name], proc, name)
         gateway = _gateway(gateway_port, ports)
+        _warm_up(ports, env["DYLEN_TASK_SECRET"])
     except BaseException:
         shutdown()
         raise

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,12 +26,16 @@ def pg_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         return
     from devtools.embedded_pg import EmbeddedPostgres
 
-    pg = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data", durable=False)
+    # Not under pytest's basetemp: each pytest session re-chmods that tree to 0700, which locks out
+    # the unprivileged user the server runs as when we are root (and any concurrent run's server).
+    base = Path(tempfile.mkdtemp(prefix="dylen-test-pg-"))
+    pg = EmbeddedPostgres(base / "data", durable=False)
     pg.start()
     try:
         yield pg.url
     finally:
         pg.destroy()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -106,8 +106,9 @@ class FunctionServer:
             self.proc.wait(10)
 
     def stop(self) -> None:
+        # SIGINT is gunicorn's quick shutdown; SIGTERM would wait out keep-alive connections.
         if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            os.killpg(self.proc.pid, signal.SIGINT)
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
