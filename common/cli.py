@@ -91,15 +91,25 @@ def add_jobs_parser(sub: Any) -> None:
     p_stats.add_argument("--json", action="store_true")
 
 
+class _Stderr:
+    """Whatever sys.stderr is at write time (log lines from dispatcher threads come late)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def run_jobs(args: argparse.Namespace) -> int:
     import logging
 
     from common import ops
     from common.log import logger
 
-    for handler in logger.handlers:  # keep stdout for the command's output (e.g. --json)
-        if isinstance(handler, logging.StreamHandler):
-            handler.setStream(sys.stderr)
+    for handler in logger.handlers:  # stdout is the command's output (e.g. --json); logs go to stderr
+        if type(handler) is logging.StreamHandler:  # common.log's own, not a test harness's
+            handler.stream = _Stderr()  # not setStream: it flushes the old stream, which may be closed
     command = args.jobs_command
     if command == "list":
         filters = ops.Filters(args.status, args.kind, args.user, older_than=args.older_than)
