@@ -135,11 +135,12 @@ def run_jobs(args: argparse.Namespace) -> int:
 
 def _retry(args: argparse.Namespace) -> int:
     from common import ops
+    from common.errors import ValidationFailed
 
     has_filters = any((args.status, args.kind, args.user, args.since))
     if args.job_id is not None:
         if has_filters:
-            raise DylenError("Give either a job id or filters, not both.")
+            raise ValidationFailed("Give either a job id or filters, not both.")
         outcome = ops.retry_job(args.job_id)
     else:
         candidates = ops.retry_candidates(ops.Filters(args.status, args.kind, args.user, since=args.since))
@@ -154,6 +155,8 @@ def _retry(args: argparse.Namespace) -> int:
             print("Aborted; nothing was retried.", file=sys.stderr)
             return EXIT_ABORTED
         outcome = ops.retry_jobs([j.id for j in candidates])
+        if len(outcome.jobs) < len(candidates):  # changed since listed (e.g. retried by someone else)
+            print(f"{len(candidates) - len(outcome.jobs)} job(s) were no longer error or canceled; skipped")
     for job in outcome.jobs:
         print(f"requeued {job.id} (attempts {job.attempts}, now up to {job.max_attempts})")
     print(f"retried {len(outcome.jobs)} job(s)", end="")
