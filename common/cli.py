@@ -1,11 +1,17 @@
-"""Operator commands: `python -m common.cli migrate` (more subcommands join as they are built)."""
+"""Operator commands: `python -m common.cli migrate` (more subcommands join as they are built).
+
+`jobs list|show|retry|cancel|stats` inspect and act on jobs (logic in common.ops).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from common.errors import DylenError
 
@@ -32,15 +38,240 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_migrate = sub.add_parser("migrate", help="upgrade the configured database to the latest schema")
     p_migrate.add_argument("revision", nargs="?", default="head")
+    add_jobs_parser(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "migrate":
             migrate(args.revision)
             print(f"migrated to {args.revision}")
+        elif args.command == "jobs":
+            return run_jobs(args)
     except DylenError as error:
         print(f"error: {error.detail}", file=sys.stderr)
         return 2
     return 0
+
+
+# --- jobs: list | show | retry | cancel | stats ----------------------------------------------------
+
+EXIT_ABORTED = 1
+
+
+def add_jobs_parser(sub: Any) -> None:
+    p_jobs = sub.add_parser("jobs", help="inspect, retry and cancel jobs")
+    jobs_sub = p_jobs.add_subparsers(dest="jobs_command", required=True)
+
+    def filters(p: argparse.ArgumentParser, *, since: bool) -> None:
+        p.add_argument("--status", action="append", help="queued|running|done|error|canceled (repeat or a,b)")
+        p.add_argument("--kind", action="append", help="job kind, e.g. lesson (repeat or a,b)")
+        p.add_argument("--user", help="only this user's jobs")
+        if since:
+            p.add_argument("--since", metavar="DURATION", help="finished within, e.g. 1h")
+        else:
+            p.add_argument("--older-than", metavar="DURATION", help="created longer ago than, e.g. 10m")
+
+    p_list = jobs_sub.add_parser("list", help="jobs, newest first")
+    filters(p_list, since=False)
+    p_list.add_argument("--limit", type=int, default=50)
+    p_list.add_argument("--json", action="store_true", help="one JSON array instead of a table")
+
+    p_show = jobs_sub.add_parser("show", help="one job: attempts, timings, error, result")
+    p_show.add_argument("job_id")
+    p_show.add_argument("--json", action="store_true")
+
+    p_retry = jobs_sub.add_parser("retry", help="error/canceled job(s) back to queued, and dispatch")
+    p_retry.add_argument("job_id", nargs="?")
+    filters(p_retry, since=True)
+    p_retry.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+    p_cancel = jobs_sub.add_parser("cancel", help="a queued or running job -> canceled")
+    p_cancel.add_argument("job_id")
+
+    p_stats = jobs_sub.add_parser("stats", help="counts by kind and status, oldest queued, error rate")
+    p_stats.add_argument("--json", action="store_true")
+
+
+class _Stderr:
+    """Whatever sys.stderr is at write time (log lines from dispatcher threads come late)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def run_jobs(args: argparse.Namespace) -> int:
+    import logging
+
+    from common import ops
+    from common.log import logger
+
+    for handler in logger.handlers:  # stdout is the command's output (e.g. --json); logs go to stderr
+        if type(handler) is logging.StreamHandler:  # common.log's own, not a test harness's
+            handler.stream = _Stderr()  # not setStream: it flushes the old stream, which may be closed
+    command = args.jobs_command
+    if command == "list":
+        filters = ops.Filters(args.status, args.kind, args.user, older_than=args.older_than)
+        jobs = ops.list_jobs(filters, limit=args.limit)
+        if args.json:
+            print(json.dumps([ops.job_detail(j) for j in jobs], indent=2, ensure_ascii=False))
+        else:
+            print(_jobs_table(jobs) if jobs else "No jobs match.")
+    elif command == "show":
+        job = ops.show_job(args.job_id)
+        detail = ops.job_detail(job)
+        print(json.dumps(detail, indent=2, ensure_ascii=False) if args.json else _job_text(detail))
+    elif command == "cancel":
+        job = ops.cancel_job(args.job_id)
+        print(f"canceled {job.id} ({job.job_kind})")
+    elif command == "retry":
+        return _retry(args)
+    elif command == "stats":
+        summary = ops.stats()
+        print(json.dumps(summary, indent=2) if args.json else _stats_text(summary))
+    return 0
+
+
+def _retry(args: argparse.Namespace) -> int:
+    from common import ops
+    from common.errors import ValidationFailed
+
+    has_filters = any((args.status, args.kind, args.user, args.since))
+    if args.job_id is not None:
+        if has_filters:
+            raise ValidationFailed("Give either a job id or filters, not both.")
+        outcome = ops.retry_job(args.job_id)
+    else:
+        candidates = ops.retry_candidates(ops.Filters(args.status, args.kind, args.user, since=args.since))
+        if not candidates:
+            print("No jobs match; nothing to retry.")
+            return 0
+        print(f"{len(candidates)} job(s) match:")
+        print(_jobs_table(candidates[:20]))
+        if len(candidates) > 20:
+            print(f"... and {len(candidates) - 20} more")
+        if not args.yes and not _confirm(f"Retry {len(candidates)} job(s)? [y/N] "):
+            print("Aborted; nothing was retried.", file=sys.stderr)
+            return EXIT_ABORTED
+        outcome = ops.retry_jobs([j.id for j in candidates])
+        if len(outcome.jobs) < len(candidates):  # changed since listed (e.g. retried by someone else)
+            print(f"{len(candidates) - len(outcome.jobs)} job(s) were no longer error or canceled; skipped")
+    for job in outcome.jobs:
+        print(f"requeued {job.id} (attempts {job.attempts}, now up to {job.max_attempts})")
+    print(f"retried {len(outcome.jobs)} job(s)", end="")
+    if not outcome.dispatch_enabled:
+        print("; not dispatched (DYLEN_JOBS_AUTO_PROCESS=false): rescue_jobs or a delivery runs them")
+    else:
+        failed = len(outcome.jobs) - outcome.dispatched
+        print(
+            f"; dispatched {outcome.dispatched}"
+            + (f", {failed} left queued for rescue_jobs" if failed else "")
+        )
+    return 0
+
+
+def _confirm(prompt: str) -> bool:
+    try:
+        answer = input(prompt)
+    except (EOFError, KeyboardInterrupt):  # no stdin: never assume yes
+        print(file=sys.stderr)
+        return False
+    return answer.strip().lower() in ("y", "yes")
+
+
+def _ago(value: datetime | None) -> str:
+    if value is None:
+        return "-"
+    return _duration((datetime.now(UTC) - value).total_seconds())
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            major, rest = divmod(int(seconds), size)
+            minor = {"d": (rest // 3600, "h"), "h": (rest // 60, "m"), "m": (rest, "s")}[unit]
+            return f"{major}{unit}{minor[0]}{minor[1]}"
+    return f"{seconds:.0f}s"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def _jobs_table(jobs: Sequence[Any]) -> str:
+    rows = []
+    for job in jobs:
+        error = ""
+        if job.error_json:
+            error = f"{job.error_json.get('code')}: {job.error_json.get('message')}"
+            error = error if len(error) <= 50 else error[:47] + "..."
+        rows.append(
+            [
+                str(job.id),
+                job.job_kind,
+                job.status,
+                job.user_id or "-",
+                f"{job.attempts}/{job.max_attempts}",
+                _ago(job.created_at),
+                _ago(job.updated_at),
+                error,
+            ]
+        )
+    return _table(["JOB ID", "KIND", "STATUS", "USER", "ATTEMPTS", "AGE", "UPDATED", "ERROR"], rows)
+
+
+def _job_text(detail: dict[str, Any]) -> str:
+    def stamp(key: str) -> str:
+        value = detail[key]
+        return "-" if value is None else f"{value} ({_ago(datetime.fromisoformat(value))} ago)"
+
+    lines = [
+        ("job", detail["job_id"]),
+        ("kind", detail["job_kind"]),
+        ("status", detail["status"]),
+        ("user", detail["user_id"] or "-"),
+        ("attempts", f"{detail['attempts']} of {detail['max_attempts']}"),
+        ("created", stamp("created_at")),
+        ("dispatched", stamp("dispatched_at")),
+        ("started", stamp("started_at")),
+        ("completed", stamp("completed_at")),
+        ("lease until", detail["lease_expires_at"] or "-"),
+    ]
+    if detail["started_at"] and detail["completed_at"]:
+        took = datetime.fromisoformat(detail["completed_at"]) - datetime.fromisoformat(detail["started_at"])
+        lines.append(("took", _duration(took.total_seconds())))
+    text = "\n".join(f"{k:<12}{v}" for k, v in lines)
+    for key in ("request", "error", "result"):
+        body = "-" if detail[key] is None else json.dumps(detail[key], indent=2, ensure_ascii=False)
+        text += f"\n{key:<12}" + body.replace("\n", "\n" + " " * 12)
+    return text
+
+
+def _stats_text(summary: dict[str, Any]) -> str:
+    from common.ops import STATUSES
+
+    rows = [
+        [kind, *(str(c[s]) for s in STATUSES), str(sum(c.values()))] for kind, c in summary["counts"].items()
+    ]
+    out = [_table(["KIND", *(s.upper() for s in STATUSES), "TOTAL"], rows) if rows else "No jobs."]
+    oldest = summary["oldest_queued"]
+    out.append(
+        "oldest queued: -"
+        if oldest is None
+        else f"oldest queued: {_duration(oldest['age_seconds'])} ({oldest['job_kind']} {oldest['job_id']})"
+    )
+    hour = summary["last_hour"]
+    finished = hour["done"] + hour["error"]
+    rate = "-" if hour["error_rate"] is None else f"{hour['error_rate']:.1%}"
+    out.append(f"error rate, last hour: {rate} ({hour['error']} error of {finished} finished)")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""create_job and get_job: the user-facing job operations."""
+"""create_job, get_job and cancel_job: the user-facing job operations."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 from common import store
 from common.config import get_settings
 from common.db import transaction
-from common.errors import IdempotencyConflict, NotFound, ValidationFailed
+from common.errors import Conflict, IdempotencyConflict, NotFound, ValidationFailed
 from common.handlers import user_handler
 from common.log import logger
 from common.validation import FieldErrors, check_text, reject_unknown
@@ -83,6 +83,20 @@ def get_job(user_id: str, raw_id: str) -> store.Job:
     if job is None or job.user_id != user_id:
         raise NotFound("No such job.")
     return job
+
+
+def cancel_job(user_id: str, raw_id: str) -> store.Job:
+    """The caller's queued or running job -> canceled; 404 if not theirs, 409 if already final."""
+    job_id = parse_job_id(raw_id)
+    with transaction() as conn:
+        job = store.cancel_job(conn, job_id, owner=user_id)
+        current = None if job is not None else store.get_job(conn, job_id)
+    if job is not None:
+        logger.info("Job canceled", extra={"job_id": str(job.id)})
+        return job
+    if current is None or current.user_id != user_id:
+        raise NotFound("No such job.")
+    raise Conflict(f"The job is already {current.status}; only queued or running jobs can be canceled.")
 
 
 def _iso(value: Any) -> str | None:

@@ -260,3 +260,141 @@ def list_visible_lessons(
             params,
         )
     )
+
+
+# --- operator queries and the cancel / retry transitions ------------------------------------------
+
+RETRYABLE_STATUSES = ("error", "canceled")
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    """Optional filters shared by `jobs list` and bulk `jobs retry`; None means "any"."""
+
+    statuses: tuple[str, ...] | None = None
+    kinds: tuple[str, ...] | None = None
+    user_id: str | None = None
+    created_before_seconds: float | None = None  # created more than this long ago
+    finished_within_seconds: float | None = None  # completed_at within this window
+
+    def where(self) -> tuple[str, dict[str, Any]]:
+        clauses: list[str] = []
+        params: dict[str, Any] = {}
+        if self.statuses is not None:
+            clauses.append("status = ANY(CAST(:statuses AS text[]))")
+            params["statuses"] = list(self.statuses)
+        if self.kinds is not None:
+            clauses.append("job_kind = ANY(CAST(:kinds AS text[]))")
+            params["kinds"] = list(self.kinds)
+        if self.user_id is not None:
+            clauses.append("user_id = :user_id")
+            params["user_id"] = self.user_id
+        if self.created_before_seconds is not None:
+            clauses.append("created_at < now() - make_interval(secs => CAST(:created_before AS float8))")
+            params["created_before"] = self.created_before_seconds
+        if self.finished_within_seconds is not None:
+            clauses.append("completed_at >= now() - make_interval(secs => CAST(:finished_within AS float8))")
+            params["finished_within"] = self.finished_within_seconds
+        return (" AND ".join(clauses) or "true"), params
+
+
+def list_jobs(conn: Connection, job_filter: JobFilter, *, limit: int | None) -> list[Job]:
+    """Newest first; `limit` None means every match (bulk retry confirms the exact set)."""
+    where, params = job_filter.where()
+    limit_sql = ""
+    if limit is not None:
+        limit_sql = "LIMIT :limit"
+        params["limit"] = limit
+    rows = conn.execute(
+        text(f"SELECT {JOB_COLUMNS} FROM jobs WHERE {where} ORDER BY created_at DESC, id DESC {limit_sql}"),
+        params,
+    )
+    return [Job.from_row(row) for row in rows]
+
+
+def job_kind_exists(conn: Connection, kind: str) -> bool:
+    return bool(
+        conn.execute(text("SELECT EXISTS (SELECT 1 FROM jobs WHERE job_kind = :k)"), {"k": kind}).scalar()
+    )
+
+
+def cancel_job(conn: Connection, job_id: uuid.UUID, *, owner: str | None) -> Job | None:
+    """`queued|running` -> `canceled` (only the owner's job when `owner` is given); None if unchanged.
+
+    A handler still running keeps running, but its finish is conditional on `running` with its own
+    attempt number, so it becomes a no-op and its lesson insert rolls back.
+    """
+    row = conn.execute(
+        text(
+            "UPDATE jobs SET status = 'canceled', lease_expires_at = NULL, completed_at = now(), "
+            "updated_at = now() "
+            "WHERE id = :id AND status IN ('queued', 'running') "
+            "AND (CAST(:owner AS text) IS NULL OR user_id = CAST(:owner AS text)) "
+            f"RETURNING {JOB_COLUMNS}"
+        ),
+        {"id": job_id, "owner": owner},
+    ).first()
+    return Job.from_row(row) if row else None
+
+
+def requeue_jobs(conn: Connection, job_ids: list[uuid.UUID], *, extra_attempts: int) -> list[Job]:
+    """`error|canceled` -> `queued` with `extra_attempts` more attempts and a new `dispatched_at`.
+
+    `attempts` is never reset: it is the fencing token of the conditional finish, so an attempt of
+    the canceled run that is still going can never finish (or fail) the retried run. The budget is
+    refreshed by raising `max_attempts` instead. `error_json` is kept as history (the job view shows
+    the last error until the job is done, as for any retried attempt); timings of the old run are
+    cleared. A job with a lesson is never requeued (cannot happen for error/canceled; a last guard).
+    """
+    rows = conn.execute(
+        text(
+            "UPDATE jobs SET status = 'queued', max_attempts = attempts + :extra, "
+            "lease_expires_at = NULL, result_json = NULL, started_at = NULL, completed_at = NULL, "
+            "dispatched_at = now(), updated_at = now() "
+            "WHERE id = ANY(CAST(:ids AS uuid[])) AND status IN ('error', 'canceled') "
+            "AND NOT EXISTS (SELECT 1 FROM lessons WHERE lessons.job_id = jobs.id) "
+            f"RETURNING {JOB_COLUMNS}"
+        ),
+        {"ids": [str(i) for i in job_ids], "extra": extra_attempts},
+    )
+    return [Job.from_row(row) for row in rows]
+
+
+def has_lesson(conn: Connection, job_id: uuid.UUID) -> bool:
+    return bool(
+        conn.execute(
+            text("SELECT EXISTS (SELECT 1 FROM lessons WHERE job_id = :id)"), {"id": job_id}
+        ).scalar()
+    )
+
+
+def job_counts(conn: Connection) -> list[Any]:
+    """(job_kind, status, n) for every kind and status present."""
+    return list(
+        conn.execute(
+            text("SELECT job_kind, status, count(*) AS n FROM jobs GROUP BY job_kind, status ORDER BY 1, 2")
+        )
+    )
+
+
+def oldest_queued(conn: Connection) -> Any:
+    """The queued job waiting longest since it was (re)dispatched: (id, job_kind, age_seconds), or None."""
+    return conn.execute(
+        text(
+            "SELECT id, job_kind, EXTRACT(EPOCH FROM now() - coalesce(dispatched_at, created_at)) "
+            "AS age_seconds FROM jobs WHERE status = 'queued' "
+            "ORDER BY dispatched_at NULLS FIRST, id LIMIT 1"
+        )
+    ).first()
+
+
+def finished_counts(conn: Connection, *, within_seconds: float) -> Any:
+    """(done, error) among jobs that finished within the window; canceled jobs are not outcomes."""
+    return conn.execute(
+        text(
+            "SELECT count(*) FILTER (WHERE status = 'done') AS done, "
+            "count(*) FILTER (WHERE status = 'error') AS error FROM jobs "
+            "WHERE status IN ('done', 'error') AND completed_at >= now() - make_interval(secs => CAST(:w AS float8))"
+        ),
+        {"w": within_seconds},
+    ).one()

@@ -22,7 +22,14 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
-FUNCTIONS = ("create_job", "get_job", "process_job", "get_lesson", "list_lessons")
+# Every function folder, user-facing ones first so their ports stay stable as functions are added.
+_FIRST = ("create_job", "get_job", "process_job", "get_lesson", "list_lessons", "cancel_job")
+FUNCTIONS = tuple(
+    sorted(
+        (p.name for p in (ROOT / "functions").iterdir() if (p / "main.py").is_file()),
+        key=lambda name: (_FIRST.index(name) if name in _FIRST else len(_FIRST), name),
+    )
+)
 DEV_DIR = Path(os.environ.get("DYLEN_DEV_DIR") or ROOT / ".dev")
 
 

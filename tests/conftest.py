@@ -113,7 +113,7 @@ def make_stack(database_url: str, logs_dir: Path, calls_dir: Path) -> Iterator[S
             process = FunctionServer("process_job", env, logs_dir).start(wait=False)
             env.setdefault("DYLEN_PROCESS_JOB_URL", process.url + "/")
             servers = {"process_job": process}
-            for name in ("create_job", "get_job", "get_lesson", "list_lessons"):
+            for name in ("create_job", "get_job", "get_lesson", "list_lessons", "cancel_job"):
                 servers[name] = FunctionServer(name, env, logs_dir).start(wait=False)
             for server in servers.values():
                 server.wait_ready()

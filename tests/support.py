@@ -18,7 +18,7 @@ import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 TASK_SECRET = "test-task-secret"
-USER_FUNCTIONS = ("create_job", "get_job", "get_lesson", "list_lessons")
+USER_FUNCTIONS = ("create_job", "get_job", "get_lesson", "list_lessons", "cancel_job")
 
 
 def free_port() -> int:
@@ -148,6 +148,11 @@ class Stack:
 
     def get_job(self, user: str, job_id: str) -> requests.Response:
         return self.http.get(f"{self.url('get_job')}/{job_id}", headers={"X-Dylen-User": user}, timeout=30)
+
+    def cancel(self, user: str, job_id: str) -> requests.Response:
+        return self.http.post(
+            f"{self.url('cancel_job')}/{job_id}", headers={"X-Dylen-User": user}, timeout=30
+        )
 
     def get_lesson(self, user: str, lesson_id: str) -> requests.Response:
         return self.http.get(

@@ -60,3 +60,8 @@ def user_handler(kind: Any) -> Handler:
             errors=[{"field": "job_kind", "message": f"must be one of: {', '.join(allowed)}"}],
         )
     return handler
+
+
+def known_kinds() -> list[str]:
+    get_handler("")  # builds the registry on first use
+    return sorted(_handlers or {})

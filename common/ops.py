@@ -1,0 +1,266 @@
+"""Operator actions on jobs (`python -m common.cli jobs ...`): inspect, retry, cancel, stats.
+
+Inputs arrive as the raw strings an operator typed; every bad one becomes a DylenError with a message
+that says what was wrong, so the CLI prints it and exits non-zero instead of showing a traceback.
+SQL lives in common.store; this module validates, sequences transactions and dispatches.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Any
+
+from sqlalchemy import exc
+from sqlalchemy.engine import Connection
+
+from common import store
+from common.config import get_settings
+from common.db import transaction
+from common.errors import Conflict, DatabaseUnavailable, DylenError, NotFound, ValidationFailed
+
+STATUSES = ("queued", "running", "done", "error", "canceled")
+ERROR_RATE_WINDOW_SECONDS = 3600.0
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
+
+
+def _reason(error: BaseException | None) -> str:
+    """The driver's own words: pg8000 carries the server's message as the `M` field of a dict."""
+    orig = getattr(error, "orig", None) or error
+    args = getattr(orig, "args", ())
+    if args and isinstance(args[0], dict):
+        return str(args[0].get("M") or args[0])
+    return str(orig) or type(orig).__name__
+
+
+@contextmanager
+def _db() -> Iterator[Connection]:
+    """transaction(), naming the cause when the database is away or refuses us (name, auth)."""
+    try:
+        with transaction() as conn:
+            yield conn
+    except DatabaseUnavailable as error:
+        raise DatabaseUnavailable(f"Cannot reach the database: {_reason(error.__cause__)}") from error
+    except exc.DBAPIError as error:
+        raise DylenError(f"Database error: {_reason(error)}") from error
+
+
+# --- input parsing ---------------------------------------------------------------------------------
+
+
+def parse_duration(raw: str) -> float:
+    """`30s`, `10m`, `2h`, `1d` -> seconds (> 0)."""
+    match = _DURATION.match(raw or "")
+    seconds = float(match.group(1)) * _UNITS[match.group(2)] if match else 0.0
+    if seconds <= 0:
+        raise ValidationFailed(
+            f"Malformed duration {raw!r}: use a positive number and a unit, e.g. 30s, 10m, 2h, 1d."
+        )
+    return seconds
+
+
+def parse_job_ref(raw: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(raw)
+    except (ValueError, AttributeError, TypeError):
+        raise ValidationFailed(f"Malformed job id {raw!r}: expected a UUID.") from None
+
+
+def parse_statuses(
+    values: Sequence[str] | None, *, allowed: Sequence[str] = STATUSES
+) -> tuple[str, ...] | None:
+    """Repeated and/or comma-separated statuses, each one of `allowed`; None when not given."""
+    if not values:
+        return None
+    statuses = tuple(dict.fromkeys(s.strip() for v in values for s in v.split(",") if s.strip()))
+    unknown = [s for s in statuses if s not in allowed]
+    if unknown or not statuses:
+        raise ValidationFailed(
+            f"Unknown status {', '.join(unknown) or '(empty)'}: use one of {', '.join(allowed)}."
+        )
+    return statuses
+
+
+def _check_kinds(conn: Connection, values: Sequence[str] | None) -> tuple[str, ...] | None:
+    """Kinds with a handler, or present in the table (maintenance kinds); a typo is an error."""
+    if not values:
+        return None
+    from common.handlers import get_handler
+
+    kinds = tuple(dict.fromkeys(k.strip() for v in values for k in v.split(",") if k.strip()))
+    unknown = [k for k in kinds if get_handler(k) is None and not store.job_kind_exists(conn, k)]
+    if unknown or not kinds:
+        from common.handlers import known_kinds
+
+        known = ", ".join(known_kinds())
+        raise ValidationFailed(
+            f"Unknown job kind {', '.join(unknown) or '(empty)'}: known kinds are {known}."
+        )
+    return kinds
+
+
+@dataclass(frozen=True)
+class Filters:
+    """What the operator typed; validated into a store.JobFilter inside a transaction."""
+
+    statuses: Sequence[str] | None = None
+    kinds: Sequence[str] | None = None
+    user_id: str | None = None
+    older_than: str | None = None
+    since: str | None = None
+
+    def resolve(self, conn: Connection, *, allowed_statuses: Sequence[str] = STATUSES) -> store.JobFilter:
+        return store.JobFilter(
+            statuses=parse_statuses(self.statuses, allowed=allowed_statuses),
+            kinds=_check_kinds(conn, self.kinds),
+            user_id=self.user_id,
+            created_before_seconds=parse_duration(self.older_than) if self.older_than is not None else None,
+            finished_within_seconds=parse_duration(self.since) if self.since is not None else None,
+        )
+
+
+# --- commands --------------------------------------------------------------------------------------
+
+
+def list_jobs(filters: Filters, *, limit: int = 50) -> list[store.Job]:
+    if limit < 1:
+        raise ValidationFailed(f"--limit must be at least 1, got {limit}.")
+    with _db() as conn:
+        return store.list_jobs(conn, filters.resolve(conn), limit=limit)
+
+
+def show_job(raw_id: str) -> store.Job:
+    job_id = parse_job_ref(raw_id)
+    with _db() as conn:
+        job = store.get_job(conn, job_id)
+    if job is None:
+        raise NotFound(f"No job {job_id}.")
+    return job
+
+
+def cancel_job(raw_id: str) -> store.Job:
+    job_id = parse_job_ref(raw_id)
+    current = None
+    with _db() as conn:
+        job = store.cancel_job(conn, job_id, owner=None)
+        if job is None:
+            current = store.get_job(conn, job_id)
+    if job is not None:
+        return job
+    if current is None:
+        raise NotFound(f"No job {job_id}.")
+    raise Conflict(f"Job {job_id} is already {current.status}; only queued or running jobs can be canceled.")
+
+
+@dataclass(frozen=True)
+class Retried:
+    jobs: list[store.Job]
+    dispatched: int  # handed to the dispatcher; the rest stay queued for rescue_jobs
+    dispatch_enabled: bool
+
+
+def retry_job(raw_id: str) -> Retried:
+    job_id = parse_job_ref(raw_id)
+    current, lesson = None, False
+    with _db() as conn:
+        jobs = store.requeue_jobs(conn, [job_id], extra_attempts=get_settings().job_max_attempts)
+        if not jobs:
+            current = store.get_job(conn, job_id)
+            lesson = current is not None and store.has_lesson(conn, job_id)
+    if not jobs:
+        if current is None:
+            raise NotFound(f"No job {job_id}.")
+        if current.status not in store.RETRYABLE_STATUSES:
+            raise Conflict(f"Job {job_id} is {current.status}; only error or canceled jobs can be retried.")
+        if lesson:
+            raise Conflict(f"Job {job_id} already has a lesson; it cannot be retried.")
+        raise Conflict(f"Job {job_id} changed while retrying; look at it again.")
+    return _dispatch(jobs)
+
+
+def retry_candidates(filters: Filters) -> list[store.Job]:
+    """The jobs a bulk retry would requeue (error or canceled only), for the operator to confirm."""
+    if not any((filters.statuses, filters.kinds, filters.user_id, filters.older_than, filters.since)):
+        raise ValidationFailed("Give a job id, or at least one filter (--status, --kind, --user, --since).")
+    with _db() as conn:
+        job_filter = filters.resolve(conn, allowed_statuses=store.RETRYABLE_STATUSES)
+        if job_filter.statuses is None:
+            job_filter = replace(job_filter, statuses=store.RETRYABLE_STATUSES)
+        return store.list_jobs(conn, job_filter, limit=None)
+
+
+def retry_jobs(job_ids: Sequence[uuid.UUID]) -> Retried:
+    """Requeue exactly these jobs (those still error or canceled) and dispatch them."""
+    if not job_ids:
+        return Retried(jobs=[], dispatched=0, dispatch_enabled=get_settings().auto_process)
+    with _db() as conn:
+        jobs = store.requeue_jobs(conn, list(job_ids), extra_attempts=get_settings().job_max_attempts)
+    return _dispatch(jobs)
+
+
+def _dispatch(jobs: list[store.Job]) -> Retried:
+    # Like create_job: committed first, then dispatched; with auto-process off (manual setups) the
+    # job waits for a manual delivery or rescue_jobs.
+    if not get_settings().auto_process:
+        return Retried(jobs=jobs, dispatched=0, dispatch_enabled=False)
+    from common.dispatch import dispatch_job
+
+    dispatched = sum(1 for job in jobs if dispatch_job(job))
+    return Retried(jobs=jobs, dispatched=dispatched, dispatch_enabled=True)
+
+
+def stats() -> dict[str, Any]:
+    with _db() as conn:
+        counts = store.job_counts(conn)
+        oldest = store.oldest_queued(conn)
+        finished = store.finished_counts(conn, within_seconds=ERROR_RATE_WINDOW_SECONDS)
+    by_kind: dict[str, dict[str, int]] = {}
+    for row in counts:
+        by_kind.setdefault(row.job_kind, dict.fromkeys(STATUSES, 0))[row.status] = int(row.n)
+    outcomes = int(finished.done) + int(finished.error)
+    return {
+        "counts": by_kind,
+        "oldest_queued": None
+        if oldest is None
+        else {
+            "job_id": str(oldest.id),
+            "job_kind": oldest.job_kind,
+            "age_seconds": float(oldest.age_seconds),
+        },
+        "last_hour": {
+            "done": int(finished.done),
+            "error": int(finished.error),
+            # Share of jobs that finished in the window and ended `error` (canceled ones excluded).
+            "error_rate": (int(finished.error) / outcomes) if outcomes else None,
+        },
+    }
+
+
+def _iso(value: Any) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def job_detail(job: store.Job) -> dict[str, Any]:
+    """Everything an operator needs about one job, JSON-ready."""
+    return {
+        "job_id": str(job.id),
+        "user_id": job.user_id,
+        "job_kind": job.job_kind,
+        "status": job.status,
+        "attempts": job.attempts,
+        "max_attempts": job.max_attempts,
+        "idempotency_key": job.idempotency_key,
+        "created_at": _iso(job.created_at),
+        "dispatched_at": _iso(job.dispatched_at),
+        "started_at": _iso(job.started_at),
+        "completed_at": _iso(job.completed_at),
+        "updated_at": _iso(job.updated_at),
+        "lease_expires_at": _iso(job.lease_expires_at),
+        "request": job.request_json,
+        "result": job.result_json,
+        "error": job.error_json,
+    }
