@@ -28,7 +28,8 @@ def migrate(revision: str = "head") -> None:
         raise DylenError(f"migrations/ not found at {MIGRATIONS_DIR}; run from a repository checkout")
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    with get_engine().begin() as conn:
+    # The app engine runs in autocommit; migrations want one real transaction (transactional DDL).
+    with get_engine().execution_options(isolation_level="READ COMMITTED").begin() as conn:
         config.attributes["connection"] = conn
         command.upgrade(config, revision)
 

@@ -7,7 +7,9 @@ DatabaseUnavailable (503) so no caller ever answers a driver traceback.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -54,14 +56,29 @@ def _cloud_sql_creator(settings: Settings) -> Any:
     return creator
 
 
+# A pooled connection idle longer than this is pinged at checkout; busy ones are not, so the hot
+# path pays no extra round trip. Connections that die under load are caught by `_classify`.
+IDLE_PING_SECONDS = 10.0
+# SQLSTATE class 57P: the server is shutting down or terminated the session (restart, failover).
+_DISCONNECT_SQLSTATES = ("57P01", "57P02", "57P03")
+
+
+def _sqlstate(error: BaseException | None) -> str:
+    args = getattr(error, "args", ())
+    if args and isinstance(args[0], dict):
+        return str(args[0].get("C", ""))
+    return ""
+
+
 def build_engine(settings: Settings) -> Engine:
     common: dict[str, Any] = {
         "pool_size": settings.db_pool_size,
         "max_overflow": settings.db_max_overflow,
-        # A connection found dead at checkout is replaced, so a database restart costs no process.
-        "pool_pre_ping": True,
         "pool_recycle": 1800,
         "pool_timeout": settings.db_connect_timeout_seconds,
+        # Autocommit at the driver: a single statement is its own transaction and costs no
+        # BEGIN/COMMIT round trips; transaction() issues BEGIN/COMMIT itself when it needs more.
+        "isolation_level": "AUTOCOMMIT",
     }
     if settings.uses_cloud_sql:
         engine = create_engine("postgresql+pg8000://", creator=_cloud_sql_creator(settings), **common)
@@ -84,6 +101,32 @@ def build_engine(settings: Settings) -> Engine:
             sock = getattr(dbapi_conn, "_usock", None)
             if sock is not None:
                 sock.settimeout(None)
+
+    @event.listens_for(engine, "checkin")
+    def _stamp(_dbapi_conn: Any, record: Any) -> None:
+        record.info["checked_in"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping_if_idle(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        idle_since = record.info.get("checked_in")
+        if idle_since is None or time.monotonic() - idle_since < IDLE_PING_SECONDS:
+            return
+        try:
+            cursor = dbapi_conn.cursor()
+            cursor.execute("SELECT 1")
+            cursor.close()
+        except Exception as error:
+            # The pool discards this connection and tries a fresh one.
+            raise exc.DisconnectionError(f"stale pooled connection: {error}") from error
+
+    @event.listens_for(engine, "handle_error")
+    def _classify(context: Any) -> None:
+        # A server restart arrives as an ordinary error with SQLSTATE 57P01; calling it a
+        # disconnect makes SQLAlchemy drop the whole pool, so every stale connection is replaced
+        # after one failed statement rather than one each.
+        original = context.original_exception
+        if _sqlstate(original) in _DISCONNECT_SQLSTATES or isinstance(original, (ConnectionError, OSError)):
+            context.is_disconnect = True
 
     return engine
 
@@ -114,21 +157,35 @@ def is_unavailable(error: BaseException) -> bool:
             return True
         if isinstance(error, (exc.OperationalError, exc.InterfaceError)):
             return True
-        orig = getattr(error, "orig", None)
         # pg8000 reports server shutdown / admin termination as DatabaseError with SQLSTATE 57P0x.
-        args = getattr(orig, "args", ())
-        if args and isinstance(args[0], dict) and str(args[0].get("C", "")).startswith("57P"):
+        if _sqlstate(getattr(error, "orig", None)) in _DISCONNECT_SQLSTATES:
             return True
     return isinstance(error, (ConnectionError, OSError))
 
 
 @contextmanager
-def transaction() -> Iterator[Connection]:
-    """One transaction: commits on success, rolls back on error, 503 when the database is away."""
+def connection() -> Iterator[Connection]:
+    """A pooled connection in autocommit: each statement is its own transaction (one round trip
+    fewer on each side than BEGIN/COMMIT). Use for single statements and independent reads."""
     try:
-        with get_engine().begin() as conn:
+        with get_engine().connect() as conn:
             yield conn
     except Exception as error:
         if is_unavailable(error):
             raise DatabaseUnavailable("The database is unreachable; retry shortly.") from error
         raise
+
+
+@contextmanager
+def transaction() -> Iterator[Connection]:
+    """One transaction over several statements: commits on success, rolls back on error, and
+    answers 503 when the database is away."""
+    with connection() as conn:
+        conn.exec_driver_sql("BEGIN")
+        try:
+            yield conn
+        except BaseException:
+            with contextlib.suppress(Exception):  # a dead connection has nothing to roll back
+                conn.exec_driver_sql("ROLLBACK")
+            raise
+        conn.exec_driver_sql("COMMIT")

@@ -8,7 +8,7 @@ from typing import Any
 
 from common import store
 from common.config import get_settings
-from common.db import transaction
+from common.db import connection, transaction
 from common.errors import Conflict, IdempotencyConflict, NotFound, ValidationFailed
 from common.handlers import user_handler
 from common.log import logger
@@ -44,7 +44,9 @@ def create_job(user_id: str, body: Any) -> Created:
     kind, key, payload = parse_create_request(body)
     request_json = {"job_kind": kind, "payload": payload}
     settings = get_settings()
-    with transaction() as conn:
+    # Autocommit: the insert (with its user upsert) is one statement; the replay lookup after a
+    # conflict needs no atomicity with it because jobs are never deleted.
+    with connection() as conn:
         job = store.insert_job(
             conn,
             user_id=user_id,
@@ -78,7 +80,7 @@ def parse_job_id(raw: str) -> uuid.UUID:
 
 def get_job(user_id: str, raw_id: str) -> store.Job:
     job_id = parse_job_id(raw_id)
-    with transaction() as conn:
+    with connection() as conn:
         job = store.get_job(conn, job_id)
     if job is None or job.user_id != user_id:
         raise NotFound("No such job.")

@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from common import store
-from common.db import transaction
+from common.db import connection
 from common.errors import Gone, NotFound, ValidationFailed
 
 DEFAULT_LIMIT = 20
@@ -26,7 +26,7 @@ def _parse_lesson_id(raw: str) -> uuid.UUID:
 
 def get_lesson(user_id: str, raw_id: str) -> dict[str, Any]:
     lesson_id = _parse_lesson_id(raw_id)
-    with transaction() as conn:
+    with connection() as conn:
         row = store.get_lesson(conn, lesson_id)
     if row is None or row.user_id != user_id:
         raise NotFound("No such lesson.")
@@ -79,7 +79,7 @@ def parse_limit(raw: str | None) -> int:
 
 def list_lessons(user_id: str, *, limit: int, cursor: str | None) -> dict[str, Any]:
     after = decode_cursor(cursor) if cursor else None
-    with transaction() as conn:
+    with connection() as conn:
         rows = store.list_visible_lessons(conn, user_id=user_id, limit=limit + 1, after=after)
     page, more = rows[:limit], len(rows) > limit
     return {

@@ -18,9 +18,9 @@ from sqlalchemy import exc
 
 from common import store
 from common.config import get_settings
-from common.db import transaction
+from common.db import connection, transaction
 from common.errors import MalformedRequest, PermanentJobError, ValidationFailed
-from common.handlers import get_handler
+from common.handlers import Completion, get_handler
 from common.log import logger
 
 
@@ -62,7 +62,7 @@ def process_job(job_id: uuid.UUID | None, *, task_name: str | None = None) -> An
     if job_id is None:
         return Answer(200, {"outcome": "unknown_job"})
 
-    with transaction() as conn:
+    with connection() as conn:
         claim = store.claim_job(conn, job_id, lease_seconds=settings.job_timeout_seconds)
 
     job = claim.job
@@ -92,17 +92,32 @@ def process_job(job_id: uuid.UUID | None, *, task_name: str | None = None) -> An
         return _record_failure(job, _error(code, message, attempt), final=final, log=log)
 
     try:
-        with transaction() as conn:
-            if completion.write is not None:
-                completion.write(conn)
-            if not store.complete_job(conn, job.id, attempt=attempt, result=completion.result):
-                raise _Superseded
+        _finish(job.id, attempt, completion)
     except (_Superseded, exc.IntegrityError):
         # Canceled meanwhile, or a newer attempt took over and (maybe) finished: our writes rolled back.
         logger.info("Attempt superseded; its writes were discarded", extra=log)
         return Answer(200, {"job_id": str(job.id), "outcome": "superseded"})
     logger.info("Job completed successfully.", extra=log)
     return Answer(200, {"job_id": str(job.id), "status": "done", "result": completion.result})
+
+
+def _finish(job_id: uuid.UUID, attempt: int, completion: Completion) -> None:
+    """Store the outputs and move to `done` atomically, or raise _Superseded if the claim was lost."""
+    if completion.finish is not None or completion.write is None:
+        with connection() as conn:  # a single statement: atomic without BEGIN/COMMIT
+            won = (
+                completion.finish(conn, job_id, attempt)
+                if completion.finish is not None
+                else store.complete_job(conn, job_id, attempt=attempt, result=completion.result)
+            )
+    else:
+        with transaction() as conn:
+            completion.write(conn)
+            won = store.complete_job(conn, job_id, attempt=attempt, result=completion.result)
+            if not won:
+                raise _Superseded  # rolls back `write`
+    if not won:
+        raise _Superseded
 
 
 def _answer_unclaimed(job: store.Job, claim: store.Claim, log: dict[str, Any]) -> Answer:
@@ -121,7 +136,7 @@ def _answer_unclaimed(job: store.Job, claim: store.Claim, log: dict[str, Any]) -
         return Answer(503, {**body, "outcome": "lease_held"}, {"Retry-After": str(wait)})
     if job.attempts >= job.max_attempts:
         error = _error("attempts_exhausted", "No attempts left after the last lease expired.", job.attempts)
-        with transaction() as conn:
+        with connection() as conn:
             store.expire_exhausted_job(conn, job.id, error=error)
         logger.error("Job out of attempts", extra=log)
         return Answer(200, {**body, "status": "error", "outcome": "attempts_exhausted"})
@@ -130,7 +145,7 @@ def _answer_unclaimed(job: store.Job, claim: store.Claim, log: dict[str, Any]) -
 
 
 def _record_failure(job: store.Job, error: dict[str, Any], *, final: bool, log: dict[str, Any]) -> Answer:
-    with transaction() as conn:
+    with connection() as conn:
         recorded = store.fail_job(conn, job.id, attempt=job.attempts, error=error, final=final)
     body = {"job_id": str(job.id), "error": {"code": error["code"], "message": error["message"]}}
     if not recorded:

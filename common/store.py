@@ -166,6 +166,50 @@ def complete_job(conn: Connection, job_id: uuid.UUID, *, attempt: int, result: d
     return updated.rowcount == 1
 
 
+def complete_job_with_lesson(
+    conn: Connection,
+    *,
+    job_id: uuid.UUID,
+    attempt: int,
+    result: dict[str, Any],
+    lesson_id: uuid.UUID,
+    topic: str,
+    title: str,
+    content: dict[str, Any],
+) -> bool:
+    """The guarded `done` transition and the lesson insert as one statement: both or neither.
+
+    If the claim was lost (canceled, or a newer attempt), the UPDATE matches nothing and no lesson
+    is written; lessons.job_id being unique stops a second lesson whatever happens.
+    """
+    row = conn.execute(
+        text(
+            f"""
+            WITH done AS (
+                UPDATE jobs SET status = 'done', result_json = CAST(:result AS jsonb),
+                       error_json = NULL, lease_expires_at = NULL, completed_at = now(),
+                       updated_at = now()
+                {_FINISH_GUARD}
+                RETURNING id, user_id
+            )
+            INSERT INTO lessons (id, user_id, job_id, topic, title, content)
+            SELECT :lesson_id, user_id, id, :topic, :title, CAST(:content AS jsonb) FROM done
+            RETURNING id
+            """
+        ),
+        {
+            "id": job_id,
+            "attempt": attempt,
+            "result": _jsonb(result),
+            "lesson_id": lesson_id,
+            "topic": topic,
+            "title": title,
+            "content": _jsonb(content),
+        },
+    ).first()
+    return row is not None
+
+
 def fail_job(
     conn: Connection,
     job_id: uuid.UUID,
@@ -203,32 +247,6 @@ def expire_exhausted_job(conn: Connection, job_id: uuid.UUID, *, error: dict[str
 # --- lessons --------------------------------------------------------------------------------------
 
 LESSON_COLUMNS = "id, user_id, job_id, topic, title, content, created_at, archived_at"
-
-
-def insert_lesson(
-    conn: Connection,
-    *,
-    lesson_id: uuid.UUID,
-    user_id: str,
-    job_id: uuid.UUID,
-    topic: str,
-    title: str,
-    content: dict[str, Any],
-) -> None:
-    conn.execute(
-        text(
-            "INSERT INTO lessons (id, user_id, job_id, topic, title, content) "
-            "VALUES (:id, :user_id, :job_id, :topic, :title, CAST(:content AS jsonb))"
-        ),
-        {
-            "id": lesson_id,
-            "user_id": user_id,
-            "job_id": job_id,
-            "topic": topic,
-            "title": title,
-            "content": _jsonb(content),
-        },
-    )
 
 
 def get_lesson(conn: Connection, lesson_id: uuid.UUID) -> Any:

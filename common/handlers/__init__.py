@@ -6,6 +6,7 @@ Completion; the processor then applies `write` and the `done` transition in one 
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -18,8 +19,17 @@ from common.store import Job
 
 @dataclass(frozen=True)
 class Completion:
+    """What a successful run leaves behind.
+
+    `write` adds statements to the finishing transaction. `finish` instead is ONE statement that
+    stores the outputs and makes the guarded `done` transition itself (see
+    store.complete_job_with_lesson) and returns whether this attempt still held the claim; being
+    a single statement it needs no BEGIN/COMMIT, which matters on the hot path.
+    """
+
     result: dict[str, Any]
     write: Callable[[Connection], None] | None = None
+    finish: Callable[[Connection, uuid.UUID, int], bool] | None = None
 
 
 class Handler(Protocol):

@@ -13,7 +13,7 @@ from sqlalchemy.engine import Connection
 from common.config import get_settings
 from common.errors import ConfigError, PermanentJobError, ValidationFailed
 from common.handlers import Completion
-from common.store import Job, insert_lesson
+from common.store import Job, complete_job_with_lesson
 from common.validation import FieldErrors, check_text, reject_unknown
 
 DEPTHS = ("highlights", "detailed", "training")
@@ -125,17 +125,18 @@ class LessonHandler:
         )
         title, content = _check_generated(get_generator()(request))
         lesson_id = uuid.uuid4()
-        owner = job.user_id
+        result = {"lesson_id": str(lesson_id)}
 
-        def write(conn: Connection) -> None:
-            insert_lesson(
+        def finish(conn: Connection, job_id: uuid.UUID, attempt: int) -> bool:
+            return complete_job_with_lesson(
                 conn,
+                job_id=job_id,
+                attempt=attempt,
+                result=result,
                 lesson_id=lesson_id,
-                user_id=owner,
-                job_id=job.id,
                 topic=payload["topic"],
                 title=title,
                 content=content,
             )
 
-        return Completion(result={"lesson_id": str(lesson_id)}, write=write)
+        return Completion(result=result, finish=finish)
