@@ -5,12 +5,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run test lint fmt clean help
+.PHONY: run test lint fmt clean help bench
 
 help:
 	@echo "make run    start embedded PostgreSQL and every function locally (Ctrl-C stops)"
 	@echo "make test   run the whole test suite (what CI runs)"
 	@echo "make lint   ruff + mypy"
+	@echo "make bench  performance against baselines -> bench/RESULTS.md (needs wrk)"
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=python3.11)")'
@@ -24,6 +25,14 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+$(VENV)/.bench-stamp: $(STAMP) bench/requirements.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r bench/requirements.txt
+	@touch $@
+
+bench: $(VENV)/.bench-stamp
+	@command -v wrk >/dev/null || { echo "make bench needs wrk: sudo apt-get install wrk (Debian/Ubuntu) or brew install wrk"; exit 2; }
+	$(BIN)/python -m bench.perf $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

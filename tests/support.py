@@ -36,8 +36,17 @@ def session() -> requests.Session:
 class FunctionServer:
     """One function under `functions-framework`, as Cloud Run would run it, on a loopback port."""
 
-    def __init__(self, name: str, env: Mapping[str, str], log_dir: Path, *, port: int | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        env: Mapping[str, str],
+        log_dir: Path,
+        *,
+        port: int | None = None,
+        source: Path | None = None,
+    ) -> None:
         self.name = name
+        self.source = source or ROOT / "functions" / name / "main.py"
         self.env = dict(env)
         self.port = port or free_port()
         self.log_path = log_dir / f"{name}-{self.port}.log"
@@ -58,7 +67,7 @@ class FunctionServer:
                 "--target",
                 self.name,
                 "--source",
-                str(ROOT / "functions" / self.name / "main.py"),
+                str(self.source),
                 "--host",
                 "127.0.0.1",
                 "--port",

@@ -1,0 +1,560 @@
+"""`make bench`: each figure next to its baseline, measured in one run on this machine.
+
+1. create_job throughput and p50/p99 at 16 and 64 connections (auto-process off) vs a bare
+   functions-framework hello function under the same server settings; load from wrk in its own
+   process (Debian's `wrk`).
+2. End to end: 2,000 lesson jobs created by 16 concurrent clients and processed through local
+   dispatch; jobs/s from the first create to the last `done` (timestamps from the database).
+3. Cold start: process launch to first successful database-backed answer, per function, vs the hello
+   function launched the same way; median of several launches.
+4. Peak RSS (VmHWM) of each function process tree under the load of 1.
+5. Database round trips, statements and transactions per create_job and process_job request.
+
+Writes bench/RESULTS.md (its own section) and bench/perf.png. Absolute numbers drift on shared
+machines; the ratios, measured minutes apart in one process tree, are what the targets are about.
+
+    make bench                     # or: PYTHONPATH=. .venv/bin/python -m bench.perf [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import requests
+import sqlalchemy as sa
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.support import TASK_SECRET, FunctionServer, base_env  # noqa: E402
+
+BENCH = ROOT / "bench"
+HELLO = BENCH / "hello" / "main.py"
+RESULTS = BENCH / "RESULTS.md"
+START, END = "<!-- perf:start -->", "<!-- perf:end -->"
+
+
+# --- database -------------------------------------------------------------------------------------
+
+
+class Database:
+    """A fresh database built by `python -m common.cli migrate`, on the configured or an embedded server."""
+
+    def __init__(self) -> None:
+        self.pg = None
+        admin = os.environ.get("DYLEN_BENCH_DATABASE_URL") or os.environ.get("DYLEN_TEST_DATABASE_URL")
+        if not admin:
+            from devtools.embedded_pg import EmbeddedPostgres
+
+            self._tmp = Path(tempfile.mkdtemp(prefix="dylen-bench-pg-"))
+            self.pg = EmbeddedPostgres(self._tmp / "data", durable=False)
+            admin = self.pg.start()
+        from devtools.embedded_pg import create_database
+
+        self.name = f"dylen_bench_{uuid.uuid4().hex[:8]}"
+        create_database(admin, self.name)
+        self.url = sa.engine.make_url(admin).set(database=self.name).render_as_string(hide_password=False)
+        env = {
+            **os.environ,
+            "DYLEN_DATABASE_URL": self.url,
+            "DYLEN_AUTH_MODE": "dev",
+            "PYTHONPATH": str(ROOT),
+        }
+        subprocess.run(
+            [sys.executable, "-m", "common.cli", "migrate"],
+            env=env,
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
+        self.engine = sa.create_engine(sa.engine.make_url(self.url).set(drivername="postgresql+pg8000"))
+        self.admin = admin
+
+    def scalar(self, sql: str, **params: Any) -> Any:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.text(sql), params).scalar()
+
+    def close(self) -> None:
+        self.engine.dispose()
+        if self.pg is not None:
+            self.pg.destroy()
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def _http() -> requests.Session:
+    s = requests.Session()
+    s.trust_env = False
+    return s
+
+
+# --- 1 + 4: throughput, latency and memory under wrk ----------------------------------------------
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
+
+
+def _ms(text: str) -> float:
+    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text.strip()).groups()  # type: ignore[union-attr]
+    return float(number) * _UNITS[unit]
+
+
+def wrk(url: str, *, connections: int, seconds: int, script: Path | None = None) -> dict[str, float]:
+    command = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "10s"]
+    if script:
+        command += ["-s", str(script)]
+    command += [url]
+    if script:
+        command += ["--", uuid.uuid4().hex[:8]]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    try:
+        rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+        p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+        p99 = _ms(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    except (AttributeError, KeyError) as error:
+        raise RuntimeError(f"cannot read wrk's output:\n{out}") from error
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    errors = re.search(r"Socket errors: (.*)", out)
+    return {
+        "rps": rps,
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+        "socket_errors": errors.group(1) if errors else "",
+    }
+
+
+def peak_rss_mb(server: FunctionServer) -> float:
+    """Largest VmHWM in the server's process tree (gunicorn arbiter + worker)."""
+    import psutil
+
+    assert server.proc is not None
+    root = psutil.Process(server.proc.pid)
+    peaks = []
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+        except OSError:
+            continue
+        match = re.search(r"VmHWM:\s+(\d+) kB", status)
+        if match:
+            peaks.append(int(match.group(1)) / 1024)
+    return max(peaks)
+
+
+def throughput(db: Database, logs: Path, *, seconds: int) -> dict[str, Any]:
+    env = base_env(db.url, DYLEN_JOBS_AUTO_PROCESS="false", DYLEN_LOG_LEVEL="WARNING")
+    hello = FunctionServer("hello", env, logs, source=HELLO).start()
+    create = FunctionServer("create_job", env, logs).start()
+    out: dict[str, Any] = {}
+    try:
+        for server in (hello, create):  # warm both: imports, engine, pool
+            for _ in range(20):
+                if server is hello:
+                    _http().get(server.url + "/", timeout=10)
+                else:
+                    _http().post(
+                        server.url + "/",
+                        json={
+                            "job_kind": "lesson",
+                            "idempotency_key": uuid.uuid4().hex,
+                            "payload": {"topic": "warm"},
+                        },
+                        headers={"X-Dylen-User": "warm"},
+                        timeout=10,
+                    )
+        for connections in (16, 64):
+            base = wrk(hello.url + "/", connections=connections, seconds=seconds)
+            ours = wrk(
+                create.url + "/", connections=connections, seconds=seconds, script=BENCH / "create_job.lua"
+            )
+            out[str(connections)] = {"hello": base, "create_job": ours, "ratio": ours["rps"] / base["rps"]}
+        out["peak_rss_mb"] = {"hello": peak_rss_mb(hello), "create_job": peak_rss_mb(create)}
+        out["jobs_created"] = db.scalar("SELECT count(*) FROM jobs")
+    finally:
+        hello.stop()
+        create.stop()
+    return out
+
+
+# --- 2: end to end --------------------------------------------------------------------------------
+
+
+def end_to_end(db: Database, logs: Path, *, jobs: int, clients: int = 16) -> dict[str, Any]:
+    env = base_env(db.url, DYLEN_LOG_LEVEL="WARNING", DYLEN_DB_POOL_SIZE="8", DYLEN_DB_MAX_OVERFLOW="2")
+    process = FunctionServer("process_job", env, logs).start()
+    env["DYLEN_PROCESS_JOB_URL"] = process.url + "/"
+    create = FunctionServer("create_job", env, logs).start()
+    run = uuid.uuid4().hex[:8]
+    http = [_http() for _ in range(clients)]
+    try:
+
+        def submit(i: int) -> int:
+            body = {
+                "job_kind": "lesson",
+                "idempotency_key": f"e2e-{run}-{i}",
+                "payload": {"topic": f"E2E {i}"},
+            }
+            return (
+                http[i % clients]
+                .post(
+                    create.url + "/", json=body, headers={"X-Dylen-User": f"e2e-{run}-{i % 200}"}, timeout=30
+                )
+                .status_code
+            )
+
+        with ThreadPoolExecutor(clients) as pool:
+            codes = list(pool.map(submit, range(jobs)))
+        deadline = time.monotonic() + 300
+        pattern = f"e2e-{run}-%"
+        while time.monotonic() < deadline:
+            left = db.scalar(
+                "SELECT count(*) FROM jobs WHERE idempotency_key LIKE :p AND status <> 'done'", p=pattern
+            )
+            if left == 0:
+                break
+            time.sleep(0.2)
+        seconds = db.scalar(
+            "SELECT EXTRACT(EPOCH FROM max(completed_at) - min(created_at)) FROM jobs WHERE idempotency_key LIKE :p",
+            p=pattern,
+        )
+        done = db.scalar(
+            "SELECT count(*) FROM jobs WHERE idempotency_key LIKE :p AND status = 'done'", p=pattern
+        )
+        lessons = db.scalar(
+            "SELECT count(*) FROM lessons l JOIN jobs j ON j.id = l.job_id WHERE j.idempotency_key LIKE :p",
+            p=pattern,
+        )
+        return {
+            "jobs": jobs,
+            "clients": clients,
+            "accepted": sum(1 for c in codes if c == 202),
+            "done": done,
+            "lessons": lessons,
+            "seconds": float(seconds),
+            "jobs_per_second": done / float(seconds),
+            "peak_rss_mb": {"create_job": peak_rss_mb(create), "process_job": peak_rss_mb(process)},
+        }
+    finally:
+        create.stop()
+        process.stop()
+
+
+# --- 3: cold start --------------------------------------------------------------------------------
+
+
+def _fixture_rows(db: Database, user: str) -> dict[str, str]:
+    """A done job with its lesson, for the read functions' first real answer."""
+    with db.engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO users (id) VALUES (:u) ON CONFLICT DO NOTHING"), {"u": user})
+        job_id, lesson_id = str(uuid.uuid4()), str(uuid.uuid4())
+        conn.execute(
+            sa.text(
+                "INSERT INTO jobs (id, user_id, job_kind, status, idempotency_key, request_json, attempts, max_attempts) "
+                "VALUES (:id, :u, 'lesson', 'done', :k, '{}', 1, 5)"
+            ),
+            {"id": job_id, "u": user, "k": job_id},
+        )
+        conn.execute(
+            sa.text(
+                "INSERT INTO lessons (id, user_id, job_id, topic, title, content) VALUES (:id, :u, :j, 't', 't', '{}')"
+            ),
+            {"id": lesson_id, "u": user, "j": job_id},
+        )
+    return {"job_id": job_id, "lesson_id": lesson_id}
+
+
+def _queued_job(db: Database, user: str) -> str:
+    job_id = str(uuid.uuid4())
+    with db.engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO users (id) VALUES (:u) ON CONFLICT DO NOTHING"), {"u": user})
+        conn.execute(
+            sa.text(
+                "INSERT INTO jobs (id, user_id, job_kind, status, idempotency_key, request_json, attempts, max_attempts) "
+                "VALUES (:id, :u, 'lesson', 'queued', :k, CAST(:r AS jsonb), 0, 5)"
+            ),
+            {
+                "id": job_id,
+                "u": user,
+                "k": job_id,
+                "r": json.dumps(
+                    {
+                        "job_kind": "lesson",
+                        "payload": {
+                            "topic": "Cold starts",
+                            "details": None,
+                            "depth": "highlights",
+                            "language": "en",
+                        },
+                    }
+                ),
+            },
+        )
+    return job_id
+
+
+def _first_request(
+    name: str, url: str, db: Database, rows: dict[str, str], user: str
+) -> tuple[str, str, dict]:
+    """(method, url, kwargs) of a real, database-backed request for `name`."""
+    user_h = {"X-Dylen-User": user}
+    task_h = {"X-Dylen-Task-Secret": TASK_SECRET}
+    if name == "hello":
+        return "GET", url + "/", {}
+    if name == "create_job":
+        body = {"job_kind": "lesson", "idempotency_key": uuid.uuid4().hex, "payload": {"topic": "Cold"}}
+        return "POST", url + "/", {"json": body, "headers": user_h}
+    if name in ("get_job", "get_lesson"):
+        key = "job_id" if name == "get_job" else "lesson_id"
+        return "GET", f"{url}/{rows[key]}", {"headers": user_h}
+    if name == "list_lessons":
+        return "GET", url + "/", {"headers": user_h}
+    if name == "cancel_job":
+        return "POST", f"{url}/{_queued_job(db, user)}", {"headers": user_h}
+    if name == "process_job":
+        return "POST", url + "/", {"json": {"job_id": _queued_job(db, user)}, "headers": task_h}
+    return "POST", url + "/", {"headers": task_h}  # scheduler-called functions
+
+
+def cold_start(
+    db: Database,
+    logs: Path,
+    *,
+    launches: int,
+    names: list[str],
+    extra_env: dict[str, str] | None = None,
+    label_suffix: str = "",
+) -> dict[str, Any]:
+    env = base_env(db.url, DYLEN_LOG_LEVEL="WARNING", DYLEN_JOBS_AUTO_PROCESS="false", **(extra_env or {}))
+    user = f"cold-{uuid.uuid4().hex[:6]}"
+    rows = _fixture_rows(db, user)
+    http = _http()
+    results: dict[str, Any] = {}
+    for name in ["hello", *names]:
+        samples = []
+        for _ in range(launches):
+            server = FunctionServer(name, env, logs, source=HELLO if name == "hello" else None)
+            method, url, kwargs = _first_request(name, server.url, db, rows, user)
+            started = time.monotonic()
+            server.start(wait=False)
+            try:
+                while True:
+                    try:
+                        response = http.request(method, url, timeout=30, **kwargs)
+                        if response.status_code < 300:
+                            break
+                        raise RuntimeError(f"{name}: {response.status_code} {response.text[:200]}")
+                    except requests.ConnectionError as error:
+                        if time.monotonic() - started > 60:
+                            raise RuntimeError(
+                                f"{name} did not answer within 60 s:\n{server.log()[-2000:]}"
+                            ) from error
+                        time.sleep(0.005)
+                samples.append(time.monotonic() - started)
+            finally:
+                server.stop()
+        results[name + label_suffix] = {"median_s": statistics.median(samples), "samples_s": samples}
+    hello = results["hello" + label_suffix]["median_s"]
+    for value in results.values():
+        value["ratio"] = value["median_s"] / hello
+    return results
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError, AttributeError):
+        cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text()).group(1)  # type: ignore[union-attr]
+    return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}, {platform.system()} {platform.release()}"
+
+
+def chart(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    tp = results["throughput"]
+    conns = ["16", "64"]
+    x = range(len(conns))
+    axes[0].bar([i - 0.2 for i in x], [tp[c]["hello"]["rps"] for c in conns], 0.4, label="bare hello")
+    axes[0].bar([i + 0.2 for i in x], [tp[c]["create_job"]["rps"] for c in conns], 0.4, label="create_job")
+    axes[0].set_xticks(list(x), [f"{c} connections" for c in conns])
+    axes[0].set_ylabel("requests/s")
+    axes[0].set_title("Throughput (same run)")
+    axes[0].legend()
+    cold = results["cold_start"]
+    names = list(cold)
+    axes[1].barh(
+        names, [cold[n]["median_s"] for n in names], color=["grey"] + ["tab:blue"] * (len(names) - 1)
+    )
+    axes[1].set_xlabel("seconds, launch to first real answer (median)")
+    axes[1].set_title("Cold start")
+    rss = {
+        **{f"{k} (load)": v for k, v in tp["peak_rss_mb"].items()},
+        **{f"{k} (e2e)": v for k, v in results["end_to_end"]["peak_rss_mb"].items()},
+    }
+    axes[2].barh(list(rss), list(rss.values()), color="tab:green")
+    axes[2].axvline(120, color="red", linestyle="--", label="target 120 MB")
+    axes[2].set_xlabel("peak RSS, MB")
+    axes[2].set_title("Memory")
+    axes[2].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def render(results: dict[str, Any], command: str) -> str:
+    tp, e2e, cold, rt = (
+        results["throughput"],
+        results["end_to_end"],
+        results["cold_start"],
+        results["round_trips"],
+    )
+    lines = [
+        START,
+        "## Performance (`make bench`)",
+        "",
+        f"Measured {results['date']} on {results['machine']}.",
+        f"Command: `{command}`. Database: {results['database']}. Chart: [perf.png](perf.png).",
+        "",
+        "### 1. create_job vs a bare functions-framework hello (wrk, 2 threads, same server settings)",
+        "",
+        "| connections | hello req/s | create_job req/s | ratio (target >= 0.5 at 16) | create_job p50 | create_job p99 (target <= 50 ms) | hello p99 | non-2xx |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in ("16", "64"):
+        h, o = tp[c]["hello"], tp[c]["create_job"]
+        lines.append(
+            f"| {c} | {h['rps']:.0f} | {o['rps']:.0f} | **{tp[c]['ratio']:.2f}x** | {o['p50_ms']:.1f} ms | "
+            f"{o['p99_ms']:.1f} ms | {h['p99_ms']:.1f} ms | {o['non_2xx']} |"
+        )
+    lines += [
+        "",
+        "### 2. End to end through local dispatch",
+        "",
+        f"{e2e['jobs']} lesson jobs from {e2e['clients']} concurrent clients: {e2e['accepted']} accepted, "
+        f"{e2e['done']} done, {e2e['lessons']} lessons, first create to last `done` {e2e['seconds']:.2f} s = "
+        f"**{e2e['jobs_per_second']:.0f} jobs/s** (target >= 200).",
+        "",
+        "### 3. Cold start: launch to first successful database-backed answer (median)",
+        "",
+        "| function | median | ratio to hello | samples |",
+        "|---|---|---|---|",
+    ]
+    for name, value in cold.items():
+        samples = ", ".join(f"{s:.2f}" for s in value["samples_s"])
+        lines.append(f"| {name} | {value['median_s']:.2f} s | **{value['ratio']:.2f}x** | {samples} |")
+    lines += [
+        "",
+        "Targets: <= 2.5x hello for database-backed functions, <= 4x for create_job in gcp mode.",
+        "",
+        "### 4. Peak RSS (VmHWM, largest process of the function's tree; target <= 120 MB)",
+        "",
+        "| process | peak RSS |",
+        "|---|---|",
+    ]
+    for k, v in tp["peak_rss_mb"].items():
+        lines.append(f"| {k} under the load of 1 | {v:.0f} MB |")
+    for k, v in e2e["peak_rss_mb"].items():
+        lines.append(f"| {k} during the end-to-end run | {v:.0f} MB |")
+    lines += [
+        "",
+        "### 5. Database work per request (counted at the wire: pg8000 socket flushes)",
+        "",
+        "| request | round trips | statements | transactions | target |",
+        "|---|---|---|---|---|",
+        f"| create_job | {rt['create_job']['round_trips']:.0f} | {rt['create_job']['statements']:.0f} | "
+        f"{rt['create_job']['transactions']:.0f} | one transaction, <= 2 statements |",
+        f"| process_job | {rt['process_job']['round_trips']:.0f} | {rt['process_job']['statements']:.0f} | "
+        f"{rt['process_job']['transactions']:.0f} | <= 3 transactions |",
+        "",
+        END,
+    ]
+    return "\n".join(lines)
+
+
+def write_results(section: str) -> None:
+    text = (
+        RESULTS.read_text()
+        if RESULTS.exists()
+        else "# Benchmark results\n\nEach section names the command that produced it.\n"
+    )
+    if START in text and END in text:
+        text = text[: text.index(START)] + section + text[text.index(END) + len(END) :]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    RESULTS.write_text(text)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="short runs, for checking the harness")
+    parser.add_argument("--no-write", action="store_true", help="print JSON only")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("wrk is required: apt-get install wrk (Debian) / brew install wrk", file=sys.stderr)
+        return 2
+    seconds, jobs, launches = (3, 300, 2) if args.quick else (10, 2000, 5)
+    db = Database()
+    logs = Path(tempfile.mkdtemp(prefix="dylen-bench-logs-"))
+    try:
+        from bench.roundtrips import measure
+
+        names = sorted(p.name for p in (ROOT / "functions").iterdir() if (p / "main.py").is_file())
+        results: dict[str, Any] = {
+            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": machine(),
+            "database": "embedded PostgreSQL"
+            if db.pg
+            else "PostgreSQL at " + sa.engine.make_url(db.admin).render_as_string(),
+        }
+        print("throughput ...", flush=True)
+        results["throughput"] = throughput(db, logs, seconds=seconds)
+        print("end to end ...", flush=True)
+        results["end_to_end"] = end_to_end(db, logs, jobs=jobs)
+        print("cold start ...", flush=True)
+        results["cold_start"] = cold_start(db, logs, launches=launches, names=names)
+        print("round trips ...", flush=True)
+        rt = subprocess.run(
+            [sys.executable, "-m", "bench.roundtrips", "--database-url", db.url],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        results["round_trips"] = json.loads(rt.stdout)
+        del measure
+    finally:
+        db.close()
+        shutil.rmtree(logs, ignore_errors=True)
+    print(json.dumps(results, indent=2))
+    if not args.no_write:
+        command = "make bench" + (" BENCH_ARGS=--quick" if args.quick else "")
+        write_results(render(results, command))
+        chart(results, BENCH / "perf.png")
+        print(f"wrote {RESULTS} and {BENCH / 'perf.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
