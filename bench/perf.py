@@ -343,10 +343,10 @@ def cold_start(
     user = f"cold-{uuid.uuid4().hex[:6]}"
     rows = _fixture_rows(db, user)
     http = _http()
-    results: dict[str, Any] = {}
-    for name in ["hello", *names]:
-        samples = []
-        for _ in range(launches):
+    samples: dict[str, list[float]] = {name: [] for name in ["hello", *names]}
+    # Round-robin, so every function and the baseline see the same stretch of machine noise.
+    for _ in range(launches):
+        for name in samples:
             server = FunctionServer(name, env, logs, source=HELLO if name == "hello" else None)
             method, url, kwargs = _first_request(name, server.url, db, rows, user)
             started = time.monotonic()
@@ -364,10 +364,13 @@ def cold_start(
                                 f"{name} did not answer within 60 s:\n{server.log()[-2000:]}"
                             ) from error
                         time.sleep(0.005)
-                samples.append(time.monotonic() - started)
+                samples[name].append(time.monotonic() - started)
             finally:
                 server.stop()
-        results[name + label_suffix] = {"median_s": statistics.median(samples), "samples_s": samples}
+    results: dict[str, Any] = {
+        name + label_suffix: {"median_s": statistics.median(values), "samples_s": values}
+        for name, values in samples.items()
+    }
     hello = results["hello" + label_suffix]["median_s"]
     for value in results.values():
         value["ratio"] = value["median_s"] / hello
