@@ -253,3 +253,35 @@ def test_process_job_bad_task_body_is_422(stack: Stack) -> None:
         timeout=10,
     )
     assert response.status_code == 422
+
+
+def test_unreachable_database_is_503_problem_json_quickly(logs_dir, user: str) -> None:
+    # Given functions whose database does not answer (nothing listens on that port)
+    import time
+
+    from tests.support import FunctionServer, base_env, free_port, session
+
+    env = base_env(
+        f"postgresql://postgres@127.0.0.1:{free_port()}/gone", DYLEN_DB_CONNECT_TIMEOUT_SECONDS="1"
+    )
+    create = FunctionServer("create_job", env, logs_dir).start()
+    get = FunctionServer("get_job", env, logs_dir).start()
+    http = session()
+    try:
+        started = time.monotonic()
+        responses = [
+            http.post(create.url + "/", json=lesson_body(), headers={"X-Dylen-User": user}, timeout=30),
+            http.get(f"{get.url}/{uuid.uuid4()}", headers={"X-Dylen-User": user}, timeout=30),
+        ]
+        elapsed = time.monotonic() - started
+    finally:
+        create.stop()
+        get.stop()
+    # Then each answers 503 problem+json with Retry-After, without a traceback, and without hanging
+    for response in responses:
+        assert response.status_code == 503, response.text
+        assert response.headers["Content-Type"].startswith(PROBLEM)
+        assert response.headers["Retry-After"]
+        assert response.json()["type"].endswith("/database-unavailable")
+        assert "Traceback" not in response.text
+    assert elapsed < 20
