@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from tests.support import ROOT, FunctionServer, Stack, base_env
+from tests.support import ROOT, FunctionServer, Stack, base_env, stop_all
 
 
 @pytest.fixture(scope="session")
@@ -116,7 +116,8 @@ def make_stack(database_url: str, logs_dir: Path, calls_dir: Path) -> Iterator[S
 
     yield factory
     for stack in stacks.values():
-        stack.stop()
+        stack.http.close()
+    stop_all(server for stack in stacks.values() for server in stack.servers.values())
 
 
 @pytest.fixture(scope="session")

@@ -21,10 +21,19 @@ TASK_SECRET = "test-task-secret"
 USER_FUNCTIONS = ("create_job", "get_job", "get_lesson", "list_lessons")
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port nothing listens on, never the same twice per test run: the kernel does hand a just-closed
+    port out again, and two servers told the same port would answer each other's requests."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def session() -> requests.Session:

@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -38,6 +38,7 @@ class KeyPair:
     kid: str
     private_pem: bytes
     cert_pem: str
+    _signers: dict[str, crypt.RSASigner] = field(default_factory=dict)
 
     @classmethod
     def generate(cls, kid: str) -> KeyPair:
@@ -60,8 +61,10 @@ class KeyPair:
         return cls(kid, private_pem, cert.public_bytes(serialization.Encoding.PEM).decode())
 
     def sign(self, claims: dict[str, Any], *, kid: str | None = None) -> str:
-        signer = crypt.RSASigner.from_string(self.private_pem, key_id=kid or self.kid)
-        return jwt.encode(signer, claims).decode()
+        kid = kid or self.kid
+        if kid not in self._signers:  # loading a private key is slow (it is validated): once per kid
+            self._signers[kid] = crypt.RSASigner.from_string(self.private_pem, key_id=kid)
+        return jwt.encode(self._signers[kid], claims).decode()
 
 
 class CertServer(http.server.ThreadingHTTPServer):
