@@ -14,6 +14,7 @@ help:
 	@echo "make run    start embedded PostgreSQL and every function locally (Ctrl-C stops)"
 	@echo "make test   run the whole test suite (what CI runs)"
 	@echo "make lint   ruff + mypy"
+	@echo "make tasks-emulator   install gcloud-tasks-emulator into .venv-tasks-emulator/ (make test does)"
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=python3.11)")'

@@ -349,3 +349,53 @@ def test_staged_functions_reach_the_database(staged: dict[str, StagedServer]) ->
     )
     assert http.get(f"{staged['get_job'].url}/{uuid.uuid4()}", headers=user, timeout=30).status_code == 404
     assert http.post(staged["process_job"].url + "/", json={"job_id": job_id}, timeout=30).status_code == 401
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_real_run_creates_what_is_missing_and_updates_what_exists(tmp_path: Path, existing: bool) -> None:
+    """Run for real against a recording stand-in `gcloud` (Google cannot be reached here) whose
+    `describe` answers "absent" on a first deployment and "present" on the second."""
+    calls = tmp_path / "calls"
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "gcloud").write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> {calls}\n'
+        'for arg in "$@"; do [ "$arg" = describe ] && exit ' + ("0" if existing else "1") + "; done\n"
+        "exit 0\n"
+    )
+    (fake_bin / "gcloud").chmod(0o755)
+    build = tmp_path / "build"
+    result = subprocess.run(
+        [
+            "bash",
+            str(ROOT / "deploy.sh"),
+            "--project",
+            PROJECT,
+            "--region",
+            REGION,
+            "--sql-instance",
+            INSTANCE,
+            "--build-dir",
+            str(build),
+            "--skip-migrations",
+        ],
+        env={"PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}", "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    ran = calls.read_text().splitlines()
+    creates = [c for c in ran if " create " in f" {c} "]
+    updates = [c for c in ran if " update " in f" {c} "]
+    if existing:
+        assert creates == []
+        assert any(c.startswith("tasks queues update dylen-jobs") for c in updates)
+    else:
+        assert updates == []
+        assert any(c.startswith("tasks queues create dylen-jobs") for c in creates)
+        assert sum(c.startswith("iam service-accounts create") for c in creates) == 3
+    deployed = sorted(c.split()[2] for c in ran if c.startswith("functions deploy "))
+    assert deployed == _functions(ROOT)
+    assert sorted(p.name for p in build.iterdir()) == _functions(ROOT)  # staged for real this time
