@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -299,3 +300,29 @@ def test_a_rescue_redispatch_gets_a_fresh_task_name() -> None:
     later = dataclasses.replace(job, dispatched_at=job.dispatched_at + timedelta(minutes=5))
     assert task_name_for(job) != task_name_for(later)
     assert task_name_for(job) == task_name_for(dataclasses.replace(job))
+
+
+def test_a_queue_that_accepts_but_never_answers_costs_at_most_the_create_task_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A black hole (TCP accepted, no gRPC answer) is the slow failure; the timeout bounds it and no
+    client retry multiplies it. The module's 5 s is shortened here to keep the suite fast."""
+    from common import dispatch, dispatch_gcp
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        host = f"127.0.0.1:{silent.getsockname()[1]}"
+        monkeypatch.setattr(dispatch_gcp, "CREATE_TASK_TIMEOUT_SECONDS", 0.5)
+        monkeypatch.setattr(dispatch, "_dispatcher", CloudTasksDispatcher(_settings(host)))
+        failures: list[str] = []
+        handler = _Capture(failures)
+        dispatch.logger.addHandler(handler)
+        try:
+            started = time.monotonic()
+            assert dispatch_job(_job()) is False
+            elapsed = time.monotonic() - started
+        finally:
+            dispatch.logger.removeHandler(handler)
+    assert 0.4 < elapsed < 3, elapsed
+    assert len(failures) == 1 and "DeadlineExceeded" in failures[0], failures
