@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,7 +18,7 @@ from tests.support import ROOT, FunctionServer, Stack, base_env, stop_all
 
 
 @pytest.fixture(scope="session")
-def pg_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def pg_admin_url() -> Iterator[str]:
     """A server to create the test database on: DYLEN_TEST_DATABASE_URL, else an embedded one."""
     configured = os.environ.get("DYLEN_TEST_DATABASE_URL")
     if configured:
@@ -24,12 +26,17 @@ def pg_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         return
     from devtools.embedded_pg import EmbeddedPostgres
 
-    pg = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data", durable=False)
-    pg.start()
+    # Not under pytest's tmp root: every pytest session that starts on this machine chmods
+    # /tmp/pytest-of-<user> back to 0700, locking the server's own OS user out of its data
+    # directory (PANIC: could not open pg_control) when sessions run side by side.
+    root = Path(tempfile.mkdtemp(prefix="dylen-test-pg-"))
+    pg = EmbeddedPostgres(root / "data", durable=False)
     try:
+        pg.start()
         yield pg.url
     finally:
         pg.destroy()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
