@@ -2,7 +2,8 @@
 
 It lives in its own venv (`make tasks-emulator`, a dependency of `make test`) because it pins an older
 protobuf than the app's google-cloud-tasks. It delivers HTTP tasks to the URL in the task itself, so
-process_job on a loopback port receives them as it would from Cloud Tasks.
+process_job on a loopback port receives them as it would from Cloud Tasks. Tests talk to it on
+127.0.0.1 only; the emulator itself has no bind-address option and listens on [::].
 """
 
 from __future__ import annotations
