@@ -3,15 +3,19 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+# gcloud-tasks-emulator pins an older protobuf than google-cloud-tasks needs: it gets its own venv.
+EMU_VENV  := .venv-tasks-emulator
+EMU_STAMP := $(EMU_VENV)/.installed-stamp
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run test lint fmt clean help bench
+.PHONY: run test lint fmt clean help bench tasks-emulator
 
 help:
 	@echo "make run    start embedded PostgreSQL and every function locally (Ctrl-C stops)"
 	@echo "make test   run the whole test suite (what CI runs)"
 	@echo "make lint   ruff + mypy"
 	@echo "make bench  performance against baselines -> bench/RESULTS.md (needs wrk)"
+	@echo "make tasks-emulator   install gcloud-tasks-emulator into .venv-tasks-emulator/ (make test does)"
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=python3.11)")'
@@ -20,10 +24,17 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	@touch $@
 
+$(EMU_STAMP): requirements-tasks-emulator.txt
+	@test -x $(EMU_VENV)/bin/python || $(PYTHON) -m venv $(EMU_VENV)
+	$(EMU_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-tasks-emulator.txt
+	@touch $@
+
+tasks-emulator: $(EMU_STAMP)
+
 run: $(STAMP)
 	$(BIN)/python -m devtools.run
 
-test: $(STAMP)
+test: $(STAMP) $(EMU_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 $(VENV)/.bench-stamp: $(STAMP) bench/requirements.txt
@@ -42,4 +53,4 @@ fmt: $(STAMP)
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf $(VENV) .dev .pytest_cache .mypy_cache .ruff_cache build
+	rm -rf $(VENV) $(EMU_VENV) .dev .pytest_cache .mypy_cache .ruff_cache build

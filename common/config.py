@@ -247,6 +247,22 @@ def _check_combinations(s: Settings) -> None:
             "DYLEN_DATABASE_URL must be a postgresql:// URL, "
             f"got one starting {s.database_url.split(':', 1)[0]!r}"
         )
+    if s.db_iam_auth:
+        # IAM database auth logs in as a named IAM principal; only the connector can mint its token.
+        if not s.db_user:
+            raise ConfigError(
+                "DYLEN_DB_USER is required when DYLEN_DB_IAM_AUTH=true "
+                "(the IAM database user, e.g. dylen-runtime@PROJECT.iam)"
+            )
+        if s.db_user.endswith(".gserviceaccount.com"):
+            raise ConfigError(
+                "DYLEN_DB_USER for IAM auth is the service account email without "
+                f"'.gserviceaccount.com', got {s.db_user!r}"
+            )
+        if not s.cloud_sql_instance:
+            raise ConfigError(
+                "DYLEN_DB_IAM_AUTH=true needs DYLEN_CLOUD_SQL_INSTANCE (the Cloud SQL connector)"
+            )
     if s.cloud_sql_instance:
         if not s.db_user:
             raise ConfigError("DYLEN_DB_USER is required with DYLEN_CLOUD_SQL_INSTANCE")
@@ -267,6 +283,11 @@ def _check_combinations(s: Settings) -> None:
                 "DYLEN_PROCESS_JOB_URL must be the deployed https:// process_job URL when "
                 f"DYLEN_TASK_SERVICE_PROVIDER=gcp (Cloud Tasks sends OIDC only over https), "
                 f"got {s.process_job_url!r}"
+            )
+        if not s.cloud_tasks_emulator_host and not s.tasks_invoker_sa:
+            raise ConfigError(
+                "DYLEN_TASKS_INVOKER_SA is required when DYLEN_TASK_SERVICE_PROVIDER=gcp targets real "
+                "Cloud Tasks (process_job accepts only OIDC tokens of that service account)"
             )
         if s.auth_mode == "dev" and not s.cloud_tasks_emulator_host:
             raise ConfigError(

@@ -18,7 +18,9 @@ from common.store import Job
 # Cloud Tasks accepts dispatch deadlines from 15 seconds to 30 minutes for HTTP targets.
 MIN_DEADLINE_SECONDS = 15
 MAX_DEADLINE_SECONDS = 1800
-CREATE_TASK_TIMEOUT_SECONDS = 10.0
+# create_job waits for create_task before answering: bound it and never retry inside the request.
+# A failed dispatch leaves the job `queued` and rescue_jobs tries again, so a fast failure is cheap.
+CREATE_TASK_TIMEOUT_SECONDS = 5.0
 
 
 def dispatch_deadline_seconds(job_timeout_seconds: int) -> int:
@@ -29,13 +31,13 @@ def build_client(settings: Settings) -> Any:
     from google.cloud import tasks_v2
 
     if settings.cloud_tasks_emulator_host:
+        # Emulators speak plain gRPC without credentials; a given channel makes the transport skip
+        # Google's credential lookup entirely (nothing here may reach Google's network).
         import grpc
-        from google.auth.credentials import AnonymousCredentials
         from google.cloud.tasks_v2.services.cloud_tasks.transports import CloudTasksGrpcTransport
 
         channel = grpc.insecure_channel(settings.cloud_tasks_emulator_host)
-        transport = CloudTasksGrpcTransport(channel=channel, credentials=AnonymousCredentials())
-        return tasks_v2.CloudTasksClient(transport=transport)
+        return tasks_v2.CloudTasksClient(transport=CloudTasksGrpcTransport(channel=channel))
     return tasks_v2.CloudTasksClient()
 
 
@@ -84,8 +86,11 @@ class CloudTasksDispatcher:
 
         task = self.build_task(job)
         try:
-            self.client.create_task(parent=self.queue_path, task=task, timeout=CREATE_TASK_TIMEOUT_SECONDS)
+            self.client.create_task(
+                parent=self.queue_path, task=task, timeout=CREATE_TASK_TIMEOUT_SECONDS, retry=None
+            )
         except exceptions.AlreadyExists:
+            # Same job, same dispatch (task_name_for): an earlier call got through; nothing to do.
             logger.info("Task already exists; treating as dispatched", extra={"job_id": str(job.id)})
             return
         logger.info("Task enqueued", extra={"job_id": str(job.id), "task": task.name})

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from tests.support import ROOT, FunctionServer, Stack, base_env
+from tests.support import ROOT, FunctionServer, Stack, base_env, stop_all
 
 
 @pytest.fixture(scope="session")
-def pg_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def pg_admin_url() -> Iterator[str]:
     """A server to create the test database on: DYLEN_TEST_DATABASE_URL, else an embedded one."""
     configured = os.environ.get("DYLEN_TEST_DATABASE_URL")
     if configured:
@@ -26,16 +26,17 @@ def pg_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         return
     from devtools.embedded_pg import EmbeddedPostgres
 
-    # Not under pytest's basetemp: each pytest session re-chmods that tree to 0700, which locks out
-    # the unprivileged user the server runs as when we are root (and any concurrent run's server).
-    base = Path(tempfile.mkdtemp(prefix="dylen-test-pg-"))
-    pg = EmbeddedPostgres(base / "data", durable=False)
-    pg.start()
+    # Not under pytest's tmp root: every pytest session that starts on this machine chmods
+    # /tmp/pytest-of-<user> back to 0700, locking the server's own OS user out of its data
+    # directory (PANIC: could not open pg_control) when sessions run side by side.
+    root = Path(tempfile.mkdtemp(prefix="dylen-test-pg-"))
+    pg = EmbeddedPostgres(root / "data", durable=False)
     try:
+        pg.start()
         yield pg.url
     finally:
         pg.destroy()
-        shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -122,7 +123,8 @@ def make_stack(database_url: str, logs_dir: Path, calls_dir: Path) -> Iterator[S
 
     yield factory
     for stack in stacks.values():
-        stack.stop()
+        stack.http.close()
+    stop_all(server for stack in stacks.values() for server in stack.servers.values())
 
 
 @pytest.fixture(scope="session")

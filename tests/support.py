@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +21,19 @@ TASK_SECRET = "test-task-secret"
 USER_FUNCTIONS = ("create_job", "get_job", "get_lesson", "list_lessons", "cancel_job")
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port nothing listens on, never the same twice per test run: the kernel does hand a just-closed
+    port out again, and two servers told the same port would answer each other's requests."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def session() -> requests.Session:
@@ -115,13 +124,22 @@ class FunctionServer:
             self.proc.wait(10)
 
     def stop(self) -> None:
-        # SIGINT is gunicorn's quick shutdown; SIGTERM would wait out keep-alive connections.
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop_all([self])
+
+
+def stop_all(servers: Iterable[FunctionServer]) -> None:
+    """Signal every server first, then wait, so shutdowns overlap. SIGINT is gunicorn's quick
+    shutdown; SIGTERM would wait out keep-alive connections."""
+    running = [s for s in servers if s.proc and s.proc.poll() is None]
+    for server in running:
+        assert server.proc is not None
+        os.killpg(server.proc.pid, signal.SIGINT)
+    for server in running:
+        assert server.proc is not None
+        try:
+            server.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
 
 
 def base_env(database_url: str, **overrides: str) -> dict[str, str]:
@@ -194,8 +212,8 @@ class Stack:
         raise AssertionError(f"job {job_id} still {body.get('status')} after {timeout}s: {body}")
 
     def stop(self) -> None:
-        for server in self.servers.values():
-            server.stop()
+        self.http.close()  # open keep-alive connections slow a graceful shutdown down
+        stop_all(self.servers.values())
 
 
 def lesson_body(topic: str = "Photosynthesis", key: str | None = None, **payload: Any) -> dict[str, Any]:

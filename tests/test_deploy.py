@@ -1,0 +1,401 @@
+"""deploy.sh: its dry run names every resource it would create, and its staged folders run on their own.
+
+Nothing here reaches Google: the dry run must run no command at all (a recording `gcloud` on PATH
+proves it), and the staged functions run under functions-framework on loopback against the test
+database, from their build folder alone, as Cloud Build would package them.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from common.config import load_settings
+from tests.support import ROOT, FunctionServer, base_env, lesson_body, session, stop_all
+
+PROJECT, REGION = "dylen-prod", "europe-west1"
+INSTANCE = f"{PROJECT}:{REGION}:dylen"
+RUNTIME_SA = f"dylen-runtime@{PROJECT}.iam.gserviceaccount.com"
+INVOKER_SA = f"dylen-tasks@{PROJECT}.iam.gserviceaccount.com"
+SCHEDULER_SA = f"dylen-scheduler@{PROJECT}.iam.gserviceaccount.com"
+BASE_URL = f"https://{REGION}-{PROJECT}.cloudfunctions.net"
+TASK_CALLED = {"process_job": INVOKER_SA, "archive_lessons": SCHEDULER_SA, "rescue_jobs": SCHEDULER_SA}
+
+
+def _functions(root: Path) -> list[str]:
+    return sorted(p.name for p in (root / "functions").iterdir() if (p / "main.py").is_file())
+
+
+def test_deploy_sh_is_valid_bash_and_shellcheck_clean_where_available() -> None:
+    subprocess.run(["bash", "-n", str(ROOT / "deploy.sh")], check=True)
+    first = (ROOT / "deploy.sh").read_text().splitlines()[:10]
+    assert first[0] == "#!/usr/bin/env bash" and "set -euo pipefail" in first
+    if shutil.which("shellcheck"):  # a developer tool, not a test dependency; CI may lack it
+        result = subprocess.run(["shellcheck", str(ROOT / "deploy.sh")], capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """deploy.sh --dry-run on a copy of the repository that also has the scheduler-called functions
+    (other branches add them; the script must deploy whatever folders exist)."""
+    tree = tmp_path_factory.mktemp("repo")
+    for name in ("deploy.sh", "requirements.txt"):
+        shutil.copy2(ROOT / name, tree / name)
+    shutil.copytree(ROOT / "common", tree / "common", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "functions", tree / "functions", ignore=shutil.ignore_patterns("__pycache__"))
+    for extra in ("archive_lessons", "rescue_jobs"):
+        (tree / "functions" / extra).mkdir(exist_ok=True)
+        (tree / "functions" / extra / "main.py").touch()
+    fake_bin = tmp_path_factory.mktemp("bin")
+    calls = fake_bin / "calls"
+    (fake_bin / "gcloud").write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexit 1\n')
+    (fake_bin / "gcloud").chmod(0o755)
+    env = {
+        "PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}",
+        "HOME": os.environ.get("HOME", "/tmp"),
+        "DYLEN_GCP_PROJECT": PROJECT,  # from the environment ...
+        "DYLEN_JOB_MAX_ATTEMPTS": "7",
+        "DYLEN_JOB_TIMEOUT_SECONDS": "900",
+        "DYLEN_TIER_HISTORY_LIMITS": "free=3,pro=80",
+    }
+    result = subprocess.run(
+        # ... and from flags
+        ["bash", "deploy.sh", "--dry-run", "--region", REGION, "--sql-instance", INSTANCE],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    commands = [shlex.split(line[2:]) for line in result.stdout.splitlines() if line.startswith("+ ")]
+    return {"tree": tree, "commands": commands, "calls": calls, "stdout": result.stdout}
+
+
+def _find(commands: list[list[str]], *prefix: str) -> list[list[str]]:
+    return [c for c in commands if c[: len(prefix)] == list(prefix)]
+
+
+def _flag(command: list[str], name: str) -> str:
+    return command[command.index(name) + 1]
+
+
+def test_dry_run_runs_nothing(dry_run: dict[str, Any]) -> None:
+    assert not dry_run["calls"].exists(), "the dry run called gcloud"
+    assert not (dry_run["tree"] / "build").exists(), "the dry run staged files"
+    assert dry_run["commands"], dry_run["stdout"]
+
+
+def test_dry_run_deploys_every_function_folder(dry_run: dict[str, Any]) -> None:
+    commands = dry_run["commands"]
+    names = _functions(dry_run["tree"])
+    assert {"archive_lessons", "rescue_jobs", "process_job", "create_job"} <= set(names)
+    for name in names:
+        (deploy,) = _find(commands, "gcloud", "functions", "deploy", name)
+        for flag in ("--gen2", "--trigger-http"):
+            assert flag in deploy
+        assert _flag(deploy, "--runtime") == "python312"
+        assert _flag(deploy, "--entry-point") == name
+        assert _flag(deploy, "--source") == f"build/{name}"
+        assert _flag(deploy, "--service-account") == RUNTIME_SA
+        assert _flag(deploy, "--region") == REGION and _flag(deploy, "--project") == PROJECT
+        if name in TASK_CALLED:
+            assert "--no-allow-unauthenticated" in deploy and "--allow-unauthenticated" not in deploy
+        else:
+            assert "--allow-unauthenticated" in deploy and "--no-allow-unauthenticated" not in deploy
+        # Staged first: main.py, a copy of common/, requirements, .gcloudignore.
+        assert ["cp", "-R", f"{dry_run['tree']}/common", f"build/{name}/common"] in commands
+        assert ["cp", f"{dry_run['tree']}/functions/{name}/main.py", f"build/{name}/main.py"] in commands
+        assert ["cp", f"{dry_run['tree']}/requirements.txt", f"build/{name}/requirements.txt"] in commands
+        assert f"+ write build/{name}/.gcloudignore" in dry_run["stdout"]
+    (process,) = _find(commands, "gcloud", "functions", "deploy", "process_job")
+    assert _flag(process, "--timeout") == "900s"  # the request outlives no dispatch deadline
+
+
+def _env_vars(command: list[str]) -> dict[str, str]:
+    raw = _flag(command, "--set-env-vars")
+    assert raw.startswith("^|^")
+    return dict(pair.split("=", 1) for pair in raw[3:].split("|"))
+
+
+def test_dry_run_env_vars_are_a_valid_production_configuration(dry_run: dict[str, Any]) -> None:
+    (deploy,) = _find(dry_run["commands"], "gcloud", "functions", "deploy", "create_job")
+    env = _env_vars(deploy)
+    assert env["DYLEN_TASK_SERVICE_PROVIDER"] == "gcp"
+    assert env["DYLEN_CLOUD_TASKS_QUEUE_PATH"] == f"projects/{PROJECT}/locations/{REGION}/queues/dylen-jobs"
+    assert env["DYLEN_PROCESS_JOB_URL"] == f"{BASE_URL}/process_job"
+    assert env["DYLEN_TASKS_INVOKER_SA"] == INVOKER_SA
+    assert env["DYLEN_TASKS_ALLOWED_SA"] == f"{INVOKER_SA},{SCHEDULER_SA}"
+    assert env["DYLEN_TIER_HISTORY_LIMITS"] == "free=3,pro=80"  # commas survive the ^|^ delimiter
+    # The same guards that run at cold start accept what deploy.sh sets.
+    settings = load_settings({**env, "DYLEN_ENV_FILE": os.devnull})
+    assert settings.job_max_attempts == 7 and settings.job_timeout_seconds == 900
+    assert settings.cloud_sql_instance == INSTANCE and settings.db_iam_auth
+    assert settings.db_user == f"dylen-runtime@{PROJECT}.iam"
+    assert settings.auth_mode == "firebase" and settings.firebase_project_id == PROJECT
+
+
+def test_dry_run_creates_the_queue_with_retry_config_and_rate_limits(dry_run: dict[str, Any]) -> None:
+    commands = dry_run["commands"]
+    assert _find(commands, "gcloud", "tasks", "queues", "describe", "dylen-jobs")  # create-or-update
+    (create,) = _find(commands, "gcloud", "tasks", "queues", "create", "dylen-jobs")
+    assert _flag(create, "--location") == REGION
+    assert _flag(create, "--max-attempts") == "7"
+    assert _flag(create, "--min-backoff") == "10s" and _flag(create, "--max-backoff") == "300s"
+    assert _flag(create, "--max-doublings") == "4"
+    assert _flag(create, "--max-dispatches-per-second") == "10"
+    assert _flag(create, "--max-concurrent-dispatches") == "20"
+
+
+def test_dry_run_creates_service_accounts_and_iam_bindings(dry_run: dict[str, Any]) -> None:
+    commands = dry_run["commands"]
+    for sa in ("dylen-runtime", "dylen-tasks", "dylen-scheduler"):
+        assert _find(
+            commands,
+            "gcloud",
+            "iam",
+            "service-accounts",
+            "describe",
+            f"{sa}@{PROJECT}.iam.gserviceaccount.com",
+        )
+        assert _find(commands, "gcloud", "iam", "service-accounts", "create", sa)
+    project_roles = {
+        _flag(c, "--role")
+        for c in _find(commands, "gcloud", "projects", "add-iam-policy-binding", PROJECT)
+        if _flag(c, "--member") == f"serviceAccount:{RUNTIME_SA}"
+    }
+    assert {
+        "roles/cloudtasks.enqueuer",
+        "roles/cloudsql.client",
+        "roles/cloudsql.instanceUser",
+    } <= project_roles
+    (act_as,) = _find(commands, "gcloud", "iam", "service-accounts", "add-iam-policy-binding", INVOKER_SA)
+    assert _flag(act_as, "--member") == f"serviceAccount:{RUNTIME_SA}"
+    assert _flag(act_as, "--role") == "roles/iam.serviceAccountUser"
+    invokers = {
+        c[3]: _flag(c, "--member")
+        for c in _find(commands, "gcloud", "functions", "add-invoker-policy-binding")
+    }
+    assert invokers == {name: f"serviceAccount:{sa}" for name, sa in TASK_CALLED.items()}
+    (sql_user,) = _find(commands, "gcloud", "sql", "users", "create", f"dylen-runtime@{PROJECT}.iam")
+    assert _flag(sql_user, "--type") == "cloud_iam_service_account"
+
+
+def test_dry_run_schedules_archive_and_rescue_with_oidc(dry_run: dict[str, Any]) -> None:
+    commands = dry_run["commands"]
+    expected = {"archive_lessons": "0 1 * * *", "rescue_jobs": "*/5 * * * *"}
+    for name, schedule in expected.items():
+        assert _find(commands, "gcloud", "scheduler", "jobs", "describe", f"dylen-{name}")
+        (create,) = _find(commands, "gcloud", "scheduler", "jobs", "create", "http", f"dylen-{name}")
+        assert _flag(create, "--schedule") == schedule
+        assert _flag(create, "--time-zone") == "Etc/UTC"
+        assert _flag(create, "--uri") == f"{BASE_URL}/{name}"
+        assert _flag(create, "--http-method") == "POST"
+        assert _flag(create, "--oidc-service-account-email") == SCHEDULER_SA
+        assert _flag(create, "--oidc-token-audience") == f"{BASE_URL}/{name}"
+
+
+def test_dry_run_runs_the_migrations_with_the_cloud_sql_settings(dry_run: dict[str, Any]) -> None:
+    (migrate,) = [
+        c for c in dry_run["commands"] if c[0] == "env" and c[-3:] == ["-m", "common.cli", "migrate"]
+    ]
+    env = dict(arg.split("=", 1) for arg in migrate[1:-3] if "=" in arg)
+    assert env["DYLEN_CLOUD_SQL_INSTANCE"] == INSTANCE
+    assert env["DYLEN_DB_IAM_AUTH"] == "true" and env["DYLEN_DB_USER"] == f"dylen-runtime@{PROJECT}.iam"
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        ([], {}, "--project (or DYLEN_GCP_PROJECT) is required"),
+        (["--project", PROJECT], {}, "--region (or DYLEN_GCP_REGION) is required"),
+        (["--project", PROJECT, "--region", REGION], {}, "--sql-instance (or DYLEN_CLOUD_SQL_INSTANCE)"),
+        (
+            ["--project", PROJECT, "--region", REGION, "--sql-instance", "dylen"],
+            {},
+            "PROJECT:REGION:INSTANCE",
+        ),
+        (["--project"], {}, "--project needs a value"),
+        (["--colour", "blue"], {}, "unknown option '--colour'"),
+        ([], {"DYLEN_JOB_MAX_ATTEMPTS": "many"}, "DYLEN_JOB_MAX_ATTEMPTS"),
+    ],
+)
+def test_missing_or_bad_settings_fail_clearly(args: list[str], env: dict[str, str], message: str) -> None:
+    result = subprocess.run(
+        ["bash", str(ROOT / "deploy.sh"), "--dry-run", *args],
+        env={"PATH": os.environ["PATH"], **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr, result.stderr
+
+
+class StagedServer(FunctionServer):
+    """A function started from its build folder alone: cwd = the folder, the repository not importable."""
+
+    def __init__(self, stage: Path, env: dict[str, str], log_dir: Path) -> None:
+        super().__init__(stage.name, env, log_dir)
+        self.stage = stage
+
+    def start(self, *, wait: bool = True) -> StagedServer:
+        assert "PYTHONPATH" not in self.env
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "functions_framework",
+                "--target",
+                self.name,
+                "--source",
+                "main.py",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+            env={**self.env, "PYTHONUNBUFFERED": "1"},
+            cwd=self.stage,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        if wait:
+            self.wait_ready()
+        return self
+
+
+@pytest.fixture(scope="module")
+def staged(
+    tmp_path_factory: pytest.TempPathFactory, database_url: str, logs_dir: Path
+) -> Iterator[dict[str, StagedServer]]:
+    build = tmp_path_factory.mktemp("build")
+    result = subprocess.run(
+        ["bash", str(ROOT / "deploy.sh"), "--stage-only", "--build-dir", str(build)],
+        env={"PATH": os.environ["PATH"]},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    env = base_env(database_url, DYLEN_JOBS_AUTO_PROCESS="false")
+    servers = {name: StagedServer(build / name, env, logs_dir).start(wait=False) for name in _functions(ROOT)}
+    try:
+        for server in servers.values():
+            server.wait_ready()
+        yield servers
+    finally:
+        stop_all(servers.values())
+
+
+def test_staged_folders_hold_a_real_copy_of_common(staged: dict[str, StagedServer]) -> None:
+    assert set(staged) == set(_functions(ROOT))
+    for name, server in staged.items():
+        stage = server.stage
+        assert (stage / "main.py").read_bytes() == (ROOT / "functions" / name / "main.py").read_bytes()
+        assert (stage / "requirements.txt").read_bytes() == (ROOT / "requirements.txt").read_bytes()
+        assert "__pycache__/" in (stage / ".gcloudignore").read_text()
+        common = stage / "common"
+        assert common.is_dir() and not common.is_symlink()
+        assert not any(p.is_symlink() for p in common.rglob("*"))
+        assert (common / "http.py").read_bytes() == (ROOT / "common" / "http.py").read_bytes()
+
+
+def test_staged_code_is_the_code_that_runs(staged: dict[str, StagedServer]) -> None:
+    stage = staged["get_job"].stage
+    result = subprocess.run(
+        [sys.executable, "-c", "import common; print(common.__file__)"],
+        cwd=stage,
+        env={"PATH": os.environ["PATH"]},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()).is_relative_to(stage)
+
+
+def test_every_staged_function_answers_from_its_folder_alone(staged: dict[str, StagedServer]) -> None:
+    http = session()
+    http.headers["Connection"] = "close"
+    for name, server in staged.items():
+        response = http.request("PATCH", server.url + "/", timeout=30)
+        assert response.status_code == 405, (name, response.text, server.log()[-2000:])
+        assert response.headers["Content-Type"] == "application/problem+json"
+
+
+def test_staged_functions_reach_the_database(staged: dict[str, StagedServer]) -> None:
+    http = session()
+    http.headers["Connection"] = "close"
+    user = {"X-Dylen-User": f"stage-{uuid.uuid4().hex[:8]}"}
+    created = http.post(staged["create_job"].url + "/", json=lesson_body("Staged"), headers=user, timeout=30)
+    assert created.status_code == 202, created.text
+    job_id = created.json()["job_id"]
+    assert (
+        http.get(f"{staged['get_job'].url}/{job_id}", headers=user, timeout=30).json()["status"] == "queued"
+    )
+    assert http.get(f"{staged['get_job'].url}/{uuid.uuid4()}", headers=user, timeout=30).status_code == 404
+    assert http.post(staged["process_job"].url + "/", json={"job_id": job_id}, timeout=30).status_code == 401
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_real_run_creates_what_is_missing_and_updates_what_exists(tmp_path: Path, existing: bool) -> None:
+    """Run for real against a recording stand-in `gcloud` (Google cannot be reached here) whose
+    `describe` answers "absent" on a first deployment and "present" on the second."""
+    calls = tmp_path / "calls"
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "gcloud").write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> {calls}\n'
+        'for arg in "$@"; do [ "$arg" = describe ] && exit ' + ("0" if existing else "1") + "; done\n"
+        "exit 0\n"
+    )
+    (fake_bin / "gcloud").chmod(0o755)
+    build = tmp_path / "build"
+    result = subprocess.run(
+        [
+            "bash",
+            str(ROOT / "deploy.sh"),
+            "--project",
+            PROJECT,
+            "--region",
+            REGION,
+            "--sql-instance",
+            INSTANCE,
+            "--build-dir",
+            str(build),
+            "--skip-migrations",
+        ],
+        env={"PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}", "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    ran = calls.read_text().splitlines()
+    creates = [c for c in ran if " create " in f" {c} "]
+    updates = [c for c in ran if " update " in f" {c} "]
+    if existing:
+        assert creates == []
+        assert any(c.startswith("tasks queues update dylen-jobs") for c in updates)
+    else:
+        assert updates == []
+        assert any(c.startswith("tasks queues create dylen-jobs") for c in creates)
+        assert sum(c.startswith("iam service-accounts create") for c in creates) == 3
+    deployed = sorted(c.split()[2] for c in ran if c.startswith("functions deploy "))
+    assert deployed == _functions(ROOT)
+    assert sorted(p.name for p in build.iterdir()) == _functions(ROOT)  # staged for real this time

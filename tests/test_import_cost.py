@@ -1,0 +1,82 @@
+"""Cold start pays only for what the configuration uses: google-cloud-tasks and the Cloud SQL connector
+stay out of `sys.modules` until a gcp dispatch or a Cloud SQL connection needs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+from tests.support import ROOT, free_port
+
+HEAVY = ("google.cloud.tasks_v2", "google.cloud.sql.connector")
+FUNCTIONS = sorted(p.name for p in (ROOT / "functions").iterdir() if (p / "main.py").is_file())
+
+
+def _run(script: str, **env: str) -> Any:
+    full_env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "PYTHONPATH": str(ROOT),
+        "DYLEN_ENV_FILE": os.devnull,
+        "DYLEN_AUTH_MODE": "dev",
+        "DYLEN_DATABASE_URL": "postgresql://nobody@127.0.0.1:9/none",  # never connected to
+        **env,
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=full_env, cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_no_function_imports_tasks_or_the_connector_under_local_configuration() -> None:
+    script = (
+        "import json, runpy, sys\n"
+        f"heavy, names = {HEAVY!r}, {FUNCTIONS!r}\n"
+        "loaded = {}\n"
+        "for name in names:\n"
+        "    runpy.run_path(f'functions/{name}/main.py')\n"
+        "    loaded[name] = [m for m in heavy if m in sys.modules]\n"
+        "print(json.dumps(loaded))\n"
+    )
+    loaded = _run(script)
+    assert set(loaded) == set(FUNCTIONS) and "create_job" in loaded and "process_job" in loaded
+    assert loaded == {name: [] for name in FUNCTIONS}
+
+
+def test_create_job_under_gcp_imports_the_tasks_client_on_first_dispatch_only() -> None:
+    script = (
+        "import json, runpy, sys, uuid\n"
+        "from datetime import UTC, datetime\n"
+        "seen = {}\n"
+        "runpy.run_path('functions/create_job/main.py')\n"
+        "seen['import'] = 'google.cloud.tasks_v2' in sys.modules\n"
+        "from common.dispatch import dispatch_job, get_dispatcher\n"
+        "get_dispatcher()\n"
+        "seen['dispatcher'] = 'google.cloud.tasks_v2' in sys.modules\n"
+        "from common.store import Job\n"
+        "now = datetime.now(UTC)\n"
+        "job = Job(id=uuid.uuid4(), user_id='u', job_kind='lesson', status='queued', idempotency_key='k',\n"
+        "          request_json={}, result_json=None, error_json=None, attempts=0, max_attempts=5,\n"
+        "          lease_expires_at=None, dispatched_at=now, created_at=now, updated_at=now,\n"
+        "          started_at=None, completed_at=None)\n"
+        "seen['dispatched'] = dispatch_job(job)\n"  # nothing listens: fails, but has loaded the client
+        "seen['after'] = 'google.cloud.tasks_v2' in sys.modules\n"
+        "seen['connector'] = 'google.cloud.sql.connector' in sys.modules\n"
+        "print(json.dumps(seen))\n"
+    )
+    seen = _run(
+        script,
+        DYLEN_TASK_SERVICE_PROVIDER="gcp",
+        CLOUD_TASKS_EMULATOR_HOST=f"127.0.0.1:{free_port()}",
+        DYLEN_CLOUD_TASKS_QUEUE_PATH="projects/p/locations/l/queues/q",
+    )
+    assert seen == {
+        "import": False,
+        "dispatcher": False,
+        "dispatched": False,
+        "after": True,
+        "connector": False,
+    }
