@@ -1,0 +1,76 @@
+"""Helpers for fault tests: private stacks of real function processes, and database checks."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from tests.support import TASK_SECRET, FunctionServer, Stack, base_env
+
+
+def start_stack(
+    database_url: str,
+    logs_dir: Path,
+    *,
+    names: Iterable[str] = ("create_job", "get_job", "rescue_jobs"),
+    **overrides: str,
+) -> Stack:
+    """process_job plus `names`, on their own ports, with local dispatch wired to this process_job."""
+    env = base_env(database_url, **overrides)
+    process = FunctionServer("process_job", env, logs_dir).start(wait=False)
+    env.setdefault("DYLEN_PROCESS_JOB_URL", process.url + "/")
+    servers = {"process_job": process}
+    for name in names:
+        servers[name] = FunctionServer(name, env, logs_dir).start(wait=False)
+    try:
+        for server in servers.values():
+            server.wait_ready()
+    except BaseException:
+        for server in servers.values():
+            server.kill()
+        raise
+    return Stack(servers)
+
+
+def rescue(stack: Stack) -> dict[str, Any]:
+    response = stack.http.post(
+        stack.url("rescue_jobs") + "/", headers={"X-Dylen-Task-Secret": TASK_SECRET}, timeout=30
+    )
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def wait_until(check: Callable[[], bool], *, timeout: float, interval: float = 0.1, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or check}")
+
+
+def job_statuses(db: sa.Engine, job_ids: Iterable[str]) -> dict[str, str]:
+    ids = list(job_ids)
+    with db.connect() as conn:
+        rows = conn.execute(
+            sa.text("SELECT id::text AS id, status FROM jobs WHERE id::text = ANY(:ids)"), {"ids": ids}
+        )
+        return {row.id: row.status for row in rows}
+
+
+def lessons_per_job(db: sa.Engine, job_ids: Iterable[str]) -> dict[str, int]:
+    ids = list(job_ids)
+    with db.connect() as conn:
+        rows = conn.execute(
+            sa.text(
+                "SELECT job_id::text AS job_id, count(*) AS n FROM lessons "
+                "WHERE job_id::text = ANY(:ids) GROUP BY job_id"
+            ),
+            {"ids": ids},
+        )
+        return {row.job_id: int(row.n) for row in rows}
