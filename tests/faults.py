@@ -36,6 +36,12 @@ def start_stack(
     return Stack(servers)
 
 
+def kill_all(stack: Stack) -> None:
+    """Teardown: SIGKILL every process at once (no graceful drain to wait for)."""
+    for server in stack.servers.values():
+        server.kill()
+
+
 def rescue(stack: Stack) -> dict[str, Any]:
     response = stack.http.post(
         stack.url("rescue_jobs") + "/", headers={"X-Dylen-Task-Secret": TASK_SECRET}, timeout=30

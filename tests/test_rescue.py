@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from common import rescue
 from common.store import Job
 from tests.factories import job_row, make_job, make_user
-from tests.faults import lessons_per_job, start_stack
+from tests.faults import kill_all, lessons_per_job, start_stack
 from tests.faults import rescue as call_rescue
 from tests.support import Stack, lesson_body
 
@@ -188,7 +188,7 @@ def rescue_stack(database_url: str, logs_dir: Path, calls_dir: Path) -> Stack:
         DYLEN_TEST_CALLS_DIR=str(calls_dir),
     )
     yield stack
-    stack.stop()
+    kill_all(stack)
 
 
 def test_rescue_jobs_function_finishes_a_job_whose_dispatch_never_happened(
