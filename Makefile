@@ -5,13 +5,14 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run test soak lint fmt clean help
+.PHONY: run test soak bench-load lint fmt clean help
 
 help:
 	@echo "make run    start embedded PostgreSQL and every function locally (Ctrl-C stops)"
 	@echo "make test   run the whole test suite (what CI runs)"
 	@echo "make lint   ruff + mypy"
 	@echo "make soak   the full fault soak (2,000 jobs while process_job is killed at random)"
+	@echo "make bench-load  64 clients creating jobs for 30 s (figures in bench/RESULTS.md)"
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=python3.11)")'
@@ -29,6 +30,9 @@ test: $(STAMP)
 # The soak also runs in `make test`, shortened (DYLEN_SOAK_JOBS defaults to 200).
 soak: $(STAMP)
 	DYLEN_SOAK_JOBS=$${DYLEN_SOAK_JOBS:-2000} $(BIN)/python -m pytest -m soak --timeout 1800 $(PYTEST_ARGS)
+
+bench-load: $(STAMP)
+	$(BIN)/python bench/load_bench.py $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
