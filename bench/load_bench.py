@@ -72,7 +72,7 @@ def main() -> int:
         DYLEN_DB_MAX_OVERFLOW=str(args.max_overflow),
         DYLEN_LOCAL_DISPATCH_MIN_BACKOFF_SECONDS="0.1",
         DYLEN_LOCAL_DISPATCH_MAX_BACKOFF_SECONDS="10",
-        DYLEN_RESCUE_AFTER_SECONDS="10",
+        DYLEN_RESCUE_AFTER_SECONDS="30",
     )
     servers: dict[str, FunctionServer] = {}
     servers["process_job"] = FunctionServer("process_job", fenv, workdir).start()
@@ -146,6 +146,7 @@ def main() -> int:
     remaining = len(accepted)
     rescues = 0
     rescued = 0
+    last_remaining, last_progress = len(accepted) + 1, time.monotonic()
     with engine.connect() as conn:
         while time.monotonic() - drain_started < args.drain_seconds:
             remaining = conn.execute(sa.text("SELECT count(*) FROM jobs WHERE status <> 'done'")).scalar_one()
@@ -153,12 +154,16 @@ def main() -> int:
             if remaining == 0:
                 break
             time.sleep(1)
-            if int(time.monotonic() - drain_started) % 15 == 14:  # as the scheduler would, but sooner
+            if remaining < last_remaining:
+                last_remaining, last_progress = remaining, time.monotonic()
+            elif time.monotonic() - last_progress > 15:
+                # Stuck, not merely backlogged: what the 5-minute scheduler would do, sooner.
                 answer = requests.post(
                     servers["rescue_jobs"].url + "/", headers={"X-Dylen-Task-Secret": TASK_SECRET}, timeout=60
                 )
                 rescues += 1
                 rescued += int(answer.json().get("redispatched", 0)) if answer.ok else 0
+                last_progress = time.monotonic()
         drain_seconds = time.monotonic() - drain_started
         done = conn.execute(sa.text("SELECT count(*) FROM jobs WHERE status = 'done'")).scalar_one()
         lessons = conn.execute(sa.text("SELECT count(*) FROM lessons")).scalar_one()
