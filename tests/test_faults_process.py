@@ -159,7 +159,7 @@ def test_soak_jobs_finish_exactly_once_while_process_job_is_killed_at_random(
             if time.monotonic() > deadline:
                 break
             # A few slow jobs widen the window in which a kill lands mid-run.
-            topic = f"slow:0.2 soak {index}" if index % 10 == 0 else f"Soak {index}"
+            topic = f"slow:0.3 soak {index}" if index % 5 == 0 else f"Soak {index}"
             body = lesson_body(topic, key=f"soak-{index}")
             response = http.post(
                 fault_stack.url("create_job") + "/",
@@ -176,14 +176,29 @@ def test_soak_jobs_finish_exactly_once_while_process_job_is_killed_at_random(
     producers = [threading.Thread(target=produce, args=(w,)) for w in range(4)]
     for thread in producers:
         thread.start()
+
+    def running_now() -> bool:
+        with db.connect() as conn:
+            found = conn.execute(
+                sa.text("SELECT 1 FROM jobs WHERE status = 'running' AND user_id = ANY(:users) LIMIT 1"),
+                {"users": users},
+            ).first()
+        return found is not None
+
+    # Kill at random moments while jobs run (aimed at a moment some job is `running`), until the
+    # kill budget is spent; jobs keep streaming in meanwhile.
+    budget = 3 + total // 100
     kills = 0
-    # Kill at random moments while jobs stream in, and at least three times in all.
-    while any(thread.is_alive() for thread in producers) or kills < 3:
-        time.sleep(rng.uniform(0.3, 1.5))
+    kill_deadline = time.monotonic() + 60 + total * 0.05
+    while kills < budget and time.monotonic() < kill_deadline:
+        time.sleep(rng.uniform(0.2, 1.0))
+        try:
+            wait_until(running_now, timeout=5, interval=0.02, what="a running job")
+        except AssertionError:
+            if not any(thread.is_alive() for thread in producers) and kills >= 3:
+                break  # nothing left running to interrupt
         _restart_process_job(fault_stack)
         kills += 1
-        if kills >= 3 + total // 100:
-            break
     for thread in producers:
         thread.join(600)
     assert not failures, failures[:5]
@@ -199,4 +214,11 @@ def test_soak_jobs_finish_exactly_once_while_process_job_is_killed_at_random(
             sa.text("SELECT count(*) - count(DISTINCT job_id) FROM lessons WHERE job_id::text = ANY(:ids)"),
             {"ids": accepted},
         ).scalar_one()
+        retried = conn.execute(
+            sa.text("SELECT count(*) FROM jobs WHERE attempts > 1 AND id::text = ANY(:ids)"),
+            {"ids": accepted},
+        ).scalar_one()
     assert dupes == 0
+    assert retried >= 1, "no kill interrupted a running job"
+    # Shown with -s: how many jobs a kill interrupted mid-run (they needed a second attempt).
+    print(f"soak: {total} jobs, {kills} kills, {retried} jobs retried after a kill")
