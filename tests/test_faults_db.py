@@ -109,14 +109,15 @@ def _requests(stack: Stack, user: str) -> dict[str, tuple[str, str, dict[str, An
     }
 
 
+@pytest.mark.parametrize("mode", ["fast", "immediate"])  # clean shutdown, and one like a crash
 def test_every_function_answers_503_quickly_while_the_database_is_down(
-    own_pg: Any, db_stack: Stack, user: str
+    own_pg: Any, db_stack: Stack, user: str, mode: str
 ) -> None:
     pids = _pids(db_stack)
     # Warm every pool first, so the outage has stale connections to find.
     for name, (method, url, kwargs) in _requests(db_stack, user).items():
         assert db_stack.http.request(method, url, timeout=10, **kwargs).status_code < 500, name
-    own_pg.stop()
+    own_pg.stop(mode)
     try:
         for name, (method, url, kwargs) in _requests(db_stack, user).items():
             started = time.monotonic()
