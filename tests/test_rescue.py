@@ -11,6 +11,7 @@ import sqlalchemy as sa
 
 from common import rescue
 from common.store import Job
+from tests.conftest import handler_runs
 from tests.factories import job_row, make_job, make_user
 from tests.faults import kill_all, lessons_per_job, start_stack
 from tests.faults import rescue as call_rescue
@@ -228,3 +229,39 @@ def test_rescue_jobs_only_answers_post_at_its_root(rescue_stack: Stack) -> None:
         timeout=10,
     )
     assert response.status_code == 404
+
+
+def test_rescuers_racing_deliveries_still_run_each_job_once(
+    rescue_stack: Stack, db: sa.Engine, user: str, calls_dir: Path
+) -> None:
+    # Given stale jobs that direct deliveries and rescue runs (which dispatch them too) race for
+    ids = [rescue_stack.create(user, lesson_body(f"Race {i}")).json()["job_id"] for i in range(12)]
+    with db.begin() as conn:
+        conn.execute(
+            sa.text("UPDATE jobs SET dispatched_at = now() - interval '1 hour' WHERE id::text = ANY(:ids)"),
+            {"ids": ids},
+        )
+    errors: list[str] = []
+
+    def deliver_all() -> None:
+        for job_id in ids:
+            response = rescue_stack.deliver(job_id)
+            if response.status_code not in (200, 503):
+                errors.append(f"{response.status_code} {response.text[:200]}")
+
+    def rescue_repeatedly() -> None:
+        for _ in range(4):
+            call_rescue(rescue_stack)
+
+    threads = [threading.Thread(target=deliver_all) for _ in range(3)]
+    threads += [threading.Thread(target=rescue_repeatedly) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors[:3]
+    for job_id in ids:
+        rescue_stack.wait_for(user, job_id, statuses=("done",), timeout=20)
+    # Then every job ran its handler once and has exactly one lesson
+    assert lessons_per_job(db, ids) == dict.fromkeys(ids, 1)
+    assert {job_id: handler_runs(calls_dir, job_id) for job_id in ids} == dict.fromkeys(ids, 1)
