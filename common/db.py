@@ -7,6 +7,7 @@ DatabaseUnavailable (503) so no caller ever answers a driver traceback.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -85,7 +86,32 @@ def build_engine(settings: Settings) -> Engine:
             if sock is not None:
                 sock.settimeout(None)
 
+    _bound_pre_ping(engine, settings.db_connect_timeout_seconds)
     return engine
+
+
+def _bound_pre_ping(engine: Engine, seconds: float) -> None:
+    """Give the checkout ping a deadline. Reads are otherwise unbounded (see above), so a pooled
+    connection to a database that stopped answering without closing the socket (a dropped network,
+    a frozen failover) would hang the request forever. A ping that times out counts as a
+    disconnect: the connection is replaced, and a database still away answers 503."""
+    dialect = engine.dialect
+    ping = dialect.do_ping
+
+    def bounded_ping(dbapi_conn: Any) -> bool:
+        sock = getattr(dbapi_conn, "_usock", None)
+        if sock is None:
+            return ping(dbapi_conn)
+        sock.settimeout(seconds)
+        try:
+            return ping(dbapi_conn)
+        except OSError as error:  # the timeout surfaces raw from pg8000's first read
+            raise dialect.loaded_dbapi.InterfaceError("network error") from error
+        finally:
+            with contextlib.suppress(OSError):
+                sock.settimeout(None)
+
+    dialect.do_ping = bounded_ping  # type: ignore[method-assign,assignment]
 
 
 def get_engine() -> Engine:

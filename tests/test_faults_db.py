@@ -22,7 +22,7 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from tests.faults import kill_all, rescue, start_stack, wait_until
+from tests.faults import FreezableProxy, kill_all, rescue, start_stack, wait_until
 from tests.support import ROOT, TASK_SECRET, FunctionServer, Stack, base_env, lesson_body
 
 PROBLEM = "application/problem+json"
@@ -249,3 +249,44 @@ def test_a_database_that_accepts_but_never_answers_gives_503_within_the_connect_
     assert response.status_code == 503, response.text
     assert response.headers["Content-Type"].startswith(PROBLEM)
     assert elapsed < 4, elapsed
+
+
+def test_a_database_that_stops_answering_on_open_connections_gives_503_not_a_hang(
+    own_pg: Any, own_db_url: str, logs_dir: Path, user: str
+) -> None:
+    # Given get_job with warm pooled connections through a relay to PostgreSQL
+    proxy = FreezableProxy(own_pg.port)
+    url = sa.engine.make_url(own_db_url).set(port=proxy.port).render_as_string(hide_password=False)
+    env = base_env(url, DYLEN_DB_CONNECT_TIMEOUT_SECONDS="1")
+    server = FunctionServer("get_job", env, logs_dir).start()
+    http = requests.Session()
+    http.trust_env = False
+    try:
+        for _ in range(3):
+            assert (
+                http.get(
+                    f"{server.url}/{uuid.uuid4()}", headers={"X-Dylen-User": user}, timeout=10
+                ).status_code
+                == 404
+            )
+        # When the network silently drops everything (no reset, no close)
+        proxy.frozen.set()
+        started = time.monotonic()
+        response = http.get(f"{server.url}/{uuid.uuid4()}", headers={"X-Dylen-User": user}, timeout=30)
+        elapsed = time.monotonic() - started
+        # And once the network is back the same process serves again
+        proxy.frozen.clear()
+
+        def serves() -> bool:
+            again = http.get(f"{server.url}/{uuid.uuid4()}", headers={"X-Dylen-User": user}, timeout=10)
+            return again.status_code == 404
+
+        wait_until(serves, timeout=15, interval=0.2, what="get_job to serve after the network returns")
+        assert server.proc is not None and server.proc.poll() is None
+    finally:
+        server.kill()
+        proxy.close()
+    # Then the pooled connection's liveness check gives up within the bound and the answer is 503
+    assert response.status_code == 503, response.text
+    assert response.headers["Content-Type"].startswith(PROBLEM)
+    assert elapsed < 5, elapsed
