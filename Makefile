@@ -8,7 +8,7 @@ EMU_VENV  := .venv-tasks-emulator
 EMU_STAMP := $(EMU_VENV)/.installed-stamp
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run test lint fmt clean help bench tasks-emulator
+.PHONY: run test soak lint fmt clean help bench bench-load tasks-emulator
 
 help:
 	@echo "make run    start embedded PostgreSQL and every function locally (Ctrl-C stops)"
@@ -16,6 +16,8 @@ help:
 	@echo "make lint   ruff + mypy"
 	@echo "make bench  performance against baselines -> bench/RESULTS.md (needs wrk)"
 	@echo "make tasks-emulator   install gcloud-tasks-emulator into .venv-tasks-emulator/ (make test does)"
+	@echo "make soak   the full fault soak (2,000 jobs while process_job is killed at random)"
+	@echo "make bench-load  64 clients creating jobs for 30 s (figures in bench/RESULTS.md)"
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=python3.11)")'
@@ -44,6 +46,13 @@ $(VENV)/.bench-stamp: $(STAMP) bench/requirements.txt
 bench: $(VENV)/.bench-stamp
 	@command -v wrk >/dev/null || { echo "make bench needs wrk: sudo apt-get install wrk (Debian/Ubuntu) or brew install wrk"; exit 2; }
 	$(BIN)/python -m bench.perf $(BENCH_ARGS)
+
+# The soak also runs in `make test`, shortened (DYLEN_SOAK_JOBS defaults to 200).
+soak: $(STAMP)
+	DYLEN_SOAK_JOBS=$${DYLEN_SOAK_JOBS:-2000} $(BIN)/python -m pytest -m soak --timeout 1800 $(PYTEST_ARGS)
+
+bench-load: $(STAMP)
+	$(BIN)/python bench/load_bench.py $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -10,7 +10,6 @@ import atexit
 import contextlib
 import functools
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -57,9 +56,6 @@ def _cloud_sql_creator(settings: Settings) -> Any:
     return creator
 
 
-# A pooled connection idle longer than this is pinged at checkout; busy ones are not, so the hot
-# path pays no extra round trip. Connections that die under load are caught by `_classify`.
-IDLE_PING_SECONDS = 10.0
 # SQLSTATE class 57P: the server is shutting down or terminated the session (restart, failover).
 _DISCONNECT_SQLSTATES = ("57P01", "57P02", "57P03")
 
@@ -103,6 +99,9 @@ def build_engine(settings: Settings) -> Engine:
     common: dict[str, Any] = {
         "pool_size": settings.db_pool_size,
         "max_overflow": settings.db_max_overflow,
+        # Every checkout pings (one simple-protocol round trip in autocommit, bounded by
+        # _bound_pre_ping), so a database restart or a silently dropped network costs no request.
+        "pool_pre_ping": True,
         "pool_recycle": 1800,
         "pool_timeout": settings.db_connect_timeout_seconds,
         # Autocommit at the driver: a single statement is its own transaction and costs no
@@ -131,23 +130,6 @@ def build_engine(settings: Settings) -> Engine:
             if sock is not None:
                 sock.settimeout(None)
 
-    @event.listens_for(engine, "checkin")
-    def _stamp(_dbapi_conn: Any, record: Any) -> None:
-        record.info["checked_in"] = time.monotonic()
-
-    @event.listens_for(engine, "checkout")
-    def _ping_if_idle(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
-        idle_since = record.info.get("checked_in")
-        if idle_since is None or time.monotonic() - idle_since < IDLE_PING_SECONDS:
-            return
-        try:
-            cursor = dbapi_conn.cursor()
-            cursor.execute("SELECT 1")
-            cursor.close()
-        except Exception as error:
-            # The pool discards this connection and tries a fresh one.
-            raise exc.DisconnectionError(f"stale pooled connection: {error}") from error
-
     @event.listens_for(engine, "handle_error")
     def _classify(context: Any) -> None:
         # A server restart arrives as an ordinary error with SQLSTATE 57P01; calling it a
@@ -157,7 +139,32 @@ def build_engine(settings: Settings) -> Engine:
         if _sqlstate(original) in _DISCONNECT_SQLSTATES or isinstance(original, (ConnectionError, OSError)):
             context.is_disconnect = True
 
+    _bound_pre_ping(engine, settings.db_connect_timeout_seconds)
     return engine
+
+
+def _bound_pre_ping(engine: Engine, seconds: float) -> None:
+    """Give the checkout ping a deadline. Reads are otherwise unbounded (see above), so a pooled
+    connection to a database that stopped answering without closing the socket (a dropped network,
+    a frozen failover) would hang the request forever. A ping that times out counts as a
+    disconnect: the connection is replaced, and a database still away answers 503."""
+    dialect = engine.dialect
+    ping = dialect.do_ping
+
+    def bounded_ping(dbapi_conn: Any) -> bool:
+        sock = getattr(dbapi_conn, "_usock", None)
+        if sock is None:
+            return ping(dbapi_conn)
+        sock.settimeout(seconds)
+        try:
+            return ping(dbapi_conn)
+        except OSError as error:  # the timeout surfaces raw from pg8000's first read
+            raise dialect.loaded_dbapi.InterfaceError("network error") from error
+        finally:
+            with contextlib.suppress(OSError):
+                sock.settimeout(None)
+
+    dialect.do_ping = bounded_ping  # type: ignore[method-assign,assignment]
 
 
 def get_engine() -> Engine:

@@ -97,6 +97,24 @@ def problem_response(error: DylenError) -> flask.Response:
     )
 
 
+def install_problem_handlers() -> None:
+    """Requests functions-framework answers before our entry point runs (a path its router cannot
+    match, such as one with a newline; /robots.txt) get problem+json too, not Flask's HTML page.
+    Call at import of a function's main.py, where functions-framework provides the app context."""
+    if not flask.has_app_context():
+        return
+    from werkzeug.exceptions import HTTPException
+
+    def _problem(error: HTTPException) -> flask.Response:
+        status = error.code or 500
+        problem = DylenError(error.description or error.name)
+        problem.status, problem.title = status, error.name
+        problem.type_slug = "not-found" if status == 404 else "http-" + str(status)
+        return problem_response(problem)
+
+    flask.current_app.register_error_handler(HTTPException, _problem)
+
+
 AuthKind = Literal["user", "task", None]
 
 

@@ -244,6 +244,75 @@ def expire_exhausted_job(conn: Connection, job_id: uuid.UUID, *, error: dict[str
     return updated.rowcount == 1
 
 
+# --- rescue ---------------------------------------------------------------------------------------
+
+# One statement claims a bounded batch: rows another rescuer or a process_job claim holds are skipped
+# (SKIP LOCKED), and `dispatched_at` moves forward in the same UPDATE, so a concurrent rescuer no
+# longer sees them as stale and never dispatches them twice. Running jobs whose lease expired go back
+# to `queued` (or `error` when out of attempts); a stale attempt's finish then fails its guard.
+_RESCUE = text(
+    f"""
+    WITH picked AS (
+        SELECT id, dispatched_at AS previous_dispatched_at FROM jobs
+         WHERE (status = 'queued'
+                AND (dispatched_at IS NULL OR dispatched_at < now() - make_interval(secs => :stale)))
+            OR (status = 'running' AND lease_expires_at < now())
+         ORDER BY dispatched_at NULLS FIRST
+         LIMIT :limit
+         FOR UPDATE SKIP LOCKED
+    )
+    UPDATE jobs
+       SET status = CASE WHEN jobs.attempts >= jobs.max_attempts THEN 'error' ELSE 'queued' END,
+           error_json = CASE
+               WHEN jobs.attempts >= jobs.max_attempts THEN jsonb_build_object(
+                   'code', 'attempts_exhausted',
+                   'message', 'No attempts left after the last lease expired.',
+                   'attempt', jobs.attempts)
+               WHEN jobs.status = 'running' THEN jsonb_build_object(
+                   'code', 'lease_expired',
+                   'message', 'The attempt did not finish within its lease; retrying.',
+                   'attempt', jobs.attempts)
+               ELSE jobs.error_json END,
+           completed_at = CASE WHEN jobs.attempts >= jobs.max_attempts THEN now() END,
+           lease_expires_at = NULL,
+           dispatched_at = now(),
+           updated_at = now()
+      FROM picked
+     WHERE jobs.id = picked.id
+       AND (jobs.status = 'queued' OR (jobs.status = 'running' AND jobs.lease_expires_at < now()))
+    RETURNING picked.previous_dispatched_at, {", ".join("jobs." + c.strip() for c in JOB_COLUMNS.split(","))}
+    """
+)
+
+
+@dataclass(frozen=True)
+class Rescued:
+    job: Job
+    previous_dispatched_at: datetime | None
+
+
+def rescue_stale_jobs(conn: Connection, *, stale_after_seconds: int, limit: int) -> list[Rescued]:
+    """Claim up to `limit` stale queued / lease-expired running jobs: `queued` + new dispatch stamp,
+    or `error` (attempts_exhausted). The caller dispatches the queued ones after commit."""
+    rows = conn.execute(_RESCUE, {"stale": stale_after_seconds, "limit": limit})
+    return [Rescued(Job.from_row(row), row.previous_dispatched_at) for row in rows]
+
+
+def restore_dispatch_stamp(
+    conn: Connection, job_id: uuid.UUID, *, ours: datetime | None, previous: datetime | None
+) -> bool:
+    """After a failed dispatch: put `dispatched_at` back so the next rescue run sees the job as stale
+    at once (unless something touched the job meanwhile)."""
+    updated = conn.execute(
+        text(
+            "UPDATE jobs SET dispatched_at = :previous "
+            "WHERE id = :id AND status = 'queued' AND dispatched_at IS NOT DISTINCT FROM :ours"
+        ),
+        {"id": job_id, "ours": ours, "previous": previous},
+    )
+    return updated.rowcount == 1
+
+
 # --- lessons --------------------------------------------------------------------------------------
 
 LESSON_COLUMNS = "id, user_id, job_id, topic, title, content, created_at, archived_at"

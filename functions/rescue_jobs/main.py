@@ -1,0 +1,26 @@
+"""rescue_jobs: POST / from Cloud Scheduler -> re-dispatches stuck jobs; 200 {"redispatched", "failed"}."""
+
+import flask
+import functions_framework
+
+from common import rescue
+from common.config import Settings, get_settings
+from common.http import Call, install_problem_handlers, json_response, serve
+
+get_settings()  # a bad configuration fails the cold start, not the first request
+install_problem_handlers()
+
+
+def _audience(settings: Settings) -> str:
+    # Cloud Scheduler's OIDC token names this function's own URL, not process_job's.
+    return settings.tasks_oidc_audience or f"{settings.base_url}/rescue_jobs"
+
+
+def _rescue(call: Call) -> flask.Response:
+    call.require_root_path()
+    return json_response(rescue.rescue_jobs().counts())
+
+
+@functions_framework.http
+def rescue_jobs(request: flask.Request) -> flask.Response:
+    return serve(request, methods=("POST",), auth="task", action=_rescue, task_audience=_audience)

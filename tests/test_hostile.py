@@ -1,0 +1,227 @@
+"""Hostile input: property-based payload validation, and malformed / oversized / strange requests
+against the real processes. Nothing is a 5xx, nothing crashes a process, and whatever is accepted
+is stored verbatim (SQL-looking text, any Unicode)."""
+
+from __future__ import annotations
+
+import socket
+import string
+import uuid
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from common.errors import ValidationFailed
+from common.handlers.lesson import DEPTHS, validate_lesson_payload
+from common.jobs import parse_create_request
+from tests.support import Stack, lesson_body
+
+PROBLEM = "application/problem+json"
+FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+# --- Hypothesis: validation never fails with anything but ValidationFailed -----------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=50),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=12,
+)
+fields = st.sampled_from(["job_kind", "idempotency_key", "payload", "topic", "depth", "language", "details"])
+near_valid = st.fixed_dictionaries(
+    {},
+    optional={
+        "job_kind": st.sampled_from(["lesson", "Lesson", "", "other"]) | json_values,
+        "idempotency_key": st.text(max_size=210) | json_values,
+        "payload": st.fixed_dictionaries(
+            {},
+            optional={
+                "topic": st.text(max_size=210) | json_values,
+                "details": st.text(max_size=310) | json_values,
+                "depth": st.sampled_from([*DEPTHS, "deep", ""]) | json_values,
+                "language": st.text(max_size=40) | json_values,
+            },
+        )
+        | json_values,
+    },
+)
+
+
+def _check_errors(error: ValidationFailed) -> None:
+    assert error.status == 422
+    assert error.errors, "a 422 always says which field"
+    for entry in error.errors:
+        assert isinstance(entry["field"], str) and isinstance(entry["message"], str)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(body=json_values | near_valid)
+def test_parse_create_request_accepts_or_names_the_bad_fields(body: Any) -> None:
+    try:
+        kind, key, payload = parse_create_request(body)
+    except ValidationFailed as error:
+        _check_errors(error)
+        return
+    assert kind == "lesson"
+    assert isinstance(key, str) and 1 <= len(key) <= 200
+    assert set(payload) == {"topic", "details", "depth", "language"}
+    assert validate_lesson_payload(payload) == payload  # normalised form is a fixed point
+
+
+visible = st.text(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1, max_size=200
+)
+
+
+@FAST
+@given(
+    topic=visible.filter(lambda t: t.strip()),
+    depth=st.sampled_from(DEPTHS),
+    language=st.text(string.ascii_letters + string.digits + "-", min_size=1, max_size=35),
+    details=st.none()
+    | st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=300),
+)
+def test_every_valid_payload_is_accepted_and_normalised(
+    topic: str, depth: str, language: str, details: str | None
+) -> None:
+    payload = validate_lesson_payload(
+        {"topic": topic, "depth": depth, "language": language, "details": details}
+    )
+    assert payload["topic"] == topic.strip()
+    assert payload["depth"] == depth and payload["language"] == language
+    assert payload["details"] == ((details or "").strip() or None)
+
+
+@FAST
+@given(topic=st.text(max_size=20).map(lambda t: t + "\x00"), extra=st.text(min_size=1, max_size=10))
+def test_nul_and_unknown_fields_are_always_rejected(topic: str, extra: str) -> None:
+    with pytest.raises(ValidationFailed) as nul:
+        validate_lesson_payload({"topic": topic})
+    _check_errors(nul.value)
+    key = "x-" + extra  # never one of the known fields
+    with pytest.raises(ValidationFailed) as unknown:
+        validate_lesson_payload({"topic": "ok", key: 1})
+    assert any(entry["field"] == "payload." + key for entry in unknown.value.errors or [])
+
+
+# --- stored verbatim ----------------------------------------------------------------------------------
+
+VERBATIM = [
+    "'; DROP TABLE jobs; --",
+    "Robert'); DELETE FROM lessons WHERE ('1'='1",
+    "1 OR 1=1 /* */ UNION SELECT * FROM users",
+    "$$ $body$ \\x00 E'\\\\' %s %(x)s :param ?",
+    "Фотосинтез и 光合作用 — ﷽",
+    "emoji 👩🏽‍🔬🧬 and ZWJ sequences",
+    "right-to-left \u202e txet and combining e\u0301",
+    "tab\tand\nnewline inside",
+    '{"json": "inside", "array": [1, 2]}',
+]
+
+
+@pytest.mark.parametrize("topic", VERBATIM)
+def test_strange_text_round_trips_verbatim(stack: Stack, user: str, topic: str) -> None:
+    key = f"{topic[:40]}-{uuid.uuid4().hex[:6]}"
+    created = stack.create(user, lesson_body(topic, key=key, details=topic[:300]))
+    assert created.status_code == 202, created.text
+    done = stack.wait_for(user, created.json()["job_id"])
+    assert done["status"] == "done"
+    lesson = stack.get_lesson(user, done["result"]["lesson_id"]).json()
+    assert lesson["topic"] == topic.strip()
+    listed = stack.list_lessons(user).json()["lessons"]
+    assert [entry["topic"] for entry in listed] == [topic.strip()]
+    # The same key again is the same job: the key itself is stored verbatim too.
+    again = stack.create(user, lesson_body(topic, key=key, details=topic[:300]))
+    assert again.status_code == 200 and again.json()["job_id"] == created.json()["job_id"]
+
+
+def test_nul_in_a_json_string_is_422_not_500(stack: Stack, user: str) -> None:
+    for body in (lesson_body("a\u0000b"), lesson_body(key="k\u0000"), lesson_body(details="x\u0000")):
+        response = stack.create(user, body)
+        assert response.status_code == 422, response.text
+        assert response.headers["Content-Type"].startswith(PROBLEM)
+
+
+# --- raw HTTP: what a well-behaved client library would refuse to send ------------------------------
+
+
+def _raw(port: int, request: bytes, timeout: float = 10) -> tuple[int, bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(request)
+        chunks = []
+        try:
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                if b"\r\n\r\n" in b"".join(chunks) and len(b"".join(chunks)) > 4096:
+                    break
+        except (TimeoutError, ConnectionResetError):
+            pass
+    data = b"".join(chunks)
+    assert data.startswith(b"HTTP/1."), data[:200]
+    return int(data.split(b" ", 2)[1]), data
+
+
+def _get(path: str, headers: bytes) -> bytes:
+    return (
+        b"GET " + path.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n" + headers + b"\r\n"
+    )
+
+
+def _post(headers: bytes, body: bytes) -> bytes:
+    return (
+        b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\n"
+        + headers
+        + b"Content-Length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
+    )
+
+
+HOSTILE_HEADERS = {
+    "huge-user": b"X-Dylen-User: " + b"u" * 100_000 + b"\r\n",
+    "huge-unrelated": b"X-Junk: " + b"j" * 60_000 + b"\r\n",
+    "many-headers": b"".join(b"X-H%d: v\r\n" % i for i in range(300)),
+    "nul-in-user": b"X-Dylen-User: ab\x00cd\r\n",
+    "latin1-user": b"X-Dylen-User: \xff\xfe\xfd\r\n",
+    "utf8-user": "X-Dylen-User: 用户\r\n".encode(),
+    "control-user": b"X-Dylen-User: a\x01b\x7fc\r\n",
+    "bearer-no-token": b"Authorization: Bearer\r\n",
+    "bearer-spaces": b"Authorization: Bearer    \r\nX-Dylen-User: ok-user\r\n",
+    "no-colon": b"X-Dylen-User ok-user\r\n",
+    "folded": b"X-Dylen-User: a\r\n b\r\n",
+    "trace-garbage": b"X-Cloud-Trace-Context: " + b"/;" * 2000 + b"\r\nX-Dylen-User: ok-user\r\n",
+    "content-length-negative": b"Content-Length: -5\r\nX-Dylen-User: ok-user\r\n",
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_HEADERS))
+@pytest.mark.parametrize("name", ["get_job", "list_lessons", "create_job"])
+def test_hostile_headers_get_a_4xx_and_the_process_survives(stack: Stack, name: str, case: str) -> None:
+    port = stack.servers[name].port
+    headers = HOSTILE_HEADERS[case]
+    if name == "create_job":
+        request = _post(headers, b'{"job_kind": "lesson", "idempotency_key": "h", "payload": {"topic": "x"}}')
+    else:
+        request = _get("/" + (str(uuid.uuid4()) if name == "get_job" else ""), headers)
+    status, data = _raw(port, request)
+    # A request that still carries a usable uid is served; every other one is a 4xx, never a 5xx.
+    usable_uid = case in ("utf8-user", "latin1-user", "bearer-spaces", "trace-garbage")
+    assert 400 <= status < 500 or (usable_uid and status in (200, 202)), data[:300]
+    assert b"Traceback" not in data
+    assert stack.servers[name].proc is not None and stack.servers[name].proc.poll() is None
+    # ...and it still serves a normal request.
+    assert stack.http.get(stack.url("list_lessons") + "/", headers={"X-Dylen-User": "after"}, timeout=10).ok
+
+
+def test_invalid_utf8_anywhere_in_the_request_is_4xx(stack: Stack) -> None:
+    port = stack.servers["create_job"].port
+    body = b'{"job_kind": "lesson", "idempotency_key": "\xc3\x28", "payload": {"topic": "\xed\xa0\x80"}}'
+    status, data = _raw(port, _post(b"X-Dylen-User: utf-user\r\n", body))
+    assert status == 400, data[:300]
+    status, _ = _raw(stack.servers["get_job"].port, _get("/%ff%fe", b"X-Dylen-User: utf-user\r\n"))
+    assert status == 404
