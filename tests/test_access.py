@@ -78,6 +78,8 @@ def _user_call(stack: Stack, name: str, *, headers: dict[str, str], target: str 
         return http.post(
             stack.url(name) + "/" + target, json=lesson_body("Intruder"), headers=headers, timeout=10
         )
+    if name == "cancel_job":
+        return http.post(f"{stack.url(name)}/{target or uuid.uuid4()}", headers=headers, timeout=10)
     if name == "list_lessons":
         return http.get(
             stack.url(name) + "/", params={"cursor": target} if target else None, headers=headers, timeout=10
@@ -106,9 +108,13 @@ def test_user_functions_refuse_missing_or_bad_credentials(
     _assert_no_leak(response, victim)
 
 
-@pytest.mark.parametrize(("name", "field"), [("get_job", "job_id"), ("get_lesson", "lesson_id")])
+@pytest.mark.parametrize(
+    ("name", "field", "owner_status"),
+    # The victim's job is done, so its owner's cancel is 409: it exists for them, not for others.
+    [("get_job", "job_id", 200), ("get_lesson", "lesson_id", 200), ("cancel_job", "job_id", 409)],
+)
 def test_another_users_ids_are_404_and_leak_nothing(
-    stack: Stack, victim: dict[str, str], user: str, name: str, field: str
+    stack: Stack, victim: dict[str, str], user: str, name: str, field: str, owner_status: int
 ) -> None:
     response = _user_call(stack, name, headers={"X-Dylen-User": user}, target=victim[field])
     _assert_problem(response, 404)
@@ -116,7 +122,7 @@ def test_another_users_ids_are_404_and_leak_nothing(
     # The owner still sees it: the 404 is about ownership, not existence.
     assert (
         _user_call(stack, name, headers={"X-Dylen-User": victim["uid"]}, target=victim[field]).status_code
-        == 200
+        == owner_status
     )
 
 
@@ -139,7 +145,7 @@ def test_another_users_idempotency_key_is_a_new_job_not_theirs(
     assert victim["lesson_id"] not in response.text
 
 
-@pytest.mark.parametrize("name", ["get_job", "get_lesson"])
+@pytest.mark.parametrize("name", ["get_job", "get_lesson", "cancel_job"])
 @pytest.mark.parametrize(
     "bad_id",
     ["nope", "0", "%00", "..%2F..%2Fetc", "' OR '1'='1", "😀", str(uuid.uuid4()).upper() + "0", "a" * 5000],
