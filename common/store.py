@@ -260,3 +260,155 @@ def list_visible_lessons(
             params,
         )
     )
+
+
+# --- archiving (lesson history limits) ------------------------------------------------------------
+#
+# A user's visible history is their newest N non-archived lessons (newest by created_at, then id).
+# Rather than ranking the whole table, each user's "first doomed" lesson is found by walking the
+# partial index lessons_user_visible_idx (the (N+1)-th newest visible lesson, N+1 index entries), and
+# it plus every older visible lesson created before the run's cutoff is archived. Archiving only
+# lessons older than that boundary never changes it, so a batch can stop anywhere and the next batch
+# (or a re-run after a crash) picks up exactly the rest.
+
+
+def _over_limit_ctes(users_where: str) -> str:
+    """CTEs `limits`, `walked` (users matching `users_where`) and `first_doomed` (per over-limit user)."""
+    return f"""
+    limits AS (
+        SELECT tier, keep FROM unnest(CAST(:tiers AS text[]), CAST(:keeps AS integer[])) AS t(tier, keep)
+    ),
+    walked AS (
+        SELECT u.id AS user_id, u.tier, coalesce(limits.keep, :fallback_keep) AS keep
+          FROM users u LEFT JOIN limits ON limits.tier = u.tier
+         WHERE {users_where}
+    ),
+    first_doomed AS (
+        SELECT w.user_id, w.tier, f.created_at, f.id
+          FROM walked w
+         CROSS JOIN LATERAL (
+               SELECT created_at, id FROM lessons
+                WHERE user_id = w.user_id AND archived_at IS NULL
+                ORDER BY created_at DESC, id DESC
+               OFFSET w.keep LIMIT 1
+         ) f
+    )"""
+
+
+# Lessons created at or after the cutoff are never archived by this run (the next run sees them),
+# but they do count toward the N a user keeps: the limit is about what the user sees.
+_DOOMED_OF = """
+    SELECT id FROM lessons
+     WHERE user_id = fd.user_id AND archived_at IS NULL
+       AND (created_at, id) <= (fd.created_at, fd.id)
+       AND created_at < :cutoff"""
+
+_ARCHIVE_BATCH = text(
+    f"""
+    WITH {_over_limit_ctes("u.id > :after_user AND u.id <= :through_user")},
+    doomed AS (
+        SELECT d.id FROM first_doomed fd CROSS JOIN LATERAL ({_DOOMED_OF} LIMIT :batch_size) d
+         LIMIT :batch_size
+    )
+    UPDATE lessons SET archived_at = now()
+     WHERE id IN (SELECT id FROM doomed) AND archived_at IS NULL
+    RETURNING user_id
+    """
+)
+
+_PREVIEW_ARCHIVE = text(
+    f"""
+    WITH {_over_limit_ctes("true")}
+    SELECT fd.tier, count(*) AS users_over_limit, sum(n.lessons) AS lessons
+      FROM first_doomed fd
+     CROSS JOIN LATERAL (SELECT count(*) AS lessons FROM ({_DOOMED_OF}) d) n
+     WHERE n.lessons > 0
+     GROUP BY fd.tier
+     ORDER BY fd.tier
+    """
+)
+
+
+@dataclass(frozen=True)
+class TierLimits:
+    """Visible-history limit per tier; tiers not in `limits` get `fallback` (the free tier's)."""
+
+    limits: dict[str, int]
+    fallback: int
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "tiers": list(self.limits),
+            "keeps": list(self.limits.values()),
+            "fallback_keep": self.fallback,
+        }
+
+
+def database_now(conn: Connection) -> datetime:
+    return conn.execute(text("SELECT clock_timestamp()")).scalar_one()
+
+
+def user_window_end(conn: Connection, *, after_user: str, size: int) -> str | None:
+    """The id `size` users past `after_user` in id order (or the last one); None when none are left."""
+    return conn.execute(
+        text("SELECT max(id) FROM (SELECT id FROM users WHERE id > :after ORDER BY id LIMIT :size) AS w"),
+        {"after": after_user, "size": size},
+    ).scalar_one()
+
+
+def archive_batch(
+    conn: Connection,
+    *,
+    limits: TierLimits,
+    after_user: str,
+    through_user: str,
+    cutoff: datetime,
+    batch_size: int,
+) -> list[str]:
+    """Archive up to `batch_size` over-limit lessons of users in (after_user, through_user].
+
+    Returns the owner of each archived lesson. Fewer than `batch_size` means the window is done.
+    """
+    rows = conn.execute(
+        _ARCHIVE_BATCH,
+        {
+            **limits.params(),
+            "after_user": after_user,
+            "through_user": through_user,
+            "cutoff": cutoff,
+            "batch_size": batch_size,
+        },
+    )
+    return [row.user_id for row in rows]
+
+
+@dataclass(frozen=True)
+class TierPreview:
+    tier: str
+    users_over_limit: int
+    lessons: int
+
+
+def preview_archive(conn: Connection, *, limits: TierLimits, cutoff: datetime) -> list[TierPreview]:
+    """What a run with this cutoff would archive, per tier (read-only)."""
+    rows = conn.execute(
+        _PREVIEW_ARCHIVE,
+        {**limits.params(), "cutoff": cutoff},
+    )
+    return [TierPreview(r.tier, int(r.users_over_limit), int(r.lessons)) for r in rows]
+
+
+def unknown_tiers(conn: Connection, known: list[str]) -> list[str]:
+    rows = conn.execute(
+        text("SELECT DISTINCT tier FROM users WHERE NOT (tier = ANY(CAST(:known AS text[]))) ORDER BY tier"),
+        {"known": known},
+    )
+    return [row.tier for row in rows]
+
+
+def set_user_tier(conn: Connection, *, user_id: str, tier: str) -> bool:
+    """False when there is no such user (tiers are set on existing users only)."""
+    updated = conn.execute(
+        text("UPDATE users SET tier = :tier WHERE id = :id"), {"id": user_id, "tier": tier}
+    )
+    return updated.rowcount == 1
