@@ -310,8 +310,10 @@ _ARCHIVE_BATCH = text(
         SELECT d.id FROM first_doomed fd CROSS JOIN LATERAL ({_DOOMED_OF} LIMIT :batch_size) d
          LIMIT :batch_size
     )
+    -- = ANY(ARRAY(...)): primary-key lookups for the batch's ids; an IN (subquery) may be planned as
+    -- a semi-join that scans the whole table once per batch.
     UPDATE lessons SET archived_at = now()
-     WHERE id IN (SELECT id FROM doomed) AND archived_at IS NULL
+     WHERE id = ANY(ARRAY(SELECT id FROM doomed)) AND archived_at IS NULL
     RETURNING user_id
     """
 )
