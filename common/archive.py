@@ -1,19 +1,24 @@
 """Lesson history limits: archive every lesson beyond a user's tier limit, in short batches.
 
 Semantics of one run (also in the README):
-- At start the run snapshots `cutoff` (the database clock). Only lessons created before it can be
-  archived by this run; lessons created later (while it runs) are left for the next run.
-- For every user, the newest N non-archived lessons (by created_at, then id) stay, where N is the
-  limit of the user's tier (a tier missing from the map gets `free`'s limit, and is logged). Lessons
-  created after the cutoff still count toward those N, because the limit is about what the user sees.
-- Users are walked in id order, in windows of users; each batch archives at most `batch_size` rows
-  and commits on its own, so row locks are held for one batch only, memory stays flat, and a killed
-  run loses nothing: a re-run (or the next attempt) finds only the rest, since archived lessons leave
-  the partial index the walk reads. A finished run followed by another archives nothing more.
+- At start the run snapshots `cutoff` (the database clock) and archives what was over the limit at
+  that moment: for every user, the lessons created before the cutoff that are not among their newest
+  N non-archived ones created before it (newest by created_at, then id). N is the limit of the user's
+  tier; a tier missing from the map gets `free`'s limit, and is logged.
+- Lessons created while it runs are neither archived by it nor push older ones out: the next run
+  (the next day) sees them. A run therefore never archives anything that was within the limit when
+  it started, however busy users are meanwhile.
+- Each batch archives at most `batch_size` rows and commits on its own, so row locks are held for
+  one batch only and memory stays flat. A killed run loses nothing: the next attempt (or run)
+  recomputes the boundaries from the lessons still visible and archives only the rest, and a
+  finished run followed by another archives nothing more.
+- Batches walk the lessons table in block order (see common.store), which keeps each batch's reads
+  and writes on a compact run of pages.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,24 +26,25 @@ from datetime import UTC, datetime
 from typing import Any
 
 from common import store
-from common.db import transaction
+from common.db import get_engine, transaction
 from common.log import logger
 
 KIND = "maintenance.archive_lessons"
 MAX_BATCH_SIZE = 10_000
-# Window sizing: start small, then aim each window at about one batch of work. Bounds keep a window
-# cheap to re-walk (it is re-read until a batch comes back short) and the walk moving when few users
-# are over their limit.
-FIRST_WINDOW_USERS = 1_000
-MIN_WINDOW_USERS = 100
-MAX_WINDOW_USERS = 20_000
+# Block ranges: start small, then aim each range at about one batch of work. The bounds keep a range
+# cheap to re-read (it is re-read until a batch comes back short) and the walk moving over pages
+# with nothing to archive.
+FIRST_RANGE_BLOCKS = 64
+MIN_RANGE_BLOCKS = 8
+MAX_RANGE_BLOCKS = 65_536
 
 
 @dataclass(frozen=True)
 class Batch:
     number: int
     archived: int
-    through_user: str
+    first_block: int
+    last_block: int
 
 
 @dataclass(frozen=True)
@@ -89,45 +95,44 @@ def archive_over_limit(
     started = time.monotonic()
     tiers = tier_limits(limits)
     log_unknown_tiers(tiers)
-    with transaction() as conn:
-        cutoff = store.database_now(conn)
-
-    users_over = archived = batches = max_batch = 0
-    after_user = ""
-    window = FIRST_WINDOW_USERS
-    while True:
-        with transaction() as conn:
-            through_user = store.user_window_end(conn, after_user=after_user, size=window)
-        if through_user is None:
-            break
-        # A window is re-batched until a batch comes back short; its owners are a set of at most
-        # `window` ids, so memory does not grow with the table.
-        owners: set[str] = set()
-        window_archived = 0
-        while True:
-            with transaction() as conn:
-                archived_owners = store.archive_batch(
-                    conn,
-                    limits=tiers,
-                    after_user=after_user,
-                    through_user=through_user,
-                    cutoff=cutoff,
-                    batch_size=batch_size,
-                )
-            count = len(archived_owners)
-            if count:
-                batches += 1
-                max_batch = max(max_batch, count)
-                owners.update(archived_owners)
-                window_archived += count
-                if on_batch is not None:
-                    on_batch(Batch(number=batches, archived=count, through_user=through_user))
-            if count < batch_size:
-                break
-        users_over += len(owners)
-        archived += window_archived
-        after_user = through_user
-        window = _next_window(window, window_archived, batch_size)
+    archived = batches = max_batch = 0
+    # One connection for the run: the boundaries live in its temp table. Each batch is its own
+    # transaction on it.
+    with get_engine().connect() as conn:
+        try:
+            with conn.begin():
+                cutoff = store.database_now(conn)
+                users_over = store.record_archive_boundaries(conn, limits=tiers, cutoff=cutoff)
+            with conn.begin():
+                # Rows stored beyond this were written after the cutoff: not this run's business.
+                end_block = store.lesson_blocks(conn) if users_over else 0
+            block, step = 0, FIRST_RANGE_BLOCKS
+            while block < end_block:
+                last = min(block + step, end_block)
+                range_archived = 0
+                while True:
+                    with conn.begin():
+                        count = store.archive_blocks(
+                            conn, first_block=block, last_block=last, cutoff=cutoff, batch_size=batch_size
+                        )
+                    range_archived += count
+                    if count:
+                        batches += 1
+                        archived += count
+                        max_batch = max(max_batch, count)
+                        if on_batch is not None:
+                            on_batch(
+                                Batch(number=batches, archived=count, first_block=block, last_block=last)
+                            )
+                    if count < batch_size:
+                        break
+                block = last
+                step = _next_step(step, range_archived, batch_size)
+        finally:
+            # Best effort: the pooled connection would carry the table, but the next run drops it
+            # before use anyway, and a failure here must not hide the run's own error.
+            with contextlib.suppress(Exception), conn.begin():
+                store.drop_archive_boundaries(conn)
 
     report = ArchiveReport(
         users_over_limit=users_over,
@@ -141,10 +146,10 @@ def archive_over_limit(
     return report
 
 
-def _next_window(window: int, archived: int, batch_size: int) -> int:
+def _next_step(step: int, archived: int, batch_size: int) -> int:
     if archived == 0:
-        return min(MAX_WINDOW_USERS, window * 2)
-    return max(MIN_WINDOW_USERS, min(MAX_WINDOW_USERS, window * batch_size // archived))
+        return min(MAX_RANGE_BLOCKS, step * 2)
+    return max(MIN_RANGE_BLOCKS, min(MAX_RANGE_BLOCKS, step * batch_size // archived))
 
 
 def preview(limits: dict[str, int]) -> list[store.TierPreview]:

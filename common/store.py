@@ -264,71 +264,34 @@ def list_visible_lessons(
 
 # --- archiving (lesson history limits) ------------------------------------------------------------
 #
-# A user's visible history is their newest N non-archived lessons (newest by created_at, then id).
-# Rather than ranking the whole table, each user's "first doomed" lesson is found by walking the
-# partial index lessons_user_visible_idx (the (N+1)-th newest visible lesson, N+1 index entries), and
-# it plus every older visible lesson created before the run's cutoff is archived. Archiving only
-# lessons older than that boundary never changes it, so a batch can stop anywhere and the next batch
-# (or a re-run after a crash) picks up exactly the rest.
+# A run snapshots a cutoff, then records per over-limit user the "boundary": the newest of their
+# lessons created before the cutoff that is beyond their limit (found on the partial index
+# lessons_user_visible_idx, N+1 entries per user, no ranking of the table). That lesson and every
+# older visible one are archived. The batches then walk the table in physical (block) order, so each
+# batch reads and rewrites a compact run of pages, as a sequential scan would, instead of hopping
+# between users' rows scattered over the whole heap. Archiving never moves a boundary, so a batch
+# can stop anywhere and the next one (or a re-run after a crash) finds exactly the rest.
 
-
-def _over_limit_ctes(users_where: str) -> str:
-    """CTEs `limits`, `walked` (users matching `users_where`) and `first_doomed` (per over-limit user)."""
-    return f"""
+_LIMITS_CTE = """
     limits AS (
         SELECT tier, keep FROM unnest(CAST(:tiers AS text[]), CAST(:keeps AS integer[])) AS t(tier, keep)
-    ),
-    walked AS (
-        SELECT u.id AS user_id, u.tier, coalesce(limits.keep, :fallback_keep) AS keep
-          FROM users u LEFT JOIN limits ON limits.tier = u.tier
-         WHERE {users_where}
-    ),
-    first_doomed AS (
-        SELECT w.user_id, w.tier, f.created_at, f.id
-          FROM walked w
-         CROSS JOIN LATERAL (
-               SELECT created_at, id FROM lessons
-                WHERE user_id = w.user_id AND archived_at IS NULL
-                ORDER BY created_at DESC, id DESC
-               OFFSET w.keep LIMIT 1
-         ) f
     )"""
 
+_BOUNDARIES = """
+    SELECT u.id AS user_id, u.tier, f.created_at, f.id
+      FROM users u
+      LEFT JOIN limits ON limits.tier = u.tier
+     CROSS JOIN LATERAL (
+           SELECT created_at, id FROM lessons
+            WHERE user_id = u.id AND archived_at IS NULL AND created_at < :cutoff
+            ORDER BY created_at DESC, id DESC
+           OFFSET coalesce(limits.keep, :fallback_keep) LIMIT 1
+     ) f"""
 
-# Lessons created at or after the cutoff are never archived by this run (the next run sees them),
-# but they do count toward the N a user keeps: the limit is about what the user sees.
-_DOOMED_OF = """
-    SELECT id FROM lessons
-     WHERE user_id = fd.user_id AND archived_at IS NULL
-       AND (created_at, id) <= (fd.created_at, fd.id)
-       AND created_at < :cutoff"""
-
-_ARCHIVE_BATCH = text(
-    f"""
-    WITH {_over_limit_ctes("u.id > :after_user AND u.id <= :through_user")},
-    doomed AS (
-        SELECT d.id FROM first_doomed fd CROSS JOIN LATERAL ({_DOOMED_OF} LIMIT :batch_size) d
-         LIMIT :batch_size
-    )
-    -- = ANY(ARRAY(...)): primary-key lookups for the batch's ids; an IN (subquery) may be planned as
-    -- a semi-join that scans the whole table once per batch.
-    UPDATE lessons SET archived_at = now()
-     WHERE id = ANY(ARRAY(SELECT id FROM doomed)) AND archived_at IS NULL
-    RETURNING user_id
-    """
-)
-
-_PREVIEW_ARCHIVE = text(
-    f"""
-    WITH {_over_limit_ctes("true")}
-    SELECT fd.tier, count(*) AS users_over_limit, sum(n.lessons) AS lessons
-      FROM first_doomed fd
-     CROSS JOIN LATERAL (SELECT count(*) AS lessons FROM ({_DOOMED_OF}) d) n
-     WHERE n.lessons > 0
-     GROUP BY fd.tier
-     ORDER BY fd.tier
-    """
-)
+# Lesson `l` is archived when it is visible, older than the cutoff, and not newer than its owner's
+# boundary `b`.
+_DOOMED = """
+    l.archived_at IS NULL AND l.created_at < :cutoff AND (l.created_at, l.id) <= (b.created_at, b.id)"""
 
 
 @dataclass(frozen=True)
@@ -350,38 +313,76 @@ def database_now(conn: Connection) -> datetime:
     return conn.execute(text("SELECT clock_timestamp()")).scalar_one()
 
 
-def user_window_end(conn: Connection, *, after_user: str, size: int) -> str | None:
-    """The id `size` users past `after_user` in id order (or the last one); None when none are left."""
-    return conn.execute(
-        text("SELECT max(id) FROM (SELECT id FROM users WHERE id > :after ORDER BY id LIMIT :size) AS w"),
-        {"after": after_user, "size": size},
-    ).scalar_one()
+def record_archive_boundaries(conn: Connection, *, limits: TierLimits, cutoff: datetime) -> int:
+    """Fill the session's temp table archive_boundaries; returns the number of users over limit.
 
-
-def archive_batch(
-    conn: Connection,
-    *,
-    limits: TierLimits,
-    after_user: str,
-    through_user: str,
-    cutoff: datetime,
-    batch_size: int,
-) -> list[str]:
-    """Archive up to `batch_size` over-limit lessons of users in (after_user, through_user].
-
-    Returns the owner of each archived lesson. Fewer than `batch_size` means the window is done.
+    A temp table: it lives as long as this connection, costs no WAL, and a crashed run leaves
+    nothing behind. The caller keeps the connection for the whole run and drops it at the end.
     """
-    rows = conn.execute(
-        _ARCHIVE_BATCH,
-        {
-            **limits.params(),
-            "after_user": after_user,
-            "through_user": through_user,
-            "cutoff": cutoff,
-            "batch_size": batch_size,
-        },
+    drop_archive_boundaries(conn)
+    conn.execute(
+        text(
+            "CREATE TEMP TABLE archive_boundaries "
+            "(user_id text PRIMARY KEY, created_at timestamptz NOT NULL, id uuid NOT NULL)"
+        )
     )
-    return [row.user_id for row in rows]
+    users = conn.execute(
+        text(
+            f"WITH {_LIMITS_CTE} INSERT INTO archive_boundaries (user_id, created_at, id) "
+            f"SELECT user_id, created_at, id FROM ({_BOUNDARIES}) AS b"
+        ),
+        {**limits.params(), "cutoff": cutoff},
+    ).rowcount
+    conn.execute(text("ANALYZE archive_boundaries"))
+    return int(users)
+
+
+def drop_archive_boundaries(conn: Connection) -> None:
+    conn.execute(text("DROP TABLE IF EXISTS pg_temp.archive_boundaries"))
+
+
+def lesson_blocks(conn: Connection) -> int:
+    """How many heap blocks lessons has now: the end of the archiver's walk."""
+    return int(
+        conn.execute(
+            text("SELECT pg_relation_size('lessons') / current_setting('block_size')::integer")
+        ).scalar_one()
+    )
+
+
+# ctid = ANY(ARRAY(...)) is a TID scan: the batch updates exactly the rows it found, on the pages it
+# just read, with no index lookups. The inner ctid range is a TID range scan (PostgreSQL 14+).
+_ARCHIVE_BLOCKS = text(
+    f"""
+    UPDATE lessons SET archived_at = now()
+     WHERE ctid = ANY(ARRAY(
+               SELECT l.ctid FROM lessons l JOIN archive_boundaries b ON b.user_id = l.user_id
+                WHERE l.ctid >= CAST(:first AS tid) AND l.ctid < CAST(:last AS tid)
+                  AND {_DOOMED}
+                LIMIT :batch_size))
+       AND archived_at IS NULL
+    """
+)
+
+
+def archive_blocks(
+    conn: Connection, *, first_block: int, last_block: int, cutoff: datetime, batch_size: int
+) -> int:
+    """Archive up to `batch_size` doomed lessons stored in blocks [first_block, last_block).
+
+    Fewer than `batch_size` means that block range is done.
+    """
+    return int(
+        conn.execute(
+            _ARCHIVE_BLOCKS,
+            {
+                "first": f"({first_block},0)",
+                "last": f"({last_block},0)",
+                "cutoff": cutoff,
+                "batch_size": batch_size,
+            },
+        ).rowcount
+    )
 
 
 @dataclass(frozen=True)
@@ -391,12 +392,24 @@ class TierPreview:
     lessons: int
 
 
+_PREVIEW_ARCHIVE = text(
+    f"""
+    WITH {_LIMITS_CTE},
+    boundaries AS ({_BOUNDARIES})
+    SELECT b.tier, count(*) AS users_over_limit, sum(n.lessons) AS lessons
+      FROM boundaries b
+     CROSS JOIN LATERAL (
+           SELECT count(*) AS lessons FROM lessons l WHERE l.user_id = b.user_id AND {_DOOMED}
+     ) n
+     GROUP BY b.tier
+     ORDER BY b.tier
+    """
+)
+
+
 def preview_archive(conn: Connection, *, limits: TierLimits, cutoff: datetime) -> list[TierPreview]:
     """What a run with this cutoff would archive, per tier (read-only)."""
-    rows = conn.execute(
-        _PREVIEW_ARCHIVE,
-        {**limits.params(), "cutoff": cutoff},
-    )
+    rows = conn.execute(_PREVIEW_ARCHIVE, {**limits.params(), "cutoff": cutoff})
     return [TierPreview(r.tier, int(r.users_over_limit), int(r.lessons)) for r in rows]
 
 

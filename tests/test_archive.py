@@ -186,19 +186,21 @@ def test_lessons_created_while_it_runs_are_not_archived_by_that_run(run_env: Non
     # When the archiver runs in batches of 2
     report = archive.archive_over_limit(DEFAULT_LIMITS, batch_size=2, on_batch=create_lessons_mid_run)
 
-    # Then no new lesson is archived by this run, even the busy user's 2 beyond the limit; the new
-    # ones count toward the kept 3, so every older lesson of both users goes
+    # Then it archives what was over the limit when it started, and nothing created meanwhile, even
+    # the busy user's new lessons beyond the limit
     with adb.connect() as conn:
-        assert sorted(visible(conn, busy)) == sorted(fresh[busy])
-        assert sorted(visible(conn, quiet)) == sorted(fresh[quiet])
-    assert report.lessons_archived == len(busy_old) + len(quiet_old)
-    assert report.max_batch <= 2
+        assert sorted(visible(conn, busy)) == sorted(fresh[busy] + busy_old[-3:])
+        assert sorted(visible(conn, quiet)) == sorted(fresh[quiet] + quiet_old)
+    assert (report.lessons_archived, report.users_over_limit) == (7, 1)
+    assert report.batches == 4 and report.max_batch == 2
 
-    # And the next run archives the new lessons beyond the limit, oldest first
+    # And the next run archives everything beyond the newest 3, new lessons included
     later = archive.archive_over_limit(DEFAULT_LIMITS)
-    assert later.lessons_archived == 2 + 1
+    assert (later.lessons_archived, later.users_over_limit) == (5 + 3, 2)
     with adb.connect() as conn:
-        assert len(visible(conn, busy)) == 3 and len(visible(conn, quiet)) == 3
+        # (each user's new lessons share one created_at: the highest ids are the newest)
+        assert visible(conn, busy) == sorted(fresh[busy], reverse=True)[:3]
+        assert visible(conn, quiet) == sorted(fresh[quiet], reverse=True)[:3]
 
 
 def _mismatches(conn: sa.Connection, limits: dict[str, int]) -> tuple[int, int]:
