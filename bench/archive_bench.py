@@ -121,12 +121,12 @@ def _peak_rss_mb() -> float:
 # --- the two contenders, each run as `python -m bench.archive_bench --run <method> <url>` --------
 
 
-def run_batched(url: str) -> dict[str, Any]:
+def run_batched(url: str, workers: int) -> dict[str, Any]:
     os.environ.update(DYLEN_DATABASE_URL=url, DYLEN_ENV_FILE=os.devnull, DYLEN_AUTH_MODE="dev")
     from common import archive
 
     started = time.perf_counter()
-    report = archive.archive_over_limit(LIMITS)
+    report = archive.archive_over_limit(LIMITS, workers=workers)
     seconds = time.perf_counter() - started
     return {**report.as_result(), "wall_seconds": seconds, "peak_rss_mb": _peak_rss_mb()}
 
@@ -324,7 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.run:
         method, url = args.run
-        print(json.dumps(run_batched(url) if method == "batched" else run_naive(url)))
+        if method.startswith("batched"):
+            print(json.dumps(run_batched(url, workers=int(method.removeprefix("batched") or "2"))))
+        else:
+            print(json.dumps(run_naive(url)))
         return 0
 
     command = (

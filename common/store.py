@@ -264,20 +264,23 @@ def list_visible_lessons(
 
 # --- archiving (lesson history limits) ------------------------------------------------------------
 #
-# A run snapshots a cutoff, then records per over-limit user the "boundary": the newest of their
-# lessons created before the cutoff that is beyond their limit (found on the partial index
-# lessons_user_visible_idx, N+1 entries per user, no ranking of the table). That lesson and every
-# older visible one are archived. The batches then walk the table in physical (block) order, so each
-# batch reads and rewrites a compact run of pages, as a sequential scan would, instead of hopping
-# between users' rows scattered over the whole heap. Archiving never moves a boundary, so a batch
-# can stop anywhere and the next one (or a re-run after a crash) finds exactly the rest.
+# A run snapshots a cutoff. A user's "boundary" is the newest of their visible lessons created before
+# the cutoff that is beyond their limit: found on the partial index lessons_user_visible_idx, reading
+# N+1 entries of that user, with no ranking of the table. The boundary and every older visible lesson
+# are archived. Batches walk the table in physical (block) order, so each reads and rewrites a
+# compact run of pages, as a sequential scan would, instead of hopping between users' rows scattered
+# over the whole heap; each batch computes the boundaries of just the users it meets. Archiving never
+# moves a boundary (only older lessons go), so a batch can stop anywhere, batches on disjoint block
+# ranges can run concurrently, and the next one (or a re-run after a crash) finds exactly the rest.
 
 _LIMITS_CTE = """
     limits AS (
         SELECT tier, keep FROM unnest(CAST(:tiers AS text[]), CAST(:keeps AS integer[])) AS t(tier, keep)
     )"""
 
-_BOUNDARIES = """
+
+def _boundaries(users_where: str) -> str:
+    return f"""
     SELECT u.id AS user_id, u.tier, f.created_at, f.id
       FROM users u
       LEFT JOIN limits ON limits.tier = u.tier
@@ -286,7 +289,9 @@ _BOUNDARIES = """
             WHERE user_id = u.id AND archived_at IS NULL AND created_at < :cutoff
             ORDER BY created_at DESC, id DESC
            OFFSET coalesce(limits.keep, :fallback_keep) LIMIT 1
-     ) f"""
+     ) f
+     WHERE {users_where}"""
+
 
 # Lesson `l` is archived when it is visible, older than the cutoff, and not newer than its owner's
 # boundary `b`.
@@ -313,32 +318,13 @@ def database_now(conn: Connection) -> datetime:
     return conn.execute(text("SELECT clock_timestamp()")).scalar_one()
 
 
-def record_archive_boundaries(conn: Connection, *, limits: TierLimits, cutoff: datetime) -> int:
-    """Fill the session's temp table archive_boundaries; returns the number of users over limit.
-
-    A temp table: it lives as long as this connection, costs no WAL, and a crashed run leaves
-    nothing behind. The caller keeps the connection for the whole run and drops it at the end.
-    """
-    drop_archive_boundaries(conn)
-    conn.execute(
-        text(
-            "CREATE TEMP TABLE archive_boundaries "
-            "(user_id text PRIMARY KEY, created_at timestamptz NOT NULL, id uuid NOT NULL)"
-        )
+def count_users_over_limit(conn: Connection, *, limits: TierLimits, cutoff: datetime) -> int:
+    return int(
+        conn.execute(
+            text(f"WITH {_LIMITS_CTE} SELECT count(*) FROM ({_boundaries('true')}) AS b"),
+            {**limits.params(), "cutoff": cutoff},
+        ).scalar_one()
     )
-    users = conn.execute(
-        text(
-            f"WITH {_LIMITS_CTE} INSERT INTO archive_boundaries (user_id, created_at, id) "
-            f"SELECT user_id, created_at, id FROM ({_BOUNDARIES}) AS b"
-        ),
-        {**limits.params(), "cutoff": cutoff},
-    ).rowcount
-    conn.execute(text("ANALYZE archive_boundaries"))
-    return int(users)
-
-
-def drop_archive_boundaries(conn: Connection) -> None:
-    conn.execute(text("DROP TABLE IF EXISTS pg_temp.archive_boundaries"))
 
 
 def lesson_blocks(conn: Connection) -> int:
@@ -350,15 +336,21 @@ def lesson_blocks(conn: Connection) -> int:
     )
 
 
-# ctid = ANY(ARRAY(...)) is a TID scan: the batch updates exactly the rows it found, on the pages it
-# just read, with no index lookups. The inner ctid range is a TID range scan (PostgreSQL 14+).
+# The block range is a TID range scan (PostgreSQL 14+); ctid = ANY(ARRAY(...)) is a TID scan, so the
+# batch rewrites exactly the rows it found, on the pages it just read, with no index lookups.
 _ARCHIVE_BLOCKS = text(
     f"""
+    WITH {_LIMITS_CTE},
+    in_range AS (
+        SELECT l.ctid AS tid, l.user_id, l.created_at, l.id FROM lessons l
+         WHERE l.ctid >= CAST(:first AS tid) AND l.ctid < CAST(:last AS tid)
+           AND l.archived_at IS NULL AND l.created_at < :cutoff
+    ),
+    b AS ({_boundaries("u.id IN (SELECT user_id FROM in_range)")})
     UPDATE lessons SET archived_at = now()
      WHERE ctid = ANY(ARRAY(
-               SELECT l.ctid FROM lessons l JOIN archive_boundaries b ON b.user_id = l.user_id
-                WHERE l.ctid >= CAST(:first AS tid) AND l.ctid < CAST(:last AS tid)
-                  AND {_DOOMED}
+               SELECT l.tid FROM in_range l JOIN b ON b.user_id = l.user_id
+                WHERE (l.created_at, l.id) <= (b.created_at, b.id)
                 LIMIT :batch_size))
        AND archived_at IS NULL
     """
@@ -366,7 +358,13 @@ _ARCHIVE_BLOCKS = text(
 
 
 def archive_blocks(
-    conn: Connection, *, first_block: int, last_block: int, cutoff: datetime, batch_size: int
+    conn: Connection,
+    *,
+    limits: TierLimits,
+    first_block: int,
+    last_block: int,
+    cutoff: datetime,
+    batch_size: int,
 ) -> int:
     """Archive up to `batch_size` doomed lessons stored in blocks [first_block, last_block).
 
@@ -376,6 +374,7 @@ def archive_blocks(
         conn.execute(
             _ARCHIVE_BLOCKS,
             {
+                **limits.params(),
                 "first": f"({first_block},0)",
                 "last": f"({last_block},0)",
                 "cutoff": cutoff,
@@ -395,7 +394,7 @@ class TierPreview:
 _PREVIEW_ARCHIVE = text(
     f"""
     WITH {_LIMITS_CTE},
-    boundaries AS ({_BOUNDARIES})
+    boundaries AS ({_boundaries("true")})
     SELECT b.tier, count(*) AS users_over_limit, sum(n.lessons) AS lessons
       FROM boundaries b
      CROSS JOIN LATERAL (

@@ -20,7 +20,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
-FUNCTIONS = ("create_job", "get_job", "process_job", "get_lesson", "list_lessons")
+FUNCTIONS = ("create_job", "get_job", "process_job", "get_lesson", "list_lessons", "archive_lessons")
 DEV_DIR = ROOT / ".dev"
 
 
