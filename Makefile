@@ -34,7 +34,7 @@ fmt: $(STAMP)
 	$(BIN)/ruff format .
 
 bench-archive: $(STAMP)
-	$(BIN)/python -m bench.archive_bench
+	$(BIN)/python -m bench.archive_bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .dev .pytest_cache .mypy_cache .ruff_cache build

@@ -32,9 +32,10 @@ from common.log import logger
 
 KIND = "maintenance.archive_lessons"
 MAX_BATCH_SIZE = 10_000
-# Batches on disjoint block ranges are independent; two at a time roughly halves a run's wall time
-# on a two-vCPU database while staying well inside the default pool (DYLEN_DB_POOL_SIZE=5).
-DEFAULT_WORKERS = 2
+# Batches on disjoint block ranges are independent and may run concurrently, but the work is bound
+# by the database's writes: on the 2-vCPU benchmark server two workers were slower than one
+# (bench/RESULTS.md). Raise it only for a database with idle cores.
+DEFAULT_WORKERS = 1
 # Block ranges: start small, then aim each range at about one batch of work. The bounds keep a range
 # cheap to re-read (it is re-read until a batch comes back short) and the walk moving over pages
 # with nothing to archive.
