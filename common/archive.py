@@ -157,10 +157,10 @@ def archive_over_limit(
                         batch_size=batch_size,
                     )
                 range_archived += count
-                if count and on_batch is not None:
-                    on_batch(walk.batch_done(count, first, last))
-                elif count:
-                    walk.batch_done(count, first, last)
+                if count:
+                    batch = walk.batch_done(count, first, last)
+                    if on_batch is not None:
+                        on_batch(batch)
                 if count < batch_size:
                     break
             walk.range_done(range_archived)

@@ -272,6 +272,7 @@ def list_visible_lessons(
 # over the whole heap; each batch computes the boundaries of just the users it meets. Archiving never
 # moves a boundary (only older lessons go), so a batch can stop anywhere, batches on disjoint block
 # ranges can run concurrently, and the next one (or a re-run after a crash) finds exactly the rest.
+# The price: every run reads the whole heap once, sequentially, even when little is over the limit.
 
 _LIMITS_CTE = """
     limits AS (
