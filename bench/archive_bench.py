@@ -19,6 +19,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -389,13 +390,15 @@ def main(argv: list[str] | None = None) -> int:
     if admin_url is None:
         from devtools.embedded_pg import EmbeddedPostgres
 
-        pg = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="dylen-bench-")) / "data")
+        scratch = Path(tempfile.mkdtemp(prefix="dylen-archive-bench-"))
+        pg = EmbeddedPostgres(scratch / "data")
         admin_url = pg.start()
     try:
         result = bench(admin_url, users=args.users, lessons=args.lessons, command=command)
     finally:
         if pg is not None:
             pg.destroy()
+            shutil.rmtree(scratch, ignore_errors=True)
     section = render(result)
     print(section)
     if not args.no_write:
