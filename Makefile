@@ -8,7 +8,7 @@ EMU_VENV  := .venv-tasks-emulator
 EMU_STAMP := $(EMU_VENV)/.installed-stamp
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run test soak lint fmt clean help bench bench-load tasks-emulator
+.PHONY: run test soak lint fmt clean help bench bench-load bench-archive tasks-emulator
 
 help:
 	@echo "make run    start embedded PostgreSQL and every function locally (Ctrl-C stops)"
@@ -18,6 +18,7 @@ help:
 	@echo "make tasks-emulator   install gcloud-tasks-emulator into .venv-tasks-emulator/ (make test does)"
 	@echo "make soak   the full fault soak (2,000 jobs while process_job is killed at random)"
 	@echo "make bench-load  64 clients creating jobs for 30 s (figures in bench/RESULTS.md)"
+	@echo "make bench-archive  archiver vs naive UPDATE on 1M lessons; writes bench/RESULTS.md"
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=python3.11)")'
@@ -60,6 +61,9 @@ lint: $(STAMP)
 
 fmt: $(STAMP)
 	$(BIN)/ruff format .
+
+bench-archive: $(STAMP)
+	$(BIN)/python -m bench.archive_bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(EMU_VENV) .dev .pytest_cache .mypy_cache .ruff_cache build

@@ -485,3 +485,170 @@ def finished_counts(conn: Connection, *, within_seconds: float) -> Any:
         ),
         {"w": within_seconds},
     ).one()
+
+
+# --- archiving (lesson history limits) ------------------------------------------------------------
+#
+# A run snapshots a cutoff. A user's "boundary" is the newest of their visible lessons created before
+# the cutoff that is beyond their limit: found on the partial index lessons_user_visible_idx, reading
+# N+1 entries of that user, with no ranking of the table. The boundary and every older visible lesson
+# are archived. Batches walk the table in physical (block) order, so each reads and rewrites a
+# compact run of pages, as a sequential scan would, instead of hopping between users' rows scattered
+# over the whole heap; each batch computes the boundaries of just the users it meets. Archiving never
+# moves a boundary (only older lessons go), so a batch can stop anywhere, batches on disjoint block
+# ranges can run concurrently, and the next one (or a re-run after a crash) finds exactly the rest.
+# The price: every run reads the whole heap once, sequentially, even when little is over the limit.
+
+_LIMITS_CTE = """
+    limits AS (
+        SELECT tier, keep FROM unnest(CAST(:tiers AS text[]), CAST(:keeps AS integer[])) AS t(tier, keep)
+    )"""
+
+
+def _boundaries(users_where: str) -> str:
+    return f"""
+    SELECT u.id AS user_id, u.tier, f.created_at, f.id
+      FROM users u
+      LEFT JOIN limits ON limits.tier = u.tier
+     CROSS JOIN LATERAL (
+           SELECT created_at, id FROM lessons
+            WHERE user_id = u.id AND archived_at IS NULL AND created_at < :cutoff
+            ORDER BY created_at DESC, id DESC
+           OFFSET coalesce(limits.keep, :fallback_keep) LIMIT 1
+     ) f
+     WHERE {users_where}"""
+
+
+# Lesson `l` is archived when it is visible, older than the cutoff, and not newer than its owner's
+# boundary `b`.
+_DOOMED = """
+    l.archived_at IS NULL AND l.created_at < :cutoff AND (l.created_at, l.id) <= (b.created_at, b.id)"""
+
+
+@dataclass(frozen=True)
+class TierLimits:
+    """Visible-history limit per tier; tiers not in `limits` get `fallback` (the free tier's)."""
+
+    limits: dict[str, int]
+    fallback: int
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "tiers": list(self.limits),
+            "keeps": list(self.limits.values()),
+            "fallback_keep": self.fallback,
+        }
+
+
+def database_now(conn: Connection) -> datetime:
+    return conn.execute(text("SELECT clock_timestamp()")).scalar_one()
+
+
+def count_users_over_limit(conn: Connection, *, limits: TierLimits, cutoff: datetime) -> int:
+    return int(
+        conn.execute(
+            text(f"WITH {_LIMITS_CTE} SELECT count(*) FROM ({_boundaries('true')}) AS b"),
+            {**limits.params(), "cutoff": cutoff},
+        ).scalar_one()
+    )
+
+
+def lesson_blocks(conn: Connection) -> int:
+    """How many heap blocks lessons has now: the end of the archiver's walk."""
+    return int(
+        conn.execute(
+            text("SELECT pg_relation_size('lessons') / current_setting('block_size')::integer")
+        ).scalar_one()
+    )
+
+
+# The block range is a TID range scan (PostgreSQL 14+); ctid = ANY(ARRAY(...)) is a TID scan, so the
+# batch rewrites exactly the rows it found, on the pages it just read, with no index lookups.
+_ARCHIVE_BLOCKS = text(
+    f"""
+    WITH {_LIMITS_CTE},
+    in_range AS (
+        SELECT l.ctid AS tid, l.user_id, l.created_at, l.id FROM lessons l
+         WHERE l.ctid >= CAST(:first AS tid) AND l.ctid < CAST(:last AS tid)
+           AND l.archived_at IS NULL AND l.created_at < :cutoff
+    ),
+    b AS ({_boundaries("u.id IN (SELECT user_id FROM in_range)")})
+    UPDATE lessons SET archived_at = now()
+     WHERE ctid = ANY(ARRAY(
+               SELECT l.tid FROM in_range l JOIN b ON b.user_id = l.user_id
+                WHERE (l.created_at, l.id) <= (b.created_at, b.id)
+                LIMIT :batch_size))
+       AND archived_at IS NULL
+    """
+)
+
+
+def archive_blocks(
+    conn: Connection,
+    *,
+    limits: TierLimits,
+    first_block: int,
+    last_block: int,
+    cutoff: datetime,
+    batch_size: int,
+) -> int:
+    """Archive up to `batch_size` doomed lessons stored in blocks [first_block, last_block).
+
+    Fewer than `batch_size` means that block range is done.
+    """
+    return int(
+        conn.execute(
+            _ARCHIVE_BLOCKS,
+            {
+                **limits.params(),
+                "first": f"({first_block},0)",
+                "last": f"({last_block},0)",
+                "cutoff": cutoff,
+                "batch_size": batch_size,
+            },
+        ).rowcount
+    )
+
+
+@dataclass(frozen=True)
+class TierPreview:
+    tier: str
+    users_over_limit: int
+    lessons: int
+
+
+_PREVIEW_ARCHIVE = text(
+    f"""
+    WITH {_LIMITS_CTE},
+    boundaries AS ({_boundaries("true")})
+    SELECT b.tier, count(*) AS users_over_limit, sum(n.lessons) AS lessons
+      FROM boundaries b
+     CROSS JOIN LATERAL (
+           SELECT count(*) AS lessons FROM lessons l WHERE l.user_id = b.user_id AND {_DOOMED}
+     ) n
+     GROUP BY b.tier
+     ORDER BY b.tier
+    """
+)
+
+
+def preview_archive(conn: Connection, *, limits: TierLimits, cutoff: datetime) -> list[TierPreview]:
+    """What a run with this cutoff would archive, per tier (read-only)."""
+    rows = conn.execute(_PREVIEW_ARCHIVE, {**limits.params(), "cutoff": cutoff})
+    return [TierPreview(r.tier, int(r.users_over_limit), int(r.lessons)) for r in rows]
+
+
+def unknown_tiers(conn: Connection, known: list[str]) -> list[str]:
+    rows = conn.execute(
+        text("SELECT DISTINCT tier FROM users WHERE NOT (tier = ANY(CAST(:known AS text[]))) ORDER BY tier"),
+        {"known": known},
+    )
+    return [row.tier for row in rows]
+
+
+def set_user_tier(conn: Connection, *, user_id: str, tier: str) -> bool:
+    """False when there is no such user (tiers are set on existing users only)."""
+    updated = conn.execute(
+        text("UPDATE users SET tier = :tier WHERE id = :id"), {"id": user_id, "tier": tier}
+    )
+    return updated.rowcount == 1

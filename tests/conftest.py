@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -14,7 +12,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from tests.support import ROOT, FunctionServer, Stack, base_env, stop_all
+from tests.support import FunctionServer, Stack, base_env, migrated_database, stop_all
 
 
 @pytest.fixture(scope="session")
@@ -42,22 +40,8 @@ def pg_admin_url() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def database_url(pg_admin_url: str) -> Iterator[str]:
     """A database of its own for this run, built by `python -m common.cli migrate`."""
-    from devtools.embedded_pg import create_database
-
-    name = f"dylen_test_{uuid.uuid4().hex[:10]}"
-    create_database(pg_admin_url, name)
-    url = sa.engine.make_url(pg_admin_url).set(database=name).render_as_string(hide_password=False)
-    env = {**os.environ, "DYLEN_DATABASE_URL": url, "DYLEN_AUTH_MODE": "dev", "PYTHONPATH": str(ROOT)}
-    subprocess.run(
-        [sys.executable, "-m", "common.cli", "migrate"], env=env, cwd=ROOT, check=True, capture_output=True
-    )
-    yield url
-    admin = sa.create_engine(
-        sa.engine.make_url(pg_admin_url).set(drivername="postgresql+pg8000"), isolation_level="AUTOCOMMIT"
-    )
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with migrated_database(pg_admin_url) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -97,3 +97,50 @@ def lesson_count(conn: sa.Connection, job_id: str) -> int:
     return int(
         conn.execute(sa.text("SELECT count(*) FROM lessons WHERE job_id = :id"), {"id": job_id}).scalar_one()
     )
+
+
+def make_history(
+    conn: sa.Connection,
+    *,
+    prefix: str,
+    users: int,
+    lessons: int,
+    tiers: tuple[str, ...] = ("free", "starter", "plus", "pro", "legacy"),
+    base: datetime,
+) -> None:
+    """Bulk Given step: `users` users (`<prefix>00000`...) cycling through `tiers`, owning `lessons`
+    lessons in one set-based insert (each with its done job). Skewed: user k gets about
+    lessons / (2 * sqrt(users * k)) of them, so the first users hold hundreds and most a handful.
+    Every three consecutive lessons share a created_at, so ranking leans on the id tie-break."""
+    params = {"prefix": prefix, "users": users, "lessons": lessons, "tiers": list(tiers), "base": base}
+    conn.execute(
+        sa.text(
+            "INSERT INTO users (id, tier) SELECT :prefix || lpad(k::text, 5, '0'), "
+            "(CAST(:tiers AS text[]))[mod(k, cardinality(CAST(:tiers AS text[]))) + 1] "
+            "FROM generate_series(0, :users - 1) AS k"
+        ),
+        params,
+    )
+    conn.execute(
+        sa.text(
+            """
+            WITH src AS (
+                SELECT g, least(:users - 1, floor(:users * power(g / CAST(:lessons AS float8), 2)))::int AS k
+                  FROM generate_series(0, :lessons - 1) AS g
+            ), j AS (
+                INSERT INTO jobs (id, user_id, job_kind, status, idempotency_key, request_json,
+                                  attempts, max_attempts)
+                SELECT gen_random_uuid(), :prefix || lpad(k::text, 5, '0'), 'lesson', 'done',
+                       'bulk-' || g, '{}', 1, 1
+                  FROM src
+                RETURNING id, user_id, idempotency_key
+            )
+            INSERT INTO lessons (id, user_id, job_id, topic, title, content, created_at)
+            SELECT gen_random_uuid(), j.user_id, j.id, 'Bulk', 'Bulk', '{}',
+                   CAST(:base AS timestamptz)
+                   + (CAST(substr(j.idempotency_key, 6) AS integer) / 3) * interval '1 second'
+              FROM j
+            """
+        ),
+        params,
+    )

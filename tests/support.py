@@ -10,11 +10,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import requests
+import sqlalchemy as sa
 
 ROOT = Path(__file__).resolve().parent.parent
 TASK_SECRET = "test-task-secret"
@@ -224,3 +226,27 @@ def lesson_body(topic: str = "Photosynthesis", key: str | None = None, **payload
         "idempotency_key": key or uuid.uuid4().hex,
         "payload": {"topic": topic, **payload},
     }
+
+
+@contextlib.contextmanager
+def migrated_database(pg_admin_url: str) -> Iterator[str]:
+    """A new database built by `python -m common.cli migrate`, dropped afterwards."""
+    from devtools.embedded_pg import create_database
+
+    name = f"dylen_test_{uuid.uuid4().hex[:10]}"
+    create_database(pg_admin_url, name)
+    url = sa.engine.make_url(pg_admin_url).set(database=name).render_as_string(hide_password=False)
+    env = {**os.environ, "DYLEN_DATABASE_URL": url, "DYLEN_AUTH_MODE": "dev", "PYTHONPATH": str(ROOT)}
+    subprocess.run(
+        [sys.executable, "-m", "common.cli", "migrate"], env=env, cwd=ROOT, check=True, capture_output=True
+    )
+    try:
+        yield url
+    finally:
+        admin = sa.create_engine(
+            sa.engine.make_url(pg_admin_url).set(drivername="postgresql+pg8000"),
+            isolation_level="AUTOCOMMIT",
+        )
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()

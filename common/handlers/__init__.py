@@ -44,9 +44,10 @@ class Handler(Protocol):
 
 
 def _registry() -> dict[str, Handler]:
+    from common.handlers.archive import ArchiveLessonsHandler
     from common.handlers.lesson import LessonHandler
 
-    handlers: list[Handler] = [LessonHandler()]
+    handlers: list[Handler] = [LessonHandler(), ArchiveLessonsHandler()]
     return {h.kind: h for h in handlers}
 
 

@@ -1,0 +1,243 @@
+"""Lesson history limits: archive every lesson beyond a user's tier limit, in short batches.
+
+Semantics of one run (also in the README):
+- At start the run snapshots `cutoff` (the database clock) and archives what was over the limit at
+  that moment: for every user, the lessons created before the cutoff that are not among their newest
+  N non-archived ones created before it (newest by created_at, then id). N is the limit of the user's
+  tier; a tier missing from the map gets `free`'s limit, and is logged.
+- Lessons created while it runs are neither archived by it nor push older ones out: the next run
+  (the next day) sees them. A run therefore never archives anything that was within the limit when
+  it started, however busy users are meanwhile.
+- Each batch archives at most `batch_size` rows and commits on its own, so row locks are held for
+  one batch only and memory stays flat. A killed run loses nothing: the next attempt (or run)
+  recomputes the boundaries from the lessons still visible and archives only the rest, and a
+  finished run followed by another archives nothing more.
+- Batches walk the lessons table in block order (see common.store), which keeps each batch's reads
+  and writes on a compact run of pages; `workers` of them run at once on disjoint block ranges.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from common import store
+from common.db import transaction
+from common.log import logger
+
+KIND = "maintenance.archive_lessons"
+MAX_BATCH_SIZE = 10_000
+# Batches on disjoint block ranges are independent and may run concurrently, but the work is bound
+# by the database's writes: on the 2-vCPU benchmark server two workers were slower than one
+# (bench/RESULTS.md). Raise it only for a database with idle cores.
+DEFAULT_WORKERS = 1
+# Block ranges: start small, then aim each range at about one batch of work. The bounds keep a range
+# cheap to re-read (it is re-read until a batch comes back short) and the walk moving over pages
+# with nothing to archive.
+FIRST_RANGE_BLOCKS = 64
+MIN_RANGE_BLOCKS = 8
+MAX_RANGE_BLOCKS = 65_536
+
+
+@dataclass(frozen=True)
+class Batch:
+    number: int
+    archived: int
+    first_block: int
+    last_block: int
+
+
+@dataclass(frozen=True)
+class ArchiveReport:
+    users_over_limit: int
+    lessons_archived: int
+    batches: int
+    max_batch: int
+    seconds: float
+    cutoff: datetime
+
+    def as_result(self) -> dict[str, Any]:
+        return {
+            "users_over_limit": self.users_over_limit,
+            "lessons_archived": self.lessons_archived,
+            "batches": self.batches,
+            "max_batch": self.max_batch,
+            "seconds": round(self.seconds, 3),
+            "cutoff": self.cutoff.isoformat(),
+        }
+
+
+def tier_limits(limits: dict[str, int]) -> store.TierLimits:
+    """The configured map (always has `free`: config refuses one without it)."""
+    return store.TierLimits(limits=dict(limits), fallback=limits["free"])
+
+
+def log_unknown_tiers(limits: store.TierLimits) -> list[str]:
+    with transaction() as conn:
+        unknown = store.unknown_tiers(conn, list(limits.limits))
+    if unknown:
+        logger.warning(
+            "Users have tiers missing from DYLEN_TIER_HISTORY_LIMITS; they get the free tier's limit",
+            extra={"tiers": unknown, "limit": limits.fallback},
+        )
+    return unknown
+
+
+class _Walk:
+    """Hands out block ranges to workers, sizing each to about one batch of work."""
+
+    def __init__(self, end_block: int, batch_size: int) -> None:
+        self.lock = threading.Lock()
+        self.end_block = end_block
+        self.batch_size = batch_size
+        self.block = 0
+        self.step = FIRST_RANGE_BLOCKS
+        self.stop = threading.Event()
+        self.batches = self.archived = self.max_batch = 0
+
+    def next_range(self) -> tuple[int, int] | None:
+        with self.lock:
+            if self.stop.is_set() or self.block >= self.end_block:
+                return None
+            first, self.block = self.block, min(self.block + self.step, self.end_block)
+            return first, self.block
+
+    def range_done(self, archived: int) -> None:
+        with self.lock:
+            self.step = _next_step(self.step, archived, self.batch_size)
+
+    def batch_done(self, count: int, first: int, last: int) -> Batch:
+        with self.lock:
+            self.batches += 1
+            self.archived += count
+            self.max_batch = max(self.max_batch, count)
+            return Batch(number=self.batches, archived=count, first_block=first, last_block=last)
+
+
+def archive_over_limit(
+    limits: dict[str, int],
+    *,
+    batch_size: int = MAX_BATCH_SIZE,
+    workers: int = DEFAULT_WORKERS,
+    on_batch: Callable[[Batch], None] | None = None,
+) -> ArchiveReport:
+    """Archive every lesson beyond its owner's limit. `on_batch` runs after each committed batch.
+
+    `workers` batches run at once, on disjoint block ranges, each on its own connection.
+    """
+    if not 1 <= batch_size <= MAX_BATCH_SIZE:
+        raise ValueError(f"batch_size must be between 1 and {MAX_BATCH_SIZE}, got {batch_size}")
+    started = time.monotonic()
+    tiers = tier_limits(limits)
+    log_unknown_tiers(tiers)
+    with transaction() as conn:
+        cutoff = store.database_now(conn)
+        users_over = store.count_users_over_limit(conn, limits=tiers, cutoff=cutoff)
+        # Rows stored beyond this block were written after the cutoff: not this run's business.
+        end_block = store.lesson_blocks(conn) if users_over else 0
+    walk = _Walk(end_block, batch_size)
+
+    def work() -> None:
+        while (block_range := walk.next_range()) is not None:
+            first, last = block_range
+            range_archived = 0
+            while not walk.stop.is_set():
+                with transaction() as conn:
+                    count = store.archive_blocks(
+                        conn,
+                        limits=tiers,
+                        first_block=first,
+                        last_block=last,
+                        cutoff=cutoff,
+                        batch_size=batch_size,
+                    )
+                range_archived += count
+                if count:
+                    batch = walk.batch_done(count, first, last)
+                    if on_batch is not None:
+                        on_batch(batch)
+                if count < batch_size:
+                    break
+            walk.range_done(range_archived)
+
+    def guarded() -> None:
+        try:
+            work()
+        except BaseException:
+            walk.stop.set()  # the others finish their current batch and stop
+            raise
+
+    if workers <= 1:
+        guarded()
+    else:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dylen-archive") as pool:
+            futures = [pool.submit(guarded) for _ in range(workers)]
+        for future in futures:
+            future.result()  # re-raise the first failure
+
+    report = ArchiveReport(
+        users_over_limit=users_over,
+        lessons_archived=walk.archived,
+        batches=walk.batches,
+        max_batch=walk.max_batch,
+        seconds=time.monotonic() - started,
+        cutoff=cutoff,
+    )
+    logger.info("Archive run finished", extra=report.as_result())
+    return report
+
+
+def _next_step(step: int, archived: int, batch_size: int) -> int:
+    if archived == 0:
+        return min(MAX_RANGE_BLOCKS, step * 2)
+    return max(MIN_RANGE_BLOCKS, min(MAX_RANGE_BLOCKS, step * batch_size // archived))
+
+
+def preview(limits: dict[str, int]) -> list[store.TierPreview]:
+    """What a run now would archive, per tier, without changing anything."""
+    tiers = tier_limits(limits)
+    with transaction() as conn:
+        return store.preview_archive(conn, limits=tiers, cutoff=store.database_now(conn))
+
+
+def archive_key(today: datetime | None = None) -> str:
+    """One maintenance job per UTC day: Cloud Scheduler may call twice, only one job runs."""
+    return f"archive-{(today or datetime.now(UTC)).astimezone(UTC).date().isoformat()}"
+
+
+@dataclass(frozen=True)
+class Enqueued:
+    job: store.Job
+    created: bool  # False: today's job already existed (a repeated scheduler call)
+
+
+def enqueue_daily_archive(today: datetime | None = None) -> Enqueued:
+    """Create today's maintenance job (owned by no user) and dispatch it; idempotent per UTC day."""
+    from common.config import get_settings
+
+    settings = get_settings()
+    key = archive_key(today)
+    with transaction() as conn:
+        job = store.insert_job(
+            conn,
+            user_id=None,
+            job_kind=KIND,
+            idempotency_key=key,
+            request_json={"job_kind": KIND, "payload": {}},
+            max_attempts=settings.job_max_attempts,
+        )
+        if job is None:
+            existing = store.find_job_by_key(conn, user_id=None, job_kind=KIND, idempotency_key=key)
+            assert existing is not None, "the conflicting job cannot vanish: jobs are never deleted"
+            return Enqueued(job=existing, created=False)
+    logger.info("Archive job created", extra={"job_id": str(job.id), "idempotency_key": key})
+    if settings.auto_process:
+        from common.dispatch import dispatch_job
+
+        dispatch_job(job)
+    return Enqueued(job=job, created=True)

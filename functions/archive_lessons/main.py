@@ -1,0 +1,29 @@
+"""archive_lessons: POST / from Cloud Scheduler (daily, 01:00 UTC) -> today's archive job.
+
+202 when it creates the job, 200 with the same job when called again the same UTC day.
+"""
+
+import flask
+import functions_framework
+
+from common import archive, jobs
+from common.config import Settings, get_settings
+from common.http import Call, json_response, serve
+
+get_settings()  # a bad configuration fails the cold start, not the first request
+
+
+def _audience(settings: Settings) -> str:
+    # Cloud Scheduler's OIDC token is minted for this function's own URL.
+    return f"{settings.base_url}/archive_lessons"
+
+
+def _trigger(call: Call) -> flask.Response:
+    call.require_root_path()
+    outcome = archive.enqueue_daily_archive()
+    return json_response(jobs.job_view(outcome.job), 202 if outcome.created else 200)
+
+
+@functions_framework.http
+def archive_lessons(request: flask.Request) -> flask.Response:
+    return serve(request, methods=("POST",), auth="task", action=_trigger, task_audience=_audience)
