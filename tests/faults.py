@@ -132,6 +132,10 @@ class FreezableProxy:
                 break
             if not data:
                 break
+            # Frozen while this recv was under way: hold these bytes too, or one message would
+            # slip through after the freeze (a real dropped network relays nothing).
+            while self.frozen.is_set() and not self.closed.is_set():
+                time.sleep(0.05)
             try:
                 sink.sendall(data)
             except OSError:
