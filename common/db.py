@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import functools
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -67,35 +66,7 @@ def _sqlstate(error: BaseException | None) -> str:
     return ""
 
 
-def _cache_pg8000_paramstyle() -> None:
-    """pg8000 rescans every statement's SQL character by character on every execute to turn `%s`
-    into `$n` (about 2 ms of CPU for our longer statements, most of create_job's cost). For the
-    positional styles SQLAlchemy uses, the result depends only on the text, so remember it."""
-    import pg8000.dbapi
-    import pg8000.legacy
-
-    original = pg8000.dbapi.convert_paramstyle
-    if getattr(original, "_dylen_cached", False):
-        return
-
-    @functools.lru_cache(maxsize=512)
-    def convert_query(style: str, query: str) -> str:
-        return str(original(style, query, ())[0])
-
-    def convert_paramstyle(style: str, query: str, args: Any) -> Any:
-        if style in ("format", "qmark", "numeric"):  # these pass `args` through unchanged
-            return convert_query(style, query), args
-        return original(style, query, args)
-
-    convert_paramstyle._dylen_cached = True  # type: ignore[attr-defined]
-    convert_paramstyle.__wrapped__ = original  # type: ignore[attr-defined]
-    for module in (pg8000.dbapi, pg8000.legacy):
-        if getattr(module, "convert_paramstyle", None) is original:
-            module.convert_paramstyle = convert_paramstyle
-
-
 def build_engine(settings: Settings) -> Engine:
-    _cache_pg8000_paramstyle()
     common: dict[str, Any] = {
         "pool_size": settings.db_pool_size,
         "max_overflow": settings.db_max_overflow,

@@ -1,4 +1,4 @@
-"""The database layer's own behaviour: the pg8000 paramstyle cache and the autocommit helpers."""
+"""The database layer's own behaviour: the autocommit and transaction helpers."""
 
 from __future__ import annotations
 
@@ -8,27 +8,6 @@ import pytest
 import sqlalchemy as sa
 
 from common import db as common_db
-
-
-def test_paramstyle_cache_gives_what_pg8000_would() -> None:
-    import pg8000.legacy
-
-    common_db._cache_pg8000_paramstyle()
-    cached = pg8000.legacy.convert_paramstyle
-    assert getattr(cached, "_dylen_cached", False)
-    original = cached.__wrapped__
-    queries = [
-        "SELECT %s, '%%s literal', \"q\"\"id\", E'\\'%s' -- %s comment\n, %s",
-        "INSERT INTO t (a, b) VALUES (%s, CAST(%s AS jsonb)) RETURNING id",
-    ]
-    for query in queries:
-        for args in ((1, 2, 3), ("a", "b", "c")):
-            assert cached("format", query, args) == original("format", query, args)
-            assert cached("format", query, args)[1] is args
-    # Named style still goes through pg8000's own conversion (its values depend on the args).
-    assert cached("named", "SELECT :a, :b, :a", {"a": 1, "b": 2}) == original(
-        "named", "SELECT :a, :b, :a", {"a": 1, "b": 2}
-    )
 
 
 def test_transaction_rolls_back_everything_on_error(app_env: dict[str, str], db: sa.Engine) -> None:
