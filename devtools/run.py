@@ -215,6 +215,12 @@ def main() -> int:
     print("Then the lesson (result.lesson_id) and the list:")
     print(f"  curl -s {base}/get_lesson/<lesson_id> -H 'X-Dylen-User: demo'")
     print(f"  curl -s {base}/list_lessons -H 'X-Dylen-User: demo'")
+    scheduled = [name for name in ("archive_lessons", "rescue_jobs") if name in FUNCTIONS]
+    if scheduled:
+        # Dev only: the secret is generated for this run, and task endpoints accept nothing else here.
+        print("Run a scheduled function now (Cloud Scheduler calls them in production):")
+        for name in scheduled:
+            print(f"  curl -s -X POST {base}/{name} -H 'X-Dylen-Task-Secret: {env['DYLEN_TASK_SECRET']}'")
     print("\nCtrl-C stops everything.", flush=True)
 
     stop = threading.Event()
