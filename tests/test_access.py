@@ -7,10 +7,6 @@ firebase with real RS256 ID tokens signed by a key whose certificate a loopback 
 
 from __future__ import annotations
 
-import datetime as dt
-import http.server
-import json
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,6 +18,7 @@ import requests
 
 from tests.faults import kill_all
 from tests.support import TASK_SECRET, USER_FUNCTIONS, FunctionServer, Stack, base_env, lesson_body, session
+from tests.tokens import CertServer, KeyPair
 
 PROBLEM = "application/problem+json"
 PROJECT = "dylen-access-test"
@@ -232,38 +229,13 @@ def test_process_job_rejects_bodies_that_are_not_tasks(
 
 
 class _Issuer:
-    """An RSA key and its self-signed certificate, published like Google's x509 endpoint."""
+    """A Firebase-like issuer for `PROJECT` (keys and certificates from tests.tokens)."""
 
     def __init__(self, kid: str) -> None:
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import rsa
-        from cryptography.x509.oid import NameOID
-        from google.auth import crypt
-
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, kid)])
-        now = dt.datetime.now(dt.UTC)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(days=1))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .sign(key, hashes.SHA256())
-        )
-        self.kid = kid
-        self.cert_pem = cert.public_bytes(serialization.Encoding.PEM).decode()
-        pem = key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-        self.signer = crypt.RSASigner.from_string(pem, key_id=kid)
+        self.keys = KeyPair.generate(kid)
+        self.kid, self.cert_pem = kid, self.keys.cert_pem
 
     def token(self, uid: str, **overrides: Any) -> str:
-        from google.auth import jwt
-
         now = int(time.time())
         claims = {
             "iss": f"https://securetoken.google.com/{PROJECT}",
@@ -273,32 +245,18 @@ class _Issuer:
             "exp": now + 600,
             **overrides,
         }
-        return jwt.encode(self.signer, claims).decode()
+        return self.keys.sign(claims)
 
 
 @pytest.fixture(scope="module")
 def firebase(database_url: str, logs_dir: Path) -> Iterator[dict[str, Any]]:
     issuer, stranger = _Issuer("key-1"), _Issuer("key-1")  # the stranger reuses the kid, not the key
-    certs = json.dumps({issuer.kid: issuer.cert_pem}).encode()
-
-    class Certs(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(certs)))
-            self.end_headers()
-            self.wfile.write(certs)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Certs)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = CertServer({issuer.kid: issuer.cert_pem})
     env = base_env(
         database_url,
         DYLEN_AUTH_MODE="firebase",
         DYLEN_FIREBASE_PROJECT_ID=PROJECT,
-        DYLEN_FIREBASE_CERTS_URL=f"http://127.0.0.1:{server.server_address[1]}/certs",
+        DYLEN_FIREBASE_CERTS_URL=server.url("certs"),
         DYLEN_JOBS_AUTO_PROCESS="false",
     )
     servers = {name: FunctionServer(name, env, logs_dir).start(wait=False) for name in USER_FUNCTIONS}

@@ -8,87 +8,23 @@ point at. Everything after the key fetch is the production code path.
 
 from __future__ import annotations
 
-import datetime as dt
-import http.server
 import json
-import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
-from google.auth import crypt, jwt
+from google.auth import jwt
 
 from tests.conftest import StackFactory
 from tests.support import Stack, lesson_body
+from tests.tokens import CertServer, KeyPair
 
 PROJECT = "dylen-test"
 INVOKER = "tasks-invoker@dylen-test.iam.gserviceaccount.com"
 AUDIENCE = "https://process-job.example.test"
-
-
-@dataclass
-class KeyPair:
-    kid: str
-    private_pem: bytes
-    cert_pem: str
-    _signers: dict[str, crypt.RSASigner] = field(default_factory=dict)
-
-    @classmethod
-    def generate(cls, kid: str) -> KeyPair:
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dylen-test-issuer")])
-        now = dt.datetime.now(dt.UTC)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(days=1))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .sign(key, hashes.SHA256())
-        )
-        private_pem = key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-        return cls(kid, private_pem, cert.public_bytes(serialization.Encoding.PEM).decode())
-
-    def sign(self, claims: dict[str, Any], *, kid: str | None = None) -> str:
-        kid = kid or self.kid
-        if kid not in self._signers:  # loading a private key is slow (it is validated): once per kid
-            self._signers[kid] = crypt.RSASigner.from_string(self.private_pem, key_id=kid)
-        return jwt.encode(self._signers[kid], claims).decode()
-
-
-class CertServer(http.server.ThreadingHTTPServer):
-    """Serves `{kid: pem}` like Google's x509 endpoints, on a loopback port."""
-
-    def __init__(self, certs: dict[str, str]) -> None:
-        body = json.dumps(certs).encode()
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        super().__init__(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/{path}"
 
 
 @dataclass

@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent import futures
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from common.dispatch import dispatch_job, task_name_for
 from common.dispatch_gcp import CloudTasksDispatcher, build_client, dispatch_deadline_seconds
 from common.store import Job
 from tests.conftest import StackFactory
+from tests.factories import job_value
 from tests.support import TASK_SECRET, free_port, lesson_body
 from tests.tasks_emulator import QUEUE_PATH, TasksEmulator
 
@@ -80,26 +81,8 @@ def _tasks(client: Any, queue: str) -> list[Any]:
     )
 
 
-def _job() -> Job:
-    now = datetime.now(UTC)
-    return Job(
-        id=uuid.uuid4(),
-        user_id="u",
-        job_kind="lesson",
-        status="queued",
-        idempotency_key="k",
-        request_json={},
-        result_json=None,
-        error_json=None,
-        attempts=0,
-        max_attempts=5,
-        lease_expires_at=None,
-        dispatched_at=now,
-        created_at=now,
-        updated_at=now,
-        started_at=None,
-        completed_at=None,
-    )
+def _job(max_attempts: int = 5) -> Job:
+    return job_value(max_attempts=max_attempts)
 
 
 def _stored_job(db: sa.Engine, job_id: str) -> Job:

@@ -6,8 +6,6 @@ import http.server
 import itertools
 import threading
 import time
-import uuid
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -16,6 +14,7 @@ from common.config import load_settings
 from common.dispatch import LocalHttpDispatcher, backoff_seconds, is_loopback_url, task_name_for
 from common.store import Job
 from tests.conftest import StackFactory
+from tests.factories import job_value
 from tests.support import lesson_body
 
 
@@ -53,25 +52,7 @@ class Recorder(http.server.ThreadingHTTPServer):
 
 
 def _job(max_attempts: int = 5) -> Job:
-    now = datetime.now(UTC)
-    return Job(
-        id=uuid.uuid4(),
-        user_id="u",
-        job_kind="lesson",
-        status="queued",
-        idempotency_key="k",
-        request_json={},
-        result_json=None,
-        error_json=None,
-        attempts=0,
-        max_attempts=max_attempts,
-        lease_expires_at=None,
-        dispatched_at=now,
-        created_at=now,
-        updated_at=now,
-        started_at=None,
-        completed_at=None,
-    )
+    return job_value(max_attempts=max_attempts)
 
 
 def _dispatcher(url: str, **env: str) -> LocalHttpDispatcher:
