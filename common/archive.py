@@ -24,11 +24,14 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common import store
 from common.db import transaction
 from common.log import logger
+
+if TYPE_CHECKING:
+    from common.jobs import Created
 
 KIND = "maintenance.archive_lessons"
 MAX_BATCH_SIZE = 10_000
@@ -210,34 +213,14 @@ def archive_key(today: datetime | None = None) -> str:
     return f"archive-{(today or datetime.now(UTC)).astimezone(UTC).date().isoformat()}"
 
 
-@dataclass(frozen=True)
-class Enqueued:
-    job: store.Job
-    created: bool  # False: today's job already existed (a repeated scheduler call)
+def enqueue_daily_archive(today: datetime | None = None) -> Created:
+    """Create today's maintenance job (owned by no user) and dispatch it; idempotent per UTC day:
+    Cloud Scheduler may call twice, and the second call gets the same job (created=False)."""
+    from common.jobs import submit_job
 
-
-def enqueue_daily_archive(today: datetime | None = None) -> Enqueued:
-    """Create today's maintenance job (owned by no user) and dispatch it; idempotent per UTC day."""
-    from common.config import get_settings
-
-    settings = get_settings()
-    key = archive_key(today)
-    with transaction() as conn:
-        job = store.insert_job(
-            conn,
-            user_id=None,
-            job_kind=KIND,
-            idempotency_key=key,
-            request_json={"job_kind": KIND, "payload": {}},
-            max_attempts=settings.job_max_attempts,
-        )
-        if job is None:
-            existing = store.find_job_by_key(conn, user_id=None, job_kind=KIND, idempotency_key=key)
-            assert existing is not None, "the conflicting job cannot vanish: jobs are never deleted"
-            return Enqueued(job=existing, created=False)
-    logger.info("Archive job created", extra={"job_id": str(job.id), "idempotency_key": key})
-    if settings.auto_process:
-        from common.dispatch import dispatch_job
-
-        dispatch_job(job)
-    return Enqueued(job=job, created=True)
+    return submit_job(
+        user_id=None,
+        job_kind=KIND,
+        idempotency_key=archive_key(today),
+        request_json={"job_kind": KIND, "payload": {}},
+    )

@@ -42,7 +42,20 @@ def parse_create_request(body: Any) -> tuple[str, str, dict[str, Any]]:
 
 def create_job(user_id: str, body: Any) -> Created:
     kind, key, payload = parse_create_request(body)
-    request_json = {"job_kind": kind, "payload": payload}
+    return submit_job(
+        user_id=user_id,
+        job_kind=kind,
+        idempotency_key=key,
+        request_json={"job_kind": kind, "payload": payload},
+    )
+
+
+def submit_job(
+    *, user_id: str | None, job_kind: str, idempotency_key: str, request_json: dict[str, Any]
+) -> Created:
+    """Insert a queued job and dispatch it, or return the job an identical earlier request created
+    (409 if the key was used with a different request). Shared by create_job and the scheduled
+    maintenance jobs (user_id None)."""
     settings = get_settings()
     # Autocommit: the insert (with its user upsert) is one statement; the replay lookup after a
     # conflict needs no atomicity with it because jobs are never deleted.
@@ -50,19 +63,21 @@ def create_job(user_id: str, body: Any) -> Created:
         job = store.insert_job(
             conn,
             user_id=user_id,
-            job_kind=kind,
-            idempotency_key=key,
+            job_kind=job_kind,
+            idempotency_key=idempotency_key,
             request_json=request_json,
             max_attempts=settings.job_max_attempts,
         )
         if job is None:
-            existing = store.find_job_by_key(conn, user_id=user_id, job_kind=kind, idempotency_key=key)
+            existing = store.find_job_by_key(
+                conn, user_id=user_id, job_kind=job_kind, idempotency_key=idempotency_key
+            )
             if existing is None:  # the conflicting row vanished; cannot happen without deletes
                 raise IdempotencyConflict("The idempotency key is in use; retry.")
             if existing.request_json != request_json:
                 raise IdempotencyConflict("This idempotency_key was already used with a different request.")
             return Created(job=existing, created=False)
-    logger.info("Job created", extra={"job_id": str(job.id), "job_kind": kind})
+    logger.info("Job created", extra={"job_id": str(job.id), "job_kind": job_kind})
     if settings.auto_process:
         from common.dispatch import dispatch_job
 
