@@ -12,33 +12,40 @@ Semantics of one run (also in the README):
   one batch only and memory stays flat. A killed run loses nothing: the next attempt (or run)
   recomputes the boundaries from the lessons still visible and archives only the rest, and a
   finished run followed by another archives nothing more.
-- Batches walk the lessons table in block order (see common.store), which keeps each batch's reads
-  and writes on a compact run of pages; `workers` of them run at once on disjoint block ranges.
+- The boundaries (each user's newest lesson beyond the limit) are computed once per run, on each
+  worker's connection. Batches walk the lessons table in block order (see common.store), which keeps
+  each batch's reads and writes on a compact run of pages; `workers` of them run at once on disjoint
+  block ranges.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from common import store
-from common.db import transaction
+from common.db import connection, transaction
 from common.log import logger
 
 if TYPE_CHECKING:
+    from sqlalchemy import Connection
+
     from common.jobs import Created
 
 KIND = "maintenance.archive_lessons"
 MAX_BATCH_SIZE = 10_000
-# Batches on disjoint block ranges are independent and may run concurrently, but the work is bound
-# by the database's writes: on the 2-vCPU benchmark server two workers were slower than one
-# (bench/RESULTS.md). Raise it only for a database with idle cores.
-DEFAULT_WORKERS = 1
+# Batches on disjoint block ranges are independent and run concurrently, each worker on its own
+# connection (one backend, one database core each). On the 2-vCPU benchmark server two workers took
+# 12 s where one took 19.5 s (1M lessons, bench/RESULTS.md); more than the database's idle cores
+# only adds contention. Each worker also uses one pooled connection for the whole run.
+DEFAULT_WORKERS = 2
 # Block ranges: start small, then aim each range at about one batch of work. The bounds keep a range
 # cheap to re-read (it is re-read until a batch comes back short) and the walk moving over pages
 # with nothing to archive.
@@ -101,7 +108,13 @@ class _Walk:
         self.block = 0
         self.step = FIRST_RANGE_BLOCKS
         self.stop = threading.Event()
-        self.batches = self.archived = self.max_batch = 0
+        self.batches = self.archived = self.max_batch = self.users_over = 0
+
+    def users_over_limit(self, users: int) -> None:
+        """A worker's boundaries are ready. A worker that starts after another's first batch sees
+        fewer users over the limit (some are done): the largest count is the one at the cutoff."""
+        with self.lock:
+            self.users_over = max(self.users_over, users)
 
     def next_range(self) -> tuple[int, int] | None:
         with self.lock:
@@ -140,24 +153,22 @@ def archive_over_limit(
     log_unknown_tiers(tiers)
     with transaction() as conn:
         cutoff = store.database_now(conn)
-        users_over = store.count_users_over_limit(conn, limits=tiers, cutoff=cutoff)
         # Rows stored beyond this block were written after the cutoff: not this run's business.
-        end_block = store.lesson_blocks(conn) if users_over else 0
+        end_block = store.lesson_blocks(conn)
     walk = _Walk(end_block, batch_size)
 
-    def work() -> None:
+    def work(conn: Connection) -> None:
+        users_over = store.create_boundaries(conn, limits=tiers, cutoff=cutoff)
+        walk.users_over_limit(users_over)
+        if not users_over:
+            return  # nothing (left) to archive: no need to read the table
         while (block_range := walk.next_range()) is not None:
             first, last = block_range
             range_archived = 0
             while not walk.stop.is_set():
-                with transaction() as conn:
+                with _batch(conn):
                     count = store.archive_blocks(
-                        conn,
-                        limits=tiers,
-                        first_block=first,
-                        last_block=last,
-                        cutoff=cutoff,
-                        batch_size=batch_size,
+                        conn, first_block=first, last_block=last, cutoff=cutoff, batch_size=batch_size
                     )
                 range_archived += count
                 if count:
@@ -170,7 +181,13 @@ def archive_over_limit(
 
     def guarded() -> None:
         try:
-            work()
+            # One connection per worker for the whole run: its batches use the boundaries it computed.
+            with connection() as conn:
+                try:
+                    work(conn)
+                finally:
+                    with contextlib.suppress(Exception):  # a dead connection took the table with it
+                        store.drop_boundaries(conn)
         except BaseException:
             walk.stop.set()  # the others finish their current batch and stop
             raise
@@ -184,7 +201,7 @@ def archive_over_limit(
             future.result()  # re-raise the first failure
 
     report = ArchiveReport(
-        users_over_limit=users_over,
+        users_over_limit=walk.users_over,
         lessons_archived=walk.archived,
         batches=walk.batches,
         max_batch=walk.max_batch,
@@ -193,6 +210,19 @@ def archive_over_limit(
     )
     logger.info("Archive run finished", extra=report.as_result())
     return report
+
+
+@contextmanager
+def _batch(conn: Connection) -> Iterator[None]:
+    """One batch: its own transaction on the worker's connection (which is in autocommit)."""
+    conn.exec_driver_sql("BEGIN")
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):  # a dead connection has nothing to roll back
+            conn.exec_driver_sql("ROLLBACK")
+        raise
+    conn.exec_driver_sql("COMMIT")
 
 
 def _next_step(step: int, archived: int, batch_size: int) -> int:
