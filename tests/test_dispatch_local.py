@@ -1,4 +1,4 @@
-"""The local-http dispatcher: Cloud Tasks-like headers, backoff, and proxies ignored on loopback."""
+"""The local-http dispatcher: Cloud Tasks-like headers, backoff, keep-alive, and no proxies."""
 
 from __future__ import annotations
 
@@ -8,10 +8,8 @@ import threading
 import time
 from typing import Any
 
-import pytest
-
 from common.config import load_settings
-from common.dispatch import LocalHttpDispatcher, backoff_seconds, is_loopback_url, task_name_for
+from common.dispatch import LocalHttpDispatcher, backoff_seconds, task_name_for
 from common.store import Job
 from tests.conftest import StackFactory
 from tests.factories import job_value
@@ -21,18 +19,29 @@ from tests.support import lesson_body
 class Recorder(http.server.ThreadingHTTPServer):
     """A stand-in process_job that answers a scripted list of statuses and records each request."""
 
-    def __init__(self, statuses: list[int]) -> None:
+    def __init__(self, statuses: list[int], *, keep_alive: bool = False, close_after: bool = False) -> None:
         self.statuses = statuses
         self.requests: list[dict[str, Any]] = []
         self.done = threading.Event()
         recorder = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            # HTTP/1.1 keeps the connection open between requests; close_after then drops it
+            # silently after each answer, as a server's idle keep-alive timeout does.
+            protocol_version = "HTTP/1.1" if keep_alive else "HTTP/1.0"
+
             def do_POST(self) -> None:
                 length = int(self.headers["Content-Length"])
                 recorder.requests.append(
-                    {"headers": dict(self.headers), "body": self.rfile.read(length), "at": time.monotonic()}
+                    {
+                        "headers": dict(self.headers),
+                        "body": self.rfile.read(length),
+                        "at": time.monotonic(),
+                        "client": self.client_address,
+                    }
                 )
+                if close_after:
+                    self.close_connection = True
                 status = recorder.statuses.pop(0) if recorder.statuses else 200
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
@@ -80,20 +89,6 @@ def test_backoff_doubles_and_is_capped() -> None:
     ]
 
 
-@pytest.mark.parametrize(
-    ("url", "loopback"),
-    [
-        ("http://127.0.0.1:8080/", True),
-        ("http://localhost/x", True),
-        ("http://[::1]:9/", True),
-        ("https://process-job-abc.a.run.app/", False),
-        ("http://10.0.0.1/", False),
-    ],
-)
-def test_loopback_detection(url: str, loopback: bool) -> None:
-    assert is_loopback_url(url) is loopback
-
-
 def test_delivery_sends_cloud_tasks_headers_and_retries_with_backoff() -> None:
     # Given process_job answers 503, then 500, then 200
     recorder = Recorder([503, 500, 200])
@@ -119,6 +114,34 @@ def test_delivery_sends_cloud_tasks_headers_and_retries_with_backoff() -> None:
     assert reqs[2]["headers"]["X-CloudTasks-TaskPreviousResponse"] == "500"
     gaps = [b["at"] - a["at"] for a, b in itertools.pairwise(reqs)]
     assert gaps[0] >= 0.04 and gaps[1] >= 0.09, gaps
+
+
+def test_deliveries_reuse_one_keep_alive_connection() -> None:
+    recorder = Recorder([], keep_alive=True)
+    dispatcher = _dispatcher(recorder.url, DYLEN_LOCAL_DISPATCH_WORKERS="1")
+    for _ in range(3):
+        recorder.done.clear()
+        dispatcher.dispatch(_job())
+        assert recorder.done.wait(10)
+    assert len({req["client"] for req in recorder.requests}) == 1
+
+
+def test_a_keep_alive_connection_closed_by_process_job_is_reopened_without_counting_a_retry() -> None:
+    # Given process_job closes each connection after answering (no Connection: close header)
+    recorder = Recorder([], keep_alive=True, close_after=True)
+    dispatcher = _dispatcher(recorder.url, DYLEN_LOCAL_DISPATCH_WORKERS="1")
+    jobs = [_job(), _job()]
+    for job in jobs:
+        recorder.done.clear()
+        dispatcher.dispatch(job)
+        assert recorder.done.wait(10)
+        time.sleep(0.1)  # the close reaches the client's socket before the next delivery
+    # Then each job was delivered once, as its first attempt, on a fresh connection each time
+    assert [req["headers"]["X-CloudTasks-TaskName"] for req in recorder.requests] == [
+        task_name_for(job) for job in jobs
+    ]
+    assert [req["headers"]["X-CloudTasks-TaskRetryCount"] for req in recorder.requests] == ["0", "0"]
+    assert len({req["client"] for req in recorder.requests}) == 2
 
 
 def test_delivery_is_bounded_by_the_jobs_attempts() -> None:
