@@ -138,6 +138,7 @@ class Settings:
     db_pool_size: int
     db_max_overflow: int
     db_connect_timeout_seconds: float
+    db_read_timeout_seconds: float
     auto_process: bool
     task_provider: str
     base_url: str
@@ -194,6 +195,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, dotenv: Path | None =
         db_pool_size=r.integer("DYLEN_DB_POOL_SIZE", 5, minimum=1, maximum=100),
         db_max_overflow=r.integer("DYLEN_DB_MAX_OVERFLOW", 2, minimum=0, maximum=100),
         db_connect_timeout_seconds=r.number("DYLEN_DB_CONNECT_TIMEOUT_SECONDS", 5.0, minimum=0.1),
+        db_read_timeout_seconds=r.number("DYLEN_DB_READ_TIMEOUT_SECONDS", 30.0, minimum=0.1),
         auto_process=r.boolean("DYLEN_JOBS_AUTO_PROCESS", True),
         task_provider=r.choice("DYLEN_TASK_SERVICE_PROVIDER", "local-http", PROVIDERS),
         base_url=base_url,

@@ -9,8 +9,11 @@ from __future__ import annotations
 import atexit
 import contextlib
 import threading
+import time
+from collections import namedtuple
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, exc
@@ -66,13 +69,18 @@ def _sqlstate(error: BaseException | None) -> str:
     return ""
 
 
+# A pooled connection idle longer than this is pinged at checkout (one round trip, bounded by the
+# connect timeout). Busy connections skip the ping: a dead one fails its statement, which counts as a
+# disconnect and replaces the whole pool, and a silent one hits the read timeout.
+PING_AFTER_IDLE_SECONDS = 2.0
+
+
 def build_engine(settings: Settings) -> Engine:
     common: dict[str, Any] = {
         "pool_size": settings.db_pool_size,
         "max_overflow": settings.db_max_overflow,
-        # Every checkout pings (one simple-protocol round trip in autocommit, bounded by
-        # _bound_pre_ping), so a database restart or a silently dropped network costs no request.
-        "pool_pre_ping": True,
+        # Liveness is checked by _ping_idle_connections, not on every checkout.
+        "pool_pre_ping": False,
         "pool_recycle": 1800,
         "pool_timeout": settings.db_connect_timeout_seconds,
         # Autocommit at the driver: a single statement is its own transaction and costs no
@@ -93,13 +101,15 @@ def build_engine(settings: Settings) -> Engine:
             **common,
         )
 
-        @event.listens_for(engine, "connect")
-        def _unbounded_reads(dbapi_conn: Any, _record: Any) -> None:
-            # pg8000's `timeout` bounds every socket read; keep it for connect only, so that a
-            # down server fails fast but a long archive batch is not cut off.
-            sock = getattr(dbapi_conn, "_usock", None)
-            if sock is not None:
-                sock.settimeout(None)
+    read_timeout = settings.db_read_timeout_seconds
+
+    @event.listens_for(engine, "connect")
+    def _bounded_reads(dbapi_conn: Any, _record: Any) -> None:
+        # pg8000's `timeout` covers connect; afterwards every read waits at most the read timeout, so
+        # a database that stops answering mid-statement (a dropped network, a frozen failover)
+        # fails the request with 503 instead of hanging it.
+        _set_read_timeout(dbapi_conn, read_timeout)
+        dbapi_conn.register_in_adapter(_TIMESTAMPTZ_OID, _timestamptz_in)
 
     @event.listens_for(engine, "handle_error")
     def _classify(context: Any) -> None:
@@ -110,32 +120,164 @@ def build_engine(settings: Settings) -> Engine:
         if _sqlstate(original) in _DISCONNECT_SQLSTATES or isinstance(original, (ConnectionError, OSError)):
             context.is_disconnect = True
 
-    _bound_pre_ping(engine, settings.db_connect_timeout_seconds)
+    _ping_idle_connections(engine, settings.db_connect_timeout_seconds, read_timeout)
     return engine
 
 
-def _bound_pre_ping(engine: Engine, seconds: float) -> None:
-    """Give the checkout ping a deadline. Reads are otherwise unbounded (see above), so a pooled
-    connection to a database that stopped answering without closing the socket (a dropped network,
-    a frozen failover) would hang the request forever. A ping that times out counts as a
-    disconnect: the connection is replaced, and a database still away answers 503."""
-    dialect = engine.dialect
-    ping = dialect.do_ping
+_TIMESTAMPTZ_OID = 1184
 
-    def bounded_ping(dbapi_conn: Any) -> bool:
-        sock = getattr(dbapi_conn, "_usock", None)
-        if sock is None:
-            return ping(dbapi_conn)
+
+def _timestamptz_in(data: str) -> Any:
+    """pg8000 parses timestamptz with strptime, the largest single cost of reading a job row;
+    PostgreSQL's ISO output is what datetime.fromisoformat reads natively. The rare values it does
+    not (infinity, BC dates, years past 9999) go to pg8000's own parser."""
+    try:
+        return datetime.fromisoformat(data)
+    except ValueError:
+        from pg8000.converters import timestamptz_in
+
+        return timestamptz_in(data)
+
+
+def _set_read_timeout(dbapi_conn: Any, seconds: float | None) -> None:
+    sock = getattr(dbapi_conn, "_usock", None)
+    if sock is not None:
         sock.settimeout(seconds)
+
+
+def _ping_idle_connections(engine: Engine, ping_timeout: float, read_timeout: float) -> None:
+    """Ping a connection at checkout only when it sat in the pool for PING_AFTER_IDLE_SECONDS: that
+    is when a restart, a failover or a NAT timeout has had the chance to kill it unseen. Under load
+    connections come back within milliseconds and a request costs no extra round trip."""
+    dialect = engine.dialect
+    monotonic = time.monotonic
+
+    @event.listens_for(engine, "checkin")
+    def _idle_from(_dbapi_conn: Any, record: Any) -> None:
+        record.info["idle_since"] = monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping_if_idle(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        idle_since = record.info.get("idle_since")
+        if idle_since is None or monotonic() - idle_since < PING_AFTER_IDLE_SECONDS:
+            return
+        _set_read_timeout(dbapi_conn, ping_timeout)
         try:
-            return ping(dbapi_conn)
-        except OSError as error:  # the timeout surfaces raw from pg8000's first read
-            raise dialect.loaded_dbapi.InterfaceError("network error") from error
+            alive = dialect.do_ping(dbapi_conn)
+        except Exception as error:  # the pool replaces the connection, and retries the checkout
+            raise exc.DisconnectionError(f"idle connection failed its ping: {error!r}") from error
         finally:
             with contextlib.suppress(OSError):
-                sock.settimeout(None)
+                _set_read_timeout(dbapi_conn, read_timeout)
+        if not alive:
+            raise exc.DisconnectionError("idle connection failed its ping")
 
-    dialect.do_ping = bounded_ping  # type: ignore[method-assign,assignment]
+
+# --- hot statements ------------------------------------------------------------------------------
+# Through SQLAlchemy, pg8000 sends each parameterised statement as Parse, Describe, then Bind/Execute,
+# waiting for the server after each: three round trips, a server-side parse and plan, a client-side
+# rewrite of the placeholders, and SQLAlchemy's execution context and result objects around it. The
+# few statements on the request path instead run as a Statement: prepared once per pooled connection,
+# then executed by name on the driver (one round trip, bench/RESULTS.md). This reaches into pg8000's
+# connection internals (pinned in requirements.txt); tests/test_db.py fails loudly if a pg8000
+# upgrade moves them. Errors come out as SQLAlchemy would raise them, and a lost connection is
+# handled as SQLAlchemy does (the pool is replaced).
+
+# SQLSTATEs after which a prepared statement must be prepared again: 26000 it no longer exists (the
+# session was reset), 0A000 "cached plan must not change result type" (a migration altered a table).
+_STALE_STATEMENT_SQLSTATES = ("26000", "0A000")
+
+
+class Statement:
+    """Fixed SQL with `:name` parameters, run by `rows()` / `count()` on a connection from
+    connection() or transaction(). Parameters are sent as text and typed by the server from their
+    context, so a parameter whose type the context does not fix needs a CAST in the SQL."""
+
+    __slots__ = ("_make_args", "_numbered", "_row_types", "sql")
+
+    def __init__(self, sql: str) -> None:
+        self.sql = sql
+        self._numbered: str | None = None
+        self._make_args: Any = None
+        self._row_types: dict[tuple[str, ...], Any] = {}
+
+    def _execute(self, conn: Connection, params: dict[str, Any]) -> Any:
+        if self._numbered is None:
+            from pg8000.native import to_statement
+
+            self._numbered, self._make_args = to_statement(self.sql)
+        con: Any = conn.connection.dbapi_connection
+        try:
+            try:
+                return _run_prepared(con, self, self._make_args(params))
+            except _driver().DatabaseError as error:
+                # Prepare it again once, unless the failure aborted an explicit transaction.
+                if _sqlstate(error) not in _STALE_STATEMENT_SQLSTATES or con._in_transaction:
+                    raise
+                return _run_prepared(con, self, self._make_args(params))
+        except Exception as error:
+            raise _translate(conn, self.sql, params, error) from error
+
+    def rows(self, conn: Connection, **params: Any) -> list[Any]:
+        """The result rows, as named tuples (attribute access by column name)."""
+        context = self._execute(conn, params)
+        if not context.rows:
+            return []
+        names = tuple(column["name"] for column in context.columns)
+        row_type: Any = self._row_types.get(names)
+        if row_type is None:
+            row_type = self._row_types[names] = namedtuple("Row", names, rename=True)
+        return [row_type._make(row) for row in context.rows]
+
+    def first(self, conn: Connection, **params: Any) -> Any:
+        rows = self.rows(conn, **params)
+        return rows[0] if rows else None
+
+    def count(self, conn: Connection, **params: Any) -> int:
+        """Rows written (UPDATE / INSERT / DELETE without RETURNING)."""
+        return int(self._execute(conn, params).row_count)
+
+
+def _driver() -> Any:
+    import pg8000.legacy
+
+    return pg8000.legacy
+
+
+def _run_prepared(con: Any, statement: Statement, args: tuple[Any, ...]) -> Any:
+    from pg8000.converters import make_params
+
+    cache: dict[Statement, Any] = con.__dict__.setdefault("_dylen_prepared", {})
+    entry = cache.get(statement)
+    if entry is None:
+        entry = cache[statement] = con.prepare_statement(statement._numbered, ())
+    name, columns, input_funcs = entry
+    try:
+        return con.execute_named(name, make_params(con.py_types, args), columns, input_funcs, statement.sql)
+    except _driver().DatabaseError as error:
+        if _sqlstate(error) in _STALE_STATEMENT_SQLSTATES:
+            cache.pop(statement, None)
+        raise
+
+
+def _translate(conn: Connection, sql: str, params: dict[str, Any], error: Exception) -> Exception:
+    """The exception SQLAlchemy would raise for this driver error, with its side effects: a lost
+    connection is invalidated and the rest of the pool replaced (see _classify in build_engine)."""
+    driver = _driver()
+    if not isinstance(error, (driver.Error, OSError)):
+        return error
+    if _sqlstate(error) in _DISCONNECT_SQLSTATES or isinstance(error, (driver.InterfaceError, OSError)):
+        with contextlib.suppress(Exception):
+            conn.invalidate(error)
+        with contextlib.suppress(Exception):
+            conn.engine.dispose(close=False)
+        return DatabaseUnavailable("The database is unreachable; retry shortly.")
+    if type(error) is driver.DatabaseError:  # as pg8000's own Cursor.execute classifies them
+        cls = {"28000": driver.InterfaceError, "23505": driver.IntegrityError}.get(
+            _sqlstate(error), driver.ProgrammingError
+        )
+        error = cls(*error.args)
+    return exc.DBAPIError.instance(sql, params, error, driver.Error, dialect=conn.dialect)
 
 
 def get_engine() -> Engine:

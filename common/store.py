@@ -15,6 +15,8 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
+from common.db import Statement
+
 JOB_COLUMNS = (
     "id, user_id, job_kind, status, idempotency_key, request_json, result_json, error_json, "
     "attempts, max_attempts, lease_expires_at, dispatched_at, created_at, updated_at, "
@@ -43,7 +45,7 @@ class Job:
 
     @classmethod
     def from_row(cls, row: Any) -> Job:
-        return cls(**{key: row._mapping[key] for key in cls.__dataclass_fields__})
+        return cls(**{key: getattr(row, key) for key in cls.__dataclass_fields__})
 
 
 def _jsonb(value: Any) -> str | None:
@@ -52,18 +54,20 @@ def _jsonb(value: Any) -> str | None:
 
 # --- jobs -----------------------------------------------------------------------------------------
 
-_INSERT_JOB = text(
-    f"""
+# Only created_at comes back: every other column of a new job is known here, and now() is the same
+# for created_at, updated_at and dispatched_at within the statement.
+_INSERT_JOB = Statement(
+    """
     WITH upsert_user AS (
         INSERT INTO users (id) SELECT CAST(:user_id AS text) WHERE CAST(:user_id AS text) IS NOT NULL
         ON CONFLICT (id) DO NOTHING
     )
     INSERT INTO jobs (id, user_id, job_kind, status, idempotency_key, request_json,
                       attempts, max_attempts, dispatched_at)
-    VALUES (:id, :user_id, :job_kind, 'queued', :idempotency_key, CAST(:request_json AS jsonb),
-            0, :max_attempts, now())
+    VALUES (CAST(:id AS uuid), CAST(:user_id AS text), :job_kind, 'queued', :idempotency_key,
+            CAST(:request_json AS jsonb), 0, :max_attempts, now())
     ON CONFLICT (user_id, job_kind, idempotency_key) DO NOTHING
-    RETURNING {JOB_COLUMNS}
+    RETURNING created_at
     """
 )
 
@@ -78,35 +82,55 @@ def insert_job(
     max_attempts: int,
 ) -> Job | None:
     """Insert a queued job (upserting its user in the same statement); None if the key exists."""
-    row = conn.execute(
-        _INSERT_JOB,
-        {
-            "id": uuid.uuid4(),
-            "user_id": user_id,
-            "job_kind": job_kind,
-            "idempotency_key": idempotency_key,
-            "request_json": _jsonb(request_json),
-            "max_attempts": max_attempts,
-        },
-    ).first()
-    return Job.from_row(row) if row else None
+    job_id = uuid.uuid4()
+    row = _INSERT_JOB.first(
+        conn,
+        id=job_id,
+        user_id=user_id,
+        job_kind=job_kind,
+        idempotency_key=idempotency_key,
+        request_json=_jsonb(request_json),
+        max_attempts=max_attempts,
+    )
+    if row is None:
+        return None
+    now = row.created_at
+    return Job(
+        id=job_id,
+        user_id=user_id,
+        job_kind=job_kind,
+        status="queued",
+        idempotency_key=idempotency_key,
+        request_json=request_json,
+        result_json=None,
+        error_json=None,
+        attempts=0,
+        max_attempts=max_attempts,
+        lease_expires_at=None,
+        dispatched_at=now,
+        created_at=now,
+        updated_at=now,
+        started_at=None,
+        completed_at=None,
+    )
+
+
+_FIND_JOB_BY_KEY = Statement(
+    f"SELECT {JOB_COLUMNS} FROM jobs WHERE user_id IS NOT DISTINCT FROM CAST(:user_id AS text) "
+    "AND job_kind = :job_kind AND idempotency_key = :key"
+)
+_GET_JOB = Statement(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = CAST(:id AS uuid)")
 
 
 def find_job_by_key(
     conn: Connection, *, user_id: str | None, job_kind: str, idempotency_key: str
 ) -> Job | None:
-    row = conn.execute(
-        text(
-            f"SELECT {JOB_COLUMNS} FROM jobs WHERE user_id IS NOT DISTINCT FROM CAST(:user_id AS text) "
-            "AND job_kind = :job_kind AND idempotency_key = :key"
-        ),
-        {"user_id": user_id, "job_kind": job_kind, "key": idempotency_key},
-    ).first()
+    row = _FIND_JOB_BY_KEY.first(conn, user_id=user_id, job_kind=job_kind, key=idempotency_key)
     return Job.from_row(row) if row else None
 
 
 def get_job(conn: Connection, job_id: uuid.UUID) -> Job | None:
-    row = conn.execute(text(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = :id"), {"id": job_id}).first()
+    row = _GET_JOB.first(conn, id=job_id)
     return Job.from_row(row) if row else None
 
 
@@ -121,7 +145,7 @@ class Claim:
 
 # One round trip: try the claim; when it loses, return the row as it stood so the caller can
 # answer (final, lease held, out of attempts) without a second query.
-_CLAIM = text(
+_CLAIM = Statement(
     f"""
     WITH claimed AS (
         UPDATE jobs
@@ -144,7 +168,7 @@ _CLAIM = text(
 
 
 def claim_job(conn: Connection, job_id: uuid.UUID, *, lease_seconds: int) -> Claim:
-    row = conn.execute(_CLAIM, {"id": job_id, "lease_seconds": lease_seconds}).first()
+    row = _CLAIM.first(conn, id=job_id, lease_seconds=lease_seconds)
     if row is None:
         return Claim(claimed=False, job=None)
     return Claim(claimed=bool(row.claimed), job=Job.from_row(row), now=row.db_now)
@@ -152,18 +176,33 @@ def claim_job(conn: Connection, job_id: uuid.UUID, *, lease_seconds: int) -> Cla
 
 _FINISH_GUARD = "WHERE id = :id AND status = 'running' AND attempts = :attempt"
 
+_COMPLETE_JOB = Statement(
+    "UPDATE jobs SET status = 'done', result_json = CAST(:result AS jsonb), "
+    "error_json = NULL, lease_expires_at = NULL, completed_at = now(), updated_at = now() " + _FINISH_GUARD
+)
+
 
 def complete_job(conn: Connection, job_id: uuid.UUID, *, attempt: int, result: dict[str, Any]) -> bool:
     """`running` -> `done`, only if this attempt still holds the claim (not canceled, not stolen)."""
-    updated = conn.execute(
-        text(
-            "UPDATE jobs SET status = 'done', result_json = CAST(:result AS jsonb), "
-            "error_json = NULL, lease_expires_at = NULL, completed_at = now(), updated_at = now() "
-            + _FINISH_GUARD
-        ),
-        {"id": job_id, "attempt": attempt, "result": _jsonb(result)},
+    return _COMPLETE_JOB.count(conn, id=job_id, attempt=attempt, result=_jsonb(result)) == 1
+
+
+_COMPLETE_JOB_WITH_LESSON = Statement(
+    f"""
+    WITH done AS (
+        UPDATE jobs SET status = 'done', result_json = CAST(:result AS jsonb),
+               error_json = NULL, lease_expires_at = NULL, completed_at = now(),
+               updated_at = now()
+        {_FINISH_GUARD}
+        RETURNING id, user_id
     )
-    return updated.rowcount == 1
+    INSERT INTO lessons (id, user_id, job_id, topic, title, content)
+    SELECT CAST(:lesson_id AS uuid), user_id, id, CAST(:topic AS text), CAST(:title AS text),
+           CAST(:content AS jsonb)
+      FROM done
+    RETURNING id
+    """
+)
 
 
 def complete_job_with_lesson(
@@ -182,32 +221,24 @@ def complete_job_with_lesson(
     If the claim was lost (canceled, or a newer attempt), the UPDATE matches nothing and no lesson
     is written; lessons.job_id being unique stops a second lesson whatever happens.
     """
-    row = conn.execute(
-        text(
-            f"""
-            WITH done AS (
-                UPDATE jobs SET status = 'done', result_json = CAST(:result AS jsonb),
-                       error_json = NULL, lease_expires_at = NULL, completed_at = now(),
-                       updated_at = now()
-                {_FINISH_GUARD}
-                RETURNING id, user_id
-            )
-            INSERT INTO lessons (id, user_id, job_id, topic, title, content)
-            SELECT :lesson_id, user_id, id, :topic, :title, CAST(:content AS jsonb) FROM done
-            RETURNING id
-            """
-        ),
-        {
-            "id": job_id,
-            "attempt": attempt,
-            "result": _jsonb(result),
-            "lesson_id": lesson_id,
-            "topic": topic,
-            "title": title,
-            "content": _jsonb(content),
-        },
-    ).first()
+    row = _COMPLETE_JOB_WITH_LESSON.first(
+        conn,
+        id=job_id,
+        attempt=attempt,
+        result=_jsonb(result),
+        lesson_id=lesson_id,
+        topic=topic,
+        title=title,
+        content=_jsonb(content),
+    )
     return row is not None
+
+
+_FAIL_JOB = Statement(
+    "UPDATE jobs SET status = CASE WHEN CAST(:final AS boolean) THEN 'error' ELSE 'queued' END, "
+    "error_json = CAST(:error AS jsonb), lease_expires_at = NULL, "
+    "completed_at = CASE WHEN CAST(:final AS boolean) THEN now() END, updated_at = now() " + _FINISH_GUARD
+)
 
 
 def fail_job(
@@ -219,15 +250,7 @@ def fail_job(
     final: bool,
 ) -> bool:
     """Record a failed attempt: back to `queued` (error kept) or, when `final`, `error`."""
-    updated = conn.execute(
-        text(
-            "UPDATE jobs SET status = CASE WHEN :final THEN 'error' ELSE 'queued' END, "
-            "error_json = CAST(:error AS jsonb), lease_expires_at = NULL, "
-            "completed_at = CASE WHEN :final THEN now() END, updated_at = now() " + _FINISH_GUARD
-        ),
-        {"id": job_id, "attempt": attempt, "error": _jsonb(error), "final": final},
-    )
-    return updated.rowcount == 1
+    return _FAIL_JOB.count(conn, id=job_id, attempt=attempt, error=_jsonb(error), final=final) == 1
 
 
 def expire_exhausted_job(conn: Connection, job_id: uuid.UUID, *, error: dict[str, Any]) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable, Iterator
 
 import pytest
 import sqlalchemy as sa
@@ -52,3 +53,117 @@ def test_unreachable_database_is_database_unavailable(monkeypatch: pytest.Monkey
             conn.execute(sa.text("SELECT 1"))
     finally:
         common_db.dispose_engine()
+
+
+# --- hot statements (common.db.Statement) --------------------------------------------------------
+
+
+@pytest.fixture
+def scratch_table(db: sa.Engine) -> Iterator[str]:
+    name = f"scratch_{uuid.uuid4().hex[:8]}"
+    with db.begin() as conn:
+        conn.execute(sa.text(f"CREATE TABLE {name} (a int PRIMARY KEY)"))
+        conn.execute(sa.text(f"INSERT INTO {name} VALUES (1), (2)"))
+    yield name
+    with db.begin() as conn:
+        conn.execute(sa.text(f"DROP TABLE {name}"))
+
+
+class FlushCounter:
+    """Counts pg8000's socket flushes: one per round trip to the server."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import pg8000.core
+
+        self.count = 0
+        real = pg8000.core._flush
+
+        def counting(sock: object) -> None:
+            self.count += 1
+            real(sock)
+
+        monkeypatch.setattr(pg8000.core, "_flush", counting)
+
+    def during(self, action: Callable[[], object]) -> int:
+        before = self.count
+        action()
+        return self.count - before
+
+
+def test_a_statement_costs_one_round_trip_once_prepared_on_its_connection(
+    app_env: dict[str, str], scratch_table: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flushes = FlushCounter(monkeypatch)
+    select = common_db.Statement(f"SELECT a, a * 10 AS ten FROM {scratch_table} WHERE a = :a")
+    plain = sa.text(f"SELECT a FROM {scratch_table} WHERE a = :a")
+    with common_db.connection() as conn:
+        first = flushes.during(lambda: select.rows(conn, a=1))
+        again = flushes.during(lambda: select.rows(conn, a=2))
+        through_sqlalchemy = flushes.during(lambda: conn.execute(plain, {"a": 2}).all())
+        row = select.first(conn, a=2)
+        assert (row.a, row.ten) == (2, 20)
+        assert select.first(conn, a=3) is None
+    assert (first, again, through_sqlalchemy) == (2, 1, 3)
+
+
+def test_a_statement_survives_a_table_change_and_a_session_reset(
+    app_env: dict[str, str], scratch_table: str
+) -> None:
+    select = common_db.Statement(f"SELECT * FROM {scratch_table} WHERE a = :a")
+    with common_db.connection() as conn:
+        assert tuple(select.first(conn, a=1)) == (1,)
+        # A migration changes the row type: PostgreSQL refuses the cached plan (0A000).
+        conn.exec_driver_sql(f"ALTER TABLE {scratch_table} ADD COLUMN b int DEFAULT 7")
+        assert tuple(select.first(conn, a=1)) == (1, 7)
+        # A pooler or an operator resets the session: the statement no longer exists (26000).
+        conn.exec_driver_sql("DEALLOCATE ALL")
+        assert tuple(select.first(conn, a=2)) == (2, 7)
+
+
+def test_a_stale_statement_inside_a_transaction_fails_that_transaction_only(
+    app_env: dict[str, str], scratch_table: str
+) -> None:
+    select = common_db.Statement(f"SELECT * FROM {scratch_table} WHERE a = :a")
+    with common_db.connection() as conn:
+        select.first(conn, a=1)
+        conn.exec_driver_sql(f"ALTER TABLE {scratch_table} ADD COLUMN b int DEFAULT 7")
+    # The pool hands back the same connection (nothing else runs in this process).
+    with pytest.raises(sa.exc.DBAPIError), common_db.transaction() as conn:
+        select.first(conn, a=1)
+    with common_db.connection() as conn:
+        assert tuple(select.first(conn, a=1)) == (1, 7)
+
+
+def test_statements_raise_what_sqlalchemy_raises(app_env: dict[str, str], scratch_table: str) -> None:
+    insert = common_db.Statement(f"INSERT INTO {scratch_table} (a) VALUES (:a)")
+    with common_db.connection() as conn:
+        assert insert.count(conn, a=3) == 1
+        with pytest.raises(sa.exc.IntegrityError):
+            insert.count(conn, a=3)
+        with pytest.raises(sa.exc.ProgrammingError):
+            common_db.Statement(f"SELECT nope FROM {scratch_table} WHERE a = :a").rows(conn, a=1)
+        # The connection is still good after both errors.
+        assert (
+            common_db.Statement(f"SELECT count(*) AS n FROM {scratch_table} WHERE a > :a").first(conn, a=0).n
+            == 3
+        )
+
+
+def test_a_statement_on_a_lost_connection_is_database_unavailable_and_the_pool_recovers(
+    app_env: dict[str, str], db: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from common.errors import DatabaseUnavailable
+
+    monkeypatch.setattr(common_db, "PING_AFTER_IDLE_SECONDS", 3600.0)  # the statement meets it, not a ping
+
+    select = common_db.Statement("SELECT pg_backend_pid() AS pid, CAST(:x AS int) AS x")
+    with common_db.connection() as conn:
+        pid = select.first(conn, x=1).pid
+    # The server ends the session under the pooled connection (as a restart or failover does).
+    with db.connect() as admin:
+        admin.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+    with pytest.raises(DatabaseUnavailable), common_db.connection() as conn:
+        select.first(conn, x=2)
+    with common_db.connection() as conn:
+        row = select.first(conn, x=3)
+    assert row.x == 3 and row.pid != pid
