@@ -145,6 +145,19 @@ def _set_read_timeout(dbapi_conn: Any, seconds: float | None) -> None:
         sock.settimeout(seconds)
 
 
+@contextmanager
+def without_read_timeout(conn: Connection) -> Iterator[Connection]:
+    """Lift the read timeout on this connection for a statement that may rightly run long (a
+    migration rebuilding an index on a big table); restored before the connection is reused."""
+    dbapi_conn = conn.connection.dbapi_connection
+    _set_read_timeout(dbapi_conn, None)
+    try:
+        yield conn
+    finally:
+        with contextlib.suppress(OSError):
+            _set_read_timeout(dbapi_conn, get_settings().db_read_timeout_seconds)
+
+
 def _ping_idle_connections(engine: Engine, ping_timeout: float, read_timeout: float) -> None:
     """Ping a connection at checkout only when it sat in the pool for PING_AFTER_IDLE_SECONDS: that
     is when a restart, a failover or a NAT timeout has had the chance to kill it unseen. Under load

@@ -167,3 +167,26 @@ def test_a_statement_on_a_lost_connection_is_database_unavailable_and_the_pool_r
     with common_db.connection() as conn:
         row = select.first(conn, x=3)
     assert row.x == 3 and row.pid != pid
+
+
+def test_reads_are_bounded_except_where_lifted_for_long_statements(app_env: dict[str, str]) -> None:
+    with common_db.connection() as conn:
+        sock = conn.connection.dbapi_connection._usock  # type: ignore[union-attr]
+        assert sock.gettimeout() == 30.0  # DYLEN_DB_READ_TIMEOUT_SECONDS's default
+        with common_db.without_read_timeout(conn):
+            assert sock.gettimeout() is None
+        assert sock.gettimeout() == 30.0
+
+
+def test_a_statement_slower_than_the_read_timeout_is_database_unavailable(
+    app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from common.errors import DatabaseUnavailable
+
+    monkeypatch.setenv("DYLEN_DB_READ_TIMEOUT_SECONDS", "0.5")
+    common_db.dispose_engine()
+    slow = common_db.Statement("SELECT pg_sleep(CAST(:s AS float8)) IS NULL AS slept")
+    with pytest.raises(DatabaseUnavailable), common_db.connection() as conn:
+        slow.first(conn, s=3)
+    with common_db.connection() as conn:
+        assert slow.first(conn, s=0).slept is not None
