@@ -249,6 +249,15 @@ def _check_combinations(s: Settings) -> None:
             "DYLEN_DATABASE_URL must be a postgresql:// URL, "
             f"got one starting {s.database_url.split(':', 1)[0]!r}"
         )
+    if s.database_url:
+        from urllib.parse import parse_qs, urlsplit
+
+        modes = parse_qs(urlsplit(s.database_url).query).get("sslmode", [])
+        allowed = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+        if any(mode not in allowed for mode in modes):
+            raise ConfigError(
+                f"DYLEN_DATABASE_URL: sslmode must be one of {', '.join(allowed)}, got {modes[-1]!r}"
+            )
     if s.db_iam_auth:
         # IAM database auth logs in as a named IAM principal; only the connector can mint its token.
         if not s.db_user:

@@ -28,11 +28,61 @@ _connector: Any = None
 
 
 def normalize_url(url: str) -> str:
-    """Accept plain postgresql:// URLs and pin the pg8000 driver."""
+    """Accept plain postgresql:// URLs and pin the pg8000 driver (`sslmode` is taken out: see
+    ssl_argument)."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "postgresql":
         raise ConfigError("DYLEN_DATABASE_URL must point at PostgreSQL")
-    return parsed.set(drivername="postgresql+pg8000").render_as_string(hide_password=False)
+    return (
+        parsed.set(drivername="postgresql+pg8000")
+        .difference_update_query(["sslmode"])
+        .render_as_string(hide_password=False)
+    )
+
+
+_SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+def ssl_argument(url: str) -> Any:
+    """pg8000's `ssl_context` for a URL's libpq-style `sslmode`.
+
+    pg8000's own default is "prefer": it builds a fresh default SSL context for every new connection
+    (~50 ms of CPU loading the CA store, on the cold start's path) and asks the server for TLS. With
+    no sslmode, a loopback server gets no TLS (nothing to protect on this host) and any other host
+    keeps pg8000's default; `require` and the verify modes build one context per process.
+    """
+    parsed = make_url(url)
+    mode = parsed.query.get("sslmode")
+    if isinstance(mode, tuple):
+        mode = mode[-1]
+    if mode is None:
+        return False if is_loopback_host(parsed.host) else None
+    if mode not in _SSL_MODES:
+        raise ConfigError(f"DYLEN_DATABASE_URL: sslmode must be one of {', '.join(_SSL_MODES)}, got {mode!r}")
+    if mode == "disable":
+        return False
+    if mode in ("allow", "prefer"):
+        return None
+    import ssl
+
+    context = ssl.create_default_context()
+    if mode != "verify-full":
+        context.check_hostname = False
+    if mode == "require":
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def is_loopback_host(host: str | None) -> bool:
+    """True for a host on this machine: localhost, 127.0.0.0/8, ::1, or a Unix socket (no host)."""
+    if not host or host == "localhost":
+        return True
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _cloud_sql_creator(settings: Settings) -> Any:
@@ -97,7 +147,10 @@ def build_engine(settings: Settings) -> Engine:
             )
         engine = create_engine(
             normalize_url(settings.database_url),
-            connect_args={"timeout": settings.db_connect_timeout_seconds},
+            connect_args={
+                "timeout": settings.db_connect_timeout_seconds,
+                "ssl_context": ssl_argument(settings.database_url),
+            },
             **common,
         )
 

@@ -38,6 +38,7 @@ def test_defaults_match_the_design() -> None:
         ({"DYLEN_TIER_HISTORY_LIMITS": "free=x"}, "DYLEN_TIER_HISTORY_LIMITS"),
         ({"DYLEN_LESSON_GENERATOR": "just_a_module"}, "DYLEN_LESSON_GENERATOR"),
         ({"DYLEN_DATABASE_URL": "mysql://x"}, "DYLEN_DATABASE_URL"),
+        ({"DYLEN_DATABASE_URL": "postgresql://db/x?sslmode=on"}, "DYLEN_DATABASE_URL"),
         ({"DYLEN_TASK_SERVICE_PROVIDER": "gcp"}, "DYLEN_CLOUD_TASKS_QUEUE_PATH"),
         ({"DYLEN_CLOUD_SQL_INSTANCE": "p:r:i", "DYLEN_DB_NAME": "d"}, "DYLEN_DB_USER"),
         (

@@ -190,3 +190,47 @@ def test_a_statement_slower_than_the_read_timeout_is_database_unavailable(
         slow.first(conn, s=3)
     with common_db.connection() as conn:
         assert slow.first(conn, s=0).slept is not None
+
+
+# --- TLS to the database (DYLEN_DATABASE_URL's sslmode) ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgresql://u@127.0.0.1/db", False),  # loopback: no TLS, no per-connection SSL context
+        ("postgresql://u@localhost:5433/db", False),
+        ("postgresql://u@[::1]/db", False),
+        ("postgresql://u@10.1.2.3/db", None),  # elsewhere: pg8000's own "prefer"
+        ("postgresql://u@db.internal/db?sslmode=disable", False),
+        ("postgresql://u@127.0.0.1/db?sslmode=prefer", None),
+    ],
+)
+def test_sslmode_maps_to_pg8000s_ssl_context(url: str, expected: object) -> None:
+    assert common_db.ssl_argument(url) is expected
+    assert "sslmode" not in common_db.normalize_url(url)
+
+
+def test_sslmode_require_and_verify_full_build_one_context() -> None:
+    import ssl
+
+    required = common_db.ssl_argument("postgresql://u@10.1.2.3/db?sslmode=require")
+    assert isinstance(required, ssl.SSLContext)
+    assert required.verify_mode == ssl.CERT_NONE and not required.check_hostname
+    verified = common_db.ssl_argument("postgresql://u@10.1.2.3/db?sslmode=verify-full")
+    assert isinstance(verified, ssl.SSLContext)
+    assert verified.verify_mode == ssl.CERT_REQUIRED and verified.check_hostname
+
+
+def test_a_url_with_sslmode_disable_connects(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.support import base_env
+
+    for key, value in base_env(database_url + "?sslmode=disable").items():
+        if key.startswith("DYLEN_"):
+            monkeypatch.setenv(key, value)
+    common_db.dispose_engine()
+    try:
+        with common_db.connection() as conn:
+            assert conn.exec_driver_sql("SELECT 1").scalar() == 1
+    finally:
+        common_db.dispose_engine()
