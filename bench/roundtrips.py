@@ -16,8 +16,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import event
-
 
 @dataclass
 class Counts:
@@ -39,7 +37,7 @@ def measure(database_url: str, *, repeats: int = 20) -> dict[str, Any]:
     import flask
     import pg8000.core
 
-    from common.db import get_engine
+    from common.db import get_pool
 
     counts = Counts()
     real_flush = pg8000.core._flush
@@ -49,12 +47,11 @@ def measure(database_url: str, *, repeats: int = 20) -> dict[str, Any]:
         real_flush(sock)
 
     pg8000.core._flush = counting_flush  # type: ignore[attr-defined]
-    engine = get_engine()
+    get_pool()
 
     in_transaction = False
 
-    @event.listens_for(engine, "before_cursor_execute")
-    def _statement(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+    def record(statement: str) -> None:
         # The engine is in autocommit: a statement outside BEGIN..COMMIT is a transaction of its own.
         nonlocal in_transaction
         keyword = statement.strip().upper()
@@ -68,6 +65,26 @@ def measure(database_url: str, *, repeats: int = 20) -> dict[str, Any]:
             counts.sql.append(" ".join(statement.split())[:60])
             if not in_transaction:
                 counts.transactions += 1
+
+    # Counted at the driver, below SQLAlchemy: common.db.Statement runs on pg8000 directly.
+    core = pg8000.core.CoreConnection
+    simple, unnamed, named = core.execute_simple, core.execute_unnamed, core.execute_named
+
+    def execute_simple(self: Any, statement: str) -> Any:
+        record(statement)
+        return simple(self, statement)
+
+    def execute_unnamed(self: Any, statement: str, *args: Any, **kwargs: Any) -> Any:
+        record(statement)
+        return unnamed(self, statement, *args, **kwargs)
+
+    def execute_named(self: Any, name: bytes, params: Any, columns: Any, funcs: Any, statement: str) -> Any:
+        record(statement)
+        return named(self, name, params, columns, funcs, statement)
+
+    core.execute_simple = execute_simple  # type: ignore[method-assign]
+    core.execute_unnamed = execute_unnamed  # type: ignore[method-assign]
+    core.execute_named = execute_named  # type: ignore[method-assign]
 
     create = runpy.run_path("functions/create_job/main.py")["create_job"]
     process = runpy.run_path("functions/process_job/main.py")["process_job"]

@@ -31,12 +31,10 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from common import store
-from common.db import connection, transaction
+from common.db import Connection, connection, transaction
 from common.log import logger
 
 if TYPE_CHECKING:
-    from sqlalchemy import Connection
-
     from common.jobs import Created
 
 KIND = "maintenance.archive_lessons"

@@ -21,20 +21,20 @@ def migrate(revision: str = "head") -> None:
     from alembic import command
     from alembic.config import Config
 
-    from common.db import get_engine, without_read_timeout
+    from common.db import sqlalchemy_engine
 
     if not MIGRATIONS_DIR.is_dir():
         raise DylenError(f"migrations/ not found at {MIGRATIONS_DIR}; run from a repository checkout")
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    # The app engine runs in autocommit; migrations want one real transaction (transactional DDL).
-    # Migration statements may rightly run long (an index on a big table): no read timeout.
-    with (
-        get_engine().execution_options(isolation_level="READ COMMITTED").begin() as conn,
-        without_read_timeout(conn),
-    ):
-        config.attributes["connection"] = conn
-        command.upgrade(config, revision)
+    # One real transaction (transactional DDL), on an engine of its own without a read timeout.
+    engine = sqlalchemy_engine()
+    try:
+        with engine.begin() as conn:
+            config.attributes["connection"] = conn
+            command.upgrade(config, revision)
+    finally:
+        engine.dispose()
 
 
 # --- users and archive (lesson history limits) ----------------------------------------------------

@@ -1,7 +1,14 @@
-"""The database engine (created lazily, once per process) and the transaction helper.
+"""The database layer: a small pool of pg8000 connections (created lazily, once per process), the
+statement runner, and the `connection()` / `transaction()` helpers.
 
-Every query runs inside `transaction()`, which turns "the database is not there" into
-DatabaseUnavailable (503) so no caller ever answers a driver traceback.
+Why not SQLAlchemy's engine at run time: importing SQLAlchemy costs ~0.3 s of CPU, more than the
+whole bare functions-framework cold start, and its execution path around pg8000 costs more CPU per
+request than the statement itself (bench/RESULTS.md). The functions only ever run fixed SQL, so
+this module talks to pg8000 directly, with what the engine gave us: a bounded pool with overflow, a
+checkout wait, recycling, liveness checks, and "a lost connection replaces the pool". SQLAlchemy
+stays for the schema and migrations (common.models, migrations/, `python -m common.cli migrate`).
+
+Every failure to reach the database surfaces as DatabaseUnavailable (503), never a driver traceback.
 """
 
 from __future__ import annotations
@@ -10,37 +17,75 @@ import atexit
 import contextlib
 import threading
 import time
-from collections import namedtuple
-from collections.abc import Iterator
+from collections import deque, namedtuple
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
-
-from sqlalchemy import Engine, create_engine, event, exc
-from sqlalchemy.engine import Connection, make_url
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from common.config import Settings, get_settings
 from common.errors import ConfigError, DatabaseUnavailable
 
 _lock = threading.Lock()
-_engine: Engine | None = None
+_pool: Pool | None = None
 _connector: Any = None
 
+# A pooled connection idle longer than this is pinged at checkout (one round trip, bounded by the
+# connect timeout). Busy connections skip the ping: a dead one fails its statement, which counts as a
+# disconnect and replaces the whole pool, and a silent one hits the read timeout.
+PING_AFTER_IDLE_SECONDS = 2.0
+RECYCLE_SECONDS = 1800.0
 
-def normalize_url(url: str) -> str:
-    """Accept plain postgresql:// URLs and pin the pg8000 driver (`sslmode` is taken out: see
-    ssl_argument)."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "postgresql":
-        raise ConfigError("DYLEN_DATABASE_URL must point at PostgreSQL")
-    return (
-        parsed.set(drivername="postgresql+pg8000")
-        .difference_update_query(["sslmode"])
-        .render_as_string(hide_password=False)
-    )
+# SQLSTATE classes 08 (connection exception) and 57P (the server is shutting down or terminated the
+# session: restart, failover, pg_terminate_backend).
+_DISCONNECT_SQLSTATES = ("57P01", "57P02", "57P03")
+# After these a prepared statement must be prepared again: 26000 it no longer exists (the session
+# was reset), 0A000 "cached plan must not change result type" (a migration altered a table).
+_STALE_STATEMENT_SQLSTATES = ("26000", "0A000")
+_TIMESTAMPTZ_OID = 1184
+
+
+def _driver() -> Any:
+    import pg8000.dbapi
+
+    return pg8000.dbapi
+
+
+# --- where the database is ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    host: str | None
+    port: int
+    database: str | None
+    user: str | None
+    password: str | None
+    sslmode: str | None
 
 
 _SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+def parse_url(url: str) -> Target:
+    """A postgresql:// URL (the `+pg8000` driver suffix is accepted) with libpq's `sslmode`."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgresql+pg8000", "postgres"):
+        raise ConfigError("DYLEN_DATABASE_URL must point at PostgreSQL")
+    modes = parse_qs(parts.query).get("sslmode")
+    mode = modes[-1] if modes else None
+    if mode is not None and mode not in _SSL_MODES:
+        raise ConfigError(f"DYLEN_DATABASE_URL: sslmode must be one of {', '.join(_SSL_MODES)}, got {mode!r}")
+    return Target(
+        host=parts.hostname,
+        port=parts.port or 5432,
+        database=unquote(parts.path.lstrip("/")) or None,
+        user=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password is not None else None,
+        sslmode=mode,
+    )
 
 
 def ssl_argument(url: str) -> Any:
@@ -51,14 +96,10 @@ def ssl_argument(url: str) -> Any:
     no sslmode, a loopback server gets no TLS (nothing to protect on this host) and any other host
     keeps pg8000's default; `require` and the verify modes build one context per process.
     """
-    parsed = make_url(url)
-    mode = parsed.query.get("sslmode")
-    if isinstance(mode, tuple):
-        mode = mode[-1]
+    target = parse_url(url)
+    mode = target.sslmode
     if mode is None:
-        return False if is_loopback_host(parsed.host) else None
-    if mode not in _SSL_MODES:
-        raise ConfigError(f"DYLEN_DATABASE_URL: sslmode must be one of {', '.join(_SSL_MODES)}, got {mode!r}")
+        return False if is_loopback_host(target.host) else None
     if mode == "disable":
         return False
     if mode in ("allow", "prefer"):
@@ -85,7 +126,7 @@ def is_loopback_host(host: str | None) -> bool:
         return False
 
 
-def _cloud_sql_creator(settings: Settings) -> Any:
+def _cloud_sql_connect(settings: Settings) -> Callable[[], Any]:
     # Imported only here: functions configured with a plain URL never load the connector.
     global _connector
     from google.cloud.sql.connector import Connector, IPTypes
@@ -95,7 +136,7 @@ def _cloud_sql_creator(settings: Settings) -> Any:
         atexit.register(_connector.close)
     connector = _connector
 
-    def creator() -> Any:
+    def connect() -> Any:
         kwargs: dict[str, Any] = {
             "user": settings.db_user,
             "db": settings.db_name,
@@ -105,11 +146,119 @@ def _cloud_sql_creator(settings: Settings) -> Any:
             kwargs["password"] = settings.db_password
         return connector.connect(settings.cloud_sql_instance, "pg8000", **kwargs)
 
-    return creator
+    return connect
 
 
-# SQLSTATE class 57P: the server is shutting down or terminated the session (restart, failover).
-_DISCONNECT_SQLSTATES = ("57P01", "57P02", "57P03")
+def _url_connect(settings: Settings) -> Callable[[], Any]:
+    if not settings.database_url:
+        raise ConfigError(
+            "DYLEN_DATABASE_URL (or DYLEN_CLOUD_SQL_INSTANCE) is required; "
+            "`make run` and `make test` start an embedded PostgreSQL for you"
+        )
+    target = parse_url(settings.database_url)
+    ssl_context = ssl_argument(settings.database_url)
+
+    def connect() -> Any:
+        return _driver().connect(
+            user=target.user or "postgres",
+            password=target.password,
+            host=target.host or "localhost",
+            port=target.port,
+            database=target.database,
+            timeout=settings.db_connect_timeout_seconds,
+            ssl_context=ssl_context,
+        )
+
+    return connect
+
+
+# --- statements and results -------------------------------------------------------------------------
+
+
+class Result:
+    """Rows (named tuples: attribute access by column name) and the count of rows written."""
+
+    __slots__ = ("_rows", "rowcount")
+
+    def __init__(self, rows: list[Any], rowcount: int) -> None:
+        self._rows = rows
+        self.rowcount = rowcount
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._rows)
+
+    def all(self) -> list[Any]:
+        return list(self._rows)
+
+    def first(self) -> Any:
+        return self._rows[0] if self._rows else None
+
+    def one(self) -> Any:
+        if len(self._rows) != 1:
+            raise LookupError(f"expected one row, got {len(self._rows)}")
+        return self._rows[0]
+
+    def scalar(self) -> Any:
+        return self._rows[0][0] if self._rows else None
+
+    def scalar_one(self) -> Any:
+        return self.one()[0]
+
+
+class Statement:
+    """Fixed SQL with `:name` parameters. Parameters are sent as text and typed by the server from
+    their context, so one whose type the context does not fix needs a CAST in the SQL.
+
+    Statements of the hot path are declared with `prepare=True` at module level: prepared once per
+    pooled connection, then executed by name, one round trip. pg8000 otherwise spends three round
+    trips per statement (Parse, Describe, Bind/Execute) and the server re-plans it every time.
+    """
+
+    __slots__ = ("_make_args", "_numbered", "_row_types", "prepare", "sql")
+
+    def __init__(self, sql: str, *, prepare: bool = False) -> None:
+        self.sql = sql
+        self.prepare = prepare
+        self._numbered: str | None = None
+        self._make_args: Any = None
+        self._row_types: dict[tuple[str, ...], Any] = {}
+
+    def compiled(self) -> tuple[str, Any]:
+        if self._numbered is None:
+            from pg8000.native import to_statement
+
+            self._numbered, self._make_args = to_statement(self.sql)
+        return self._numbered, self._make_args
+
+    def result(self, context: Any) -> Result:
+        rows = context.rows
+        if not rows:
+            return Result([], context.row_count)
+        names = tuple(column["name"] for column in context.columns)
+        row_type: Any = self._row_types.get(names)
+        if row_type is None:
+            row_type = self._row_types[names] = namedtuple("Row", names, rename=True)
+        return Result([row_type._make(row) for row in rows], context.row_count)
+
+
+def text(sql: str) -> Statement:
+    """SQL run now and then (operators, maintenance): parsed on each execution, nothing cached."""
+    return Statement(sql)
+
+
+class QueryError(Exception):
+    """The database refused a statement (not a lost connection: that is DatabaseUnavailable)."""
+
+    def __init__(self, error: Exception, sql: str) -> None:
+        self.orig = error
+        detail = error.args[0] if error.args else {}
+        self.sqlstate = str(detail.get("C", "")) if isinstance(detail, dict) else ""
+        message = detail.get("M", str(error)) if isinstance(detail, dict) else str(error)
+        super().__init__(f"{message} (SQLSTATE {self.sqlstate or '?'})\n[SQL: {' '.join(sql.split())[:500]}]")
+
+    @property
+    def unique_violation(self) -> bool:
+        return self.sqlstate == "23505"
 
 
 def _sqlstate(error: BaseException | None) -> str:
@@ -119,65 +268,124 @@ def _sqlstate(error: BaseException | None) -> str:
     return ""
 
 
-# A pooled connection idle longer than this is pinged at checkout (one round trip, bounded by the
-# connect timeout). Busy connections skip the ping: a dead one fails its statement, which counts as a
-# disconnect and replaces the whole pool, and a silent one hits the read timeout.
-PING_AFTER_IDLE_SECONDS = 2.0
+def _is_disconnect(error: BaseException) -> bool:
+    if isinstance(error, (ConnectionError, OSError)):
+        return True
+    driver = _driver()
+    if isinstance(error, driver.InterfaceError):
+        return True
+    code = _sqlstate(error)
+    return code in _DISCONNECT_SQLSTATES or code.startswith("08")
 
 
-def build_engine(settings: Settings) -> Engine:
-    common: dict[str, Any] = {
-        "pool_size": settings.db_pool_size,
-        "max_overflow": settings.db_max_overflow,
-        # Liveness is checked by _ping_idle_connections, not on every checkout.
-        "pool_pre_ping": False,
-        "pool_recycle": 1800,
-        "pool_timeout": settings.db_connect_timeout_seconds,
-        # Autocommit at the driver: a single statement is its own transaction and costs no
-        # BEGIN/COMMIT round trips; transaction() issues BEGIN/COMMIT itself when it needs more.
-        "isolation_level": "AUTOCOMMIT",
-    }
-    if settings.uses_cloud_sql:
-        engine = create_engine("postgresql+pg8000://", creator=_cloud_sql_creator(settings), **common)
-    else:
-        if not settings.database_url:
-            raise ConfigError(
-                "DYLEN_DATABASE_URL (or DYLEN_CLOUD_SQL_INSTANCE) is required; "
-                "`make run` and `make test` start an embedded PostgreSQL for you"
+class Connection:
+    """One pooled connection in autocommit: each statement is its own transaction unless
+    `transaction()` wrapped it in BEGIN/COMMIT. Used by one thread at a time."""
+
+    __slots__ = ("_pool", "_record")
+
+    def __init__(self, pool: Pool, record: _Record) -> None:
+        self._pool = pool
+        self._record = record
+
+    @property
+    def driver_connection(self) -> Any:
+        return self._record.con
+
+    def execute(self, statement: Statement | str, params: dict[str, Any] | None = None) -> Result:
+        if isinstance(statement, str):
+            statement = Statement(statement)
+        con = self._record.con
+        try:
+            if not statement.prepare:
+                numbered, make_args = statement.compiled()
+                args = make_args(params or {})
+                context = (
+                    con.execute_unnamed(numbered, vals=args) if args else con.execute_simple(statement.sql)
+                )
+            else:
+                try:
+                    context = self._run_prepared(statement, params or {})
+                except _driver().DatabaseError as error:
+                    # Prepare it again once, unless the failure aborted an explicit transaction.
+                    if _sqlstate(error) not in _STALE_STATEMENT_SQLSTATES or con._in_transaction:
+                        raise
+                    context = self._run_prepared(statement, params or {})
+        except Exception as error:
+            raise self._translate(error, statement.sql) from error
+        return statement.result(context)
+
+    def exec_driver_sql(self, sql: str) -> Result:
+        """A statement without parameters, in the simple protocol (BEGIN, COMMIT, DDL, ANALYZE)."""
+        try:
+            context = self._record.con.execute_simple(sql)
+        except Exception as error:
+            raise self._translate(error, sql) from error
+        return Statement(sql).result(context)
+
+    def _run_prepared(self, statement: Statement, params: dict[str, Any]) -> Any:
+        from pg8000.converters import make_params
+
+        con = self._record.con
+        cache = self._record.prepared
+        entry = cache.get(statement)
+        if entry is None:
+            numbered, _ = statement.compiled()
+            entry = cache[statement] = con.prepare_statement(numbered, ())
+        name, columns, input_funcs = entry
+        args = statement.compiled()[1](params)
+        try:
+            return con.execute_named(
+                name, make_params(con.py_types, args), columns, input_funcs, statement.sql
             )
-        engine = create_engine(
-            normalize_url(settings.database_url),
-            connect_args={
-                "timeout": settings.db_connect_timeout_seconds,
-                "ssl_context": ssl_argument(settings.database_url),
-            },
-            **common,
-        )
+        except _driver().DatabaseError as error:
+            if _sqlstate(error) in _STALE_STATEMENT_SQLSTATES:
+                cache.pop(statement, None)
+            raise
 
-    read_timeout = settings.db_read_timeout_seconds
+    def _translate(self, error: Exception, sql: str) -> Exception:
+        if _is_disconnect(error):
+            self._record.dead = True
+            self._pool.invalidate_all()
+            return DatabaseUnavailable("The database is unreachable; retry shortly.")
+        if isinstance(error, _driver().DatabaseError):
+            return QueryError(error, sql)
+        return error
 
-    @event.listens_for(engine, "connect")
-    def _bounded_reads(dbapi_conn: Any, _record: Any) -> None:
-        # pg8000's `timeout` covers connect; afterwards every read waits at most the read timeout, so
-        # a database that stops answering mid-statement (a dropped network, a frozen failover)
-        # fails the request with 503 instead of hanging it.
-        _set_read_timeout(dbapi_conn, read_timeout)
-        dbapi_conn.register_in_adapter(_TIMESTAMPTZ_OID, _timestamptz_in)
+    def invalidate(self) -> None:
+        """Close this connection instead of returning it to the pool."""
+        self._record.dead = True
 
-    @event.listens_for(engine, "handle_error")
-    def _classify(context: Any) -> None:
-        # A server restart arrives as an ordinary error with SQLSTATE 57P01; calling it a
-        # disconnect makes SQLAlchemy drop the whole pool, so every stale connection is replaced
-        # after one failed statement rather than one each.
-        original = context.original_exception
-        if _sqlstate(original) in _DISCONNECT_SQLSTATES or isinstance(original, (ConnectionError, OSError)):
-            context.is_disconnect = True
-
-    _ping_idle_connections(engine, settings.db_connect_timeout_seconds, read_timeout)
-    return engine
+    @contextmanager
+    def without_read_timeout(self) -> Iterator[None]:
+        """Lift the read timeout for a statement that may rightly run long."""
+        _set_read_timeout(self._record.con, None)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                _set_read_timeout(self._record.con, self._pool.read_timeout)
 
 
-_TIMESTAMPTZ_OID = 1184
+# --- the pool ---------------------------------------------------------------------------------------
+
+
+class _Record:
+    __slots__ = ("con", "created", "dead", "generation", "idle_since", "prepared")
+
+    def __init__(self, con: Any, generation: int) -> None:
+        self.con = con
+        self.generation = generation
+        self.created = self.idle_since = time.monotonic()
+        self.dead = False
+        # Statement -> (name, columns, input funcs) of its prepared form on this connection.
+        self.prepared: dict[Statement, Any] = {}
+
+
+def _set_read_timeout(con: Any, seconds: float | None) -> None:
+    sock = getattr(con, "_usock", None)
+    if sock is not None:
+        sock.settimeout(seconds)
 
 
 def _timestamptz_in(data: str) -> Any:
@@ -192,203 +400,177 @@ def _timestamptz_in(data: str) -> Any:
         return timestamptz_in(data)
 
 
-def _set_read_timeout(dbapi_conn: Any, seconds: float | None) -> None:
-    sock = getattr(dbapi_conn, "_usock", None)
-    if sock is not None:
-        sock.settimeout(seconds)
+class Pool:
+    """At most `size` idle connections kept, `size + overflow` open at once; a checkout waits up to
+    `timeout` for one (then DatabaseUnavailable). A connection that failed with a disconnect is
+    closed, and so is every connection opened before it (the server restarted: they are all dead)."""
 
+    def __init__(
+        self,
+        connect: Callable[[], Any],
+        *,
+        size: int,
+        overflow: int,
+        timeout: float,
+        read_timeout: float,
+        ping_timeout: float,
+    ) -> None:
+        self._connect = connect
+        self.size = size
+        self.limit = size + overflow
+        self.timeout = timeout
+        self.read_timeout = read_timeout
+        self.ping_timeout = ping_timeout
+        self._idle: deque[_Record] = deque()
+        self._open = 0
+        self._generation = 0
+        self._cond = threading.Condition(threading.Lock())
 
-@contextmanager
-def without_read_timeout(conn: Connection) -> Iterator[Connection]:
-    """Lift the read timeout on this connection for a statement that may rightly run long (a
-    migration rebuilding an index on a big table); restored before the connection is reused."""
-    dbapi_conn = conn.connection.dbapi_connection
-    _set_read_timeout(dbapi_conn, None)
-    try:
-        yield conn
-    finally:
-        with contextlib.suppress(OSError):
-            _set_read_timeout(dbapi_conn, get_settings().db_read_timeout_seconds)
+    def invalidate_all(self) -> None:
+        with self._cond:
+            self._generation += 1
+            stale, self._idle = list(self._idle), deque()
+            self._open -= len(stale)
+            self._cond.notify_all()
+        for record in stale:
+            _close(record)
 
-
-def _ping_idle_connections(engine: Engine, ping_timeout: float, read_timeout: float) -> None:
-    """Ping a connection at checkout only when it sat in the pool for PING_AFTER_IDLE_SECONDS: that
-    is when a restart, a failover or a NAT timeout has had the chance to kill it unseen. Under load
-    connections come back within milliseconds and a request costs no extra round trip."""
-    dialect = engine.dialect
-    monotonic = time.monotonic
-
-    @event.listens_for(engine, "checkin")
-    def _idle_from(_dbapi_conn: Any, record: Any) -> None:
-        record.info["idle_since"] = monotonic()
-
-    @event.listens_for(engine, "checkout")
-    def _ping_if_idle(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
-        idle_since = record.info.get("idle_since")
-        if idle_since is None or monotonic() - idle_since < PING_AFTER_IDLE_SECONDS:
-            return
-        _set_read_timeout(dbapi_conn, ping_timeout)
+    def _checkout(self) -> _Record:
+        deadline = time.monotonic() + self.timeout
+        with self._cond:
+            while True:
+                if self._idle:
+                    return self._idle.pop()  # the most recently used: warm, least likely idle-dead
+                if self._open < self.limit:
+                    self._open += 1
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise DatabaseUnavailable("All database connections are busy; retry shortly.")
+                self._cond.wait(left)
+            generation = self._generation
         try:
-            alive = dialect.do_ping(dbapi_conn)
-        except Exception as error:  # the pool replaces the connection, and retries the checkout
-            raise exc.DisconnectionError(f"idle connection failed its ping: {error!r}") from error
+            con = self._connect()
+        except BaseException as error:
+            with self._cond:
+                self._open -= 1
+                self._cond.notify()
+            if isinstance(error, Exception) and _is_disconnect(error):
+                raise DatabaseUnavailable("The database is unreachable; retry shortly.") from error
+            if isinstance(error, _driver().DatabaseError):  # no such database, wrong password
+                raise QueryError(error, "(connect)") from error
+            raise
+        try:
+            con.autocommit = True
+            _set_read_timeout(con, self.read_timeout)
+            con.register_in_adapter(_TIMESTAMPTZ_OID, _timestamptz_in)
+        except BaseException:
+            self._discard(_Record(con, generation))
+            raise
+        return _Record(con, generation)
+
+    def acquire(self) -> _Record:
+        # A stale connection found here is replaced; a new one is never pinged.
+        for _ in range(self.limit + 1):
+            record = self._checkout()
+            now = time.monotonic()
+            if record.generation != self._generation or now - record.created > RECYCLE_SECONDS:
+                self._discard(record)
+                continue
+            if now - record.idle_since >= PING_AFTER_IDLE_SECONDS and not self._ping(record):
+                self._discard(record)
+                self.invalidate_all()  # what killed this one probably killed its siblings
+                continue
+            return record
+        raise DatabaseUnavailable("The database is unreachable; retry shortly.")
+
+    def _ping(self, record: _Record) -> bool:
+        _set_read_timeout(record.con, self.ping_timeout)
+        try:
+            record.con.execute_simple("SELECT 1")
+            return True
+        except Exception:
+            return False
         finally:
             with contextlib.suppress(OSError):
-                _set_read_timeout(dbapi_conn, read_timeout)
-        if not alive:
-            raise exc.DisconnectionError("idle connection failed its ping")
+                _set_read_timeout(record.con, self.read_timeout)
+
+    def release(self, record: _Record) -> None:
+        if not record.dead and record.con._in_transaction:
+            # Left inside BEGIN by an error path that could not roll back: not reusable as is.
+            with contextlib.suppress(Exception):
+                record.con.execute_simple("ROLLBACK")
+            record.dead = record.con._in_transaction
+        with self._cond:
+            keep = not record.dead and record.generation == self._generation and len(self._idle) < self.size
+            if keep:
+                record.idle_since = time.monotonic()
+                self._idle.append(record)
+            else:
+                self._open -= 1
+            self._cond.notify()
+        if not keep:
+            _close(record)
+
+    def _discard(self, record: _Record) -> None:
+        with self._cond:
+            self._open -= 1
+            self._cond.notify()
+        _close(record)
+
+    def dispose(self) -> None:
+        with self._cond:
+            idle, self._idle = list(self._idle), deque()
+            self._open -= len(idle)
+            self._generation += 1
+        for record in idle:
+            _close(record)
 
 
-# --- hot statements ------------------------------------------------------------------------------
-# Through SQLAlchemy, pg8000 sends each parameterised statement as Parse, Describe, then Bind/Execute,
-# waiting for the server after each: three round trips, a server-side parse and plan, a client-side
-# rewrite of the placeholders, and SQLAlchemy's execution context and result objects around it. The
-# few statements on the request path instead run as a Statement: prepared once per pooled connection,
-# then executed by name on the driver (one round trip, bench/RESULTS.md). This reaches into pg8000's
-# connection internals (pinned in requirements.txt); tests/test_db.py fails loudly if a pg8000
-# upgrade moves them. Errors come out as SQLAlchemy would raise them, and a lost connection is
-# handled as SQLAlchemy does (the pool is replaced).
-
-# SQLSTATEs after which a prepared statement must be prepared again: 26000 it no longer exists (the
-# session was reset), 0A000 "cached plan must not change result type" (a migration altered a table).
-_STALE_STATEMENT_SQLSTATES = ("26000", "0A000")
+def _close(record: _Record) -> None:
+    with contextlib.suppress(Exception):
+        record.con.close()
 
 
-class Statement:
-    """Fixed SQL with `:name` parameters, run by `rows()` / `count()` on a connection from
-    connection() or transaction(). Parameters are sent as text and typed by the server from their
-    context, so a parameter whose type the context does not fix needs a CAST in the SQL."""
-
-    __slots__ = ("_make_args", "_numbered", "_row_types", "sql")
-
-    def __init__(self, sql: str) -> None:
-        self.sql = sql
-        self._numbered: str | None = None
-        self._make_args: Any = None
-        self._row_types: dict[tuple[str, ...], Any] = {}
-
-    def _execute(self, conn: Connection, params: dict[str, Any]) -> Any:
-        if self._numbered is None:
-            from pg8000.native import to_statement
-
-            self._numbered, self._make_args = to_statement(self.sql)
-        con: Any = conn.connection.dbapi_connection
-        try:
-            try:
-                return _run_prepared(con, self, self._make_args(params))
-            except _driver().DatabaseError as error:
-                # Prepare it again once, unless the failure aborted an explicit transaction.
-                if _sqlstate(error) not in _STALE_STATEMENT_SQLSTATES or con._in_transaction:
-                    raise
-                return _run_prepared(con, self, self._make_args(params))
-        except Exception as error:
-            raise _translate(conn, self.sql, params, error) from error
-
-    def rows(self, conn: Connection, **params: Any) -> list[Any]:
-        """The result rows, as named tuples (attribute access by column name)."""
-        context = self._execute(conn, params)
-        if not context.rows:
-            return []
-        names = tuple(column["name"] for column in context.columns)
-        row_type: Any = self._row_types.get(names)
-        if row_type is None:
-            row_type = self._row_types[names] = namedtuple("Row", names, rename=True)
-        return [row_type._make(row) for row in context.rows]
-
-    def first(self, conn: Connection, **params: Any) -> Any:
-        rows = self.rows(conn, **params)
-        return rows[0] if rows else None
-
-    def count(self, conn: Connection, **params: Any) -> int:
-        """Rows written (UPDATE / INSERT / DELETE without RETURNING)."""
-        return int(self._execute(conn, params).row_count)
+def build_pool(settings: Settings) -> Pool:
+    connect = _cloud_sql_connect(settings) if settings.uses_cloud_sql else _url_connect(settings)
+    return Pool(
+        connect,
+        size=settings.db_pool_size,
+        overflow=settings.db_max_overflow,
+        timeout=settings.db_connect_timeout_seconds,
+        read_timeout=settings.db_read_timeout_seconds,
+        ping_timeout=settings.db_connect_timeout_seconds,
+    )
 
 
-def _driver() -> Any:
-    import pg8000.legacy
-
-    return pg8000.legacy
-
-
-def _run_prepared(con: Any, statement: Statement, args: tuple[Any, ...]) -> Any:
-    from pg8000.converters import make_params
-
-    cache: dict[Statement, Any] = con.__dict__.setdefault("_dylen_prepared", {})
-    entry = cache.get(statement)
-    if entry is None:
-        entry = cache[statement] = con.prepare_statement(statement._numbered, ())
-    name, columns, input_funcs = entry
-    try:
-        return con.execute_named(name, make_params(con.py_types, args), columns, input_funcs, statement.sql)
-    except _driver().DatabaseError as error:
-        if _sqlstate(error) in _STALE_STATEMENT_SQLSTATES:
-            cache.pop(statement, None)
-        raise
-
-
-def _translate(conn: Connection, sql: str, params: dict[str, Any], error: Exception) -> Exception:
-    """The exception SQLAlchemy would raise for this driver error, with its side effects: a lost
-    connection is invalidated and the rest of the pool replaced (see _classify in build_engine)."""
-    driver = _driver()
-    if not isinstance(error, (driver.Error, OSError)):
-        return error
-    if _sqlstate(error) in _DISCONNECT_SQLSTATES or isinstance(error, (driver.InterfaceError, OSError)):
-        with contextlib.suppress(Exception):
-            conn.invalidate(error)
-        with contextlib.suppress(Exception):
-            conn.engine.dispose(close=False)
-        return DatabaseUnavailable("The database is unreachable; retry shortly.")
-    if type(error) is driver.DatabaseError:  # as pg8000's own Cursor.execute classifies them
-        cls = {"28000": driver.InterfaceError, "23505": driver.IntegrityError}.get(
-            _sqlstate(error), driver.ProgrammingError
-        )
-        error = cls(*error.args)
-    return exc.DBAPIError.instance(sql, params, error, driver.Error, dialect=conn.dialect)
-
-
-def get_engine() -> Engine:
-    global _engine
-    if _engine is None:
+def get_pool() -> Pool:
+    global _pool
+    if _pool is None:
         with _lock:
-            if _engine is None:
-                _engine = build_engine(get_settings())
-    return _engine
+            if _pool is None:
+                _pool = build_pool(get_settings())
+    return _pool
 
 
-def dispose_engine() -> None:
-    global _engine
+def dispose_pool() -> None:
+    global _pool
     with _lock:
-        if _engine is not None:
-            _engine.dispose()
-            _engine = None
-
-
-def is_unavailable(error: BaseException) -> bool:
-    """True for errors that mean "cannot reach the database", not "the SQL is wrong"."""
-    if isinstance(error, exc.TimeoutError):  # pool exhausted for pool_timeout seconds
-        return True
-    if isinstance(error, exc.DBAPIError):
-        if error.connection_invalidated:
-            return True
-        if isinstance(error, (exc.OperationalError, exc.InterfaceError)):
-            return True
-        # pg8000 reports server shutdown / admin termination as DatabaseError with SQLSTATE 57P0x.
-        if _sqlstate(getattr(error, "orig", None)) in _DISCONNECT_SQLSTATES:
-            return True
-    return isinstance(error, (ConnectionError, OSError))
+        if _pool is not None:
+            _pool.dispose()
+            _pool = None
 
 
 @contextmanager
 def connection() -> Iterator[Connection]:
     """A pooled connection in autocommit: each statement is its own transaction (one round trip
     fewer on each side than BEGIN/COMMIT). Use for single statements and independent reads."""
+    pool = get_pool()
+    record = pool.acquire()
     try:
-        with get_engine().connect() as conn:
-            yield conn
-    except Exception as error:
-        if is_unavailable(error):
-            raise DatabaseUnavailable("The database is unreachable; retry shortly.") from error
-        raise
+        yield Connection(pool, record)
+    finally:
+        pool.release(record)
 
 
 @contextmanager
@@ -404,3 +586,20 @@ def transaction() -> Iterator[Connection]:
                 conn.exec_driver_sql("ROLLBACK")
             raise
         conn.exec_driver_sql("COMMIT")
+
+
+def sqlalchemy_engine(settings: Settings | None = None) -> Any:
+    """A SQLAlchemy engine on the same database, for Alembic migrations only (no pool kept, no read
+    timeout: a migration may rightly rebuild an index for a long time)."""
+    import sqlalchemy as sa
+    from sqlalchemy.pool import NullPool
+
+    settings = settings or get_settings()
+    connect = _cloud_sql_connect(settings) if settings.uses_cloud_sql else _url_connect(settings)
+
+    def creator() -> Any:
+        con = connect()
+        _set_read_timeout(con, None)
+        return con
+
+    return sa.create_engine("postgresql+pg8000://", creator=creator, poolclass=NullPool)

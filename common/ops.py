@@ -14,12 +14,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sqlalchemy import exc
-from sqlalchemy.engine import Connection
-
 from common import store
 from common.config import get_settings
-from common.db import transaction
+from common.db import Connection, QueryError, transaction
 from common.errors import Conflict, DatabaseUnavailable, DylenError, NotFound, ValidationFailed
 
 STATUSES = ("queued", "running", "done", "error", "canceled")
@@ -45,7 +42,7 @@ def _db() -> Iterator[Connection]:
             yield conn
     except DatabaseUnavailable as error:
         raise DatabaseUnavailable(f"Cannot reach the database: {_reason(error.__cause__)}") from error
-    except exc.DBAPIError as error:
+    except QueryError as error:
         raise DylenError(f"Database error: {_reason(error)}") from error
 
 

@@ -14,11 +14,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import exc
-
 from common import store
 from common.config import get_settings
-from common.db import connection, transaction
+from common.db import QueryError, connection, transaction
 from common.errors import MalformedRequest, PermanentJobError, ValidationFailed
 from common.handlers import Completion, get_handler
 from common.log import logger
@@ -93,7 +91,9 @@ def process_job(job_id: uuid.UUID | None, *, task_name: str | None = None) -> An
 
     try:
         _finish(job.id, attempt, completion)
-    except (_Superseded, exc.IntegrityError):
+    except (_Superseded, QueryError) as error:
+        if isinstance(error, QueryError) and not error.unique_violation:
+            raise
         # Canceled meanwhile, or a newer attempt took over and (maybe) finished: our writes rolled back.
         logger.info("Attempt superseded; its writes were discarded", extra=log)
         return Answer(200, {"job_id": str(job.id), "outcome": "superseded"})

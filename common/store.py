@@ -12,10 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import text
-from sqlalchemy.engine import Connection
-
-from common.db import Statement
+from common.db import Connection, Statement, text
 
 JOB_COLUMNS = (
     "id, user_id, job_kind, status, idempotency_key, request_json, result_json, error_json, "
@@ -68,7 +65,8 @@ _INSERT_JOB = Statement(
             CAST(:request_json AS jsonb), 0, :max_attempts, now())
     ON CONFLICT (user_id, job_kind, idempotency_key) DO NOTHING
     RETURNING created_at
-    """
+    """,
+    prepare=True,
 )
 
 
@@ -83,15 +81,17 @@ def insert_job(
 ) -> Job | None:
     """Insert a queued job (upserting its user in the same statement); None if the key exists."""
     job_id = uuid.uuid4()
-    row = _INSERT_JOB.first(
-        conn,
-        id=job_id,
-        user_id=user_id,
-        job_kind=job_kind,
-        idempotency_key=idempotency_key,
-        request_json=_jsonb(request_json),
-        max_attempts=max_attempts,
-    )
+    row = conn.execute(
+        _INSERT_JOB,
+        {
+            "id": job_id,
+            "user_id": user_id,
+            "job_kind": job_kind,
+            "idempotency_key": idempotency_key,
+            "request_json": _jsonb(request_json),
+            "max_attempts": max_attempts,
+        },
+    ).first()
     if row is None:
         return None
     now = row.created_at
@@ -117,20 +117,23 @@ def insert_job(
 
 _FIND_JOB_BY_KEY = Statement(
     f"SELECT {JOB_COLUMNS} FROM jobs WHERE user_id IS NOT DISTINCT FROM CAST(:user_id AS text) "
-    "AND job_kind = :job_kind AND idempotency_key = :key"
+    "AND job_kind = :job_kind AND idempotency_key = :key",
+    prepare=True,
 )
-_GET_JOB = Statement(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = CAST(:id AS uuid)")
+_GET_JOB = Statement(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = CAST(:id AS uuid)", prepare=True)
 
 
 def find_job_by_key(
     conn: Connection, *, user_id: str | None, job_kind: str, idempotency_key: str
 ) -> Job | None:
-    row = _FIND_JOB_BY_KEY.first(conn, user_id=user_id, job_kind=job_kind, key=idempotency_key)
+    row = conn.execute(
+        _FIND_JOB_BY_KEY, {"user_id": user_id, "job_kind": job_kind, "key": idempotency_key}
+    ).first()
     return Job.from_row(row) if row else None
 
 
 def get_job(conn: Connection, job_id: uuid.UUID) -> Job | None:
-    row = _GET_JOB.first(conn, id=job_id)
+    row = conn.execute(_GET_JOB, {"id": job_id}).first()
     return Job.from_row(row) if row else None
 
 
@@ -163,12 +166,13 @@ _CLAIM = Statement(
     UNION ALL
     SELECT false, now(), {JOB_COLUMNS} FROM jobs
      WHERE id = :id AND NOT EXISTS (SELECT 1 FROM claimed)
-    """
+    """,
+    prepare=True,
 )
 
 
 def claim_job(conn: Connection, job_id: uuid.UUID, *, lease_seconds: int) -> Claim:
-    row = _CLAIM.first(conn, id=job_id, lease_seconds=lease_seconds)
+    row = conn.execute(_CLAIM, {"id": job_id, "lease_seconds": lease_seconds}).first()
     if row is None:
         return Claim(claimed=False, job=None)
     return Claim(claimed=bool(row.claimed), job=Job.from_row(row), now=row.db_now)
@@ -178,13 +182,15 @@ _FINISH_GUARD = "WHERE id = :id AND status = 'running' AND attempts = :attempt"
 
 _COMPLETE_JOB = Statement(
     "UPDATE jobs SET status = 'done', result_json = CAST(:result AS jsonb), "
-    "error_json = NULL, lease_expires_at = NULL, completed_at = now(), updated_at = now() " + _FINISH_GUARD
+    "error_json = NULL, lease_expires_at = NULL, completed_at = now(), updated_at = now() " + _FINISH_GUARD,
+    prepare=True,
 )
 
 
 def complete_job(conn: Connection, job_id: uuid.UUID, *, attempt: int, result: dict[str, Any]) -> bool:
     """`running` -> `done`, only if this attempt still holds the claim (not canceled, not stolen)."""
-    return _COMPLETE_JOB.count(conn, id=job_id, attempt=attempt, result=_jsonb(result)) == 1
+    updated = conn.execute(_COMPLETE_JOB, {"id": job_id, "attempt": attempt, "result": _jsonb(result)})
+    return updated.rowcount == 1
 
 
 _COMPLETE_JOB_WITH_LESSON = Statement(
@@ -201,7 +207,8 @@ _COMPLETE_JOB_WITH_LESSON = Statement(
            CAST(:content AS jsonb)
       FROM done
     RETURNING id
-    """
+    """,
+    prepare=True,
 )
 
 
@@ -221,23 +228,26 @@ def complete_job_with_lesson(
     If the claim was lost (canceled, or a newer attempt), the UPDATE matches nothing and no lesson
     is written; lessons.job_id being unique stops a second lesson whatever happens.
     """
-    row = _COMPLETE_JOB_WITH_LESSON.first(
-        conn,
-        id=job_id,
-        attempt=attempt,
-        result=_jsonb(result),
-        lesson_id=lesson_id,
-        topic=topic,
-        title=title,
-        content=_jsonb(content),
-    )
+    row = conn.execute(
+        _COMPLETE_JOB_WITH_LESSON,
+        {
+            "id": job_id,
+            "attempt": attempt,
+            "result": _jsonb(result),
+            "lesson_id": lesson_id,
+            "topic": topic,
+            "title": title,
+            "content": _jsonb(content),
+        },
+    ).first()
     return row is not None
 
 
 _FAIL_JOB = Statement(
     "UPDATE jobs SET status = CASE WHEN CAST(:final AS boolean) THEN 'error' ELSE 'queued' END, "
     "error_json = CAST(:error AS jsonb), lease_expires_at = NULL, "
-    "completed_at = CASE WHEN CAST(:final AS boolean) THEN now() END, updated_at = now() " + _FINISH_GUARD
+    "completed_at = CASE WHEN CAST(:final AS boolean) THEN now() END, updated_at = now() " + _FINISH_GUARD,
+    prepare=True,
 )
 
 
@@ -250,7 +260,10 @@ def fail_job(
     final: bool,
 ) -> bool:
     """Record a failed attempt: back to `queued` (error kept) or, when `final`, `error`."""
-    return _FAIL_JOB.count(conn, id=job_id, attempt=attempt, error=_jsonb(error), final=final) == 1
+    updated = conn.execute(
+        _FAIL_JOB, {"id": job_id, "attempt": attempt, "error": _jsonb(error), "final": final}
+    )
+    return updated.rowcount == 1
 
 
 def expire_exhausted_job(conn: Connection, job_id: uuid.UUID, *, error: dict[str, Any]) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from common.db import get_engine, without_read_timeout
+from common.db import sqlalchemy_engine
 from common.models import metadata
 
 target_metadata = metadata
@@ -17,13 +17,14 @@ def run_migrations_online() -> None:
         with context.begin_transaction():
             context.run_migrations()
         return
-    with (
-        get_engine().execution_options(isolation_level="READ COMMITTED").connect() as conn,
-        without_read_timeout(conn),
-    ):
-        context.configure(connection=conn, target_metadata=target_metadata)
-        with context.begin_transaction():
-            context.run_migrations()
+    engine = sqlalchemy_engine()
+    try:
+        with engine.connect() as conn:
+            context.configure(connection=conn, target_metadata=target_metadata)
+            with context.begin_transaction():
+                context.run_migrations()
+    finally:
+        engine.dispose()
 
 
 if context.is_offline_mode():

@@ -63,9 +63,9 @@ def app_env(database_url: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str
     for key, value in env.items():
         if key.startswith("DYLEN_"):
             monkeypatch.setenv(key, value)
-    common_db.dispose_engine()
+    common_db.dispose_pool()
     yield env
-    common_db.dispose_engine()
+    common_db.dispose_pool()
 
 
 @pytest.fixture(scope="session")

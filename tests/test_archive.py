@@ -48,9 +48,9 @@ def run_env(archive_db_url: str, adb: sa.Engine, monkeypatch: pytest.MonkeyPatch
         if key.startswith("DYLEN_"):
             monkeypatch.setenv(key, value)
     reset_settings()
-    common_db.dispose_engine()
+    common_db.dispose_pool()
     yield
-    common_db.dispose_engine()
+    common_db.dispose_pool()
     reset_settings()
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 
 from common import db as common_db
 from common.config import load_settings
@@ -83,12 +82,13 @@ def test_engine_asks_the_connector_for_instance_driver_user_db_and_auth_mode(
         env |= {"DYLEN_DB_IAM_AUTH": "true", "DYLEN_DB_USER": "dylen-runtime@dylen-prod.iam"}
     else:
         env |= {"DYLEN_DB_USER": "dylen", "DYLEN_DB_PASSWORD": "s3cret"}
-    engine = common_db.build_engine(load_settings(env))
+    pool = common_db.build_pool(load_settings(env))
+    record = pool.acquire()
     try:
-        with engine.connect() as conn:
-            assert conn.execute(sa.text("SELECT 1")).scalar() == 1
+        assert common_db.Connection(pool, record).execute("SELECT 1").scalar() == 1
     finally:
-        engine.dispose()
+        pool.release(record)
+        pool.dispose()
     init, connect = _entries(stand_in)[:2]
     assert init["init"]["refresh_strategy"] == "lazy"
     assert connect["connect"] == [INSTANCE, "pg8000"]
@@ -103,10 +103,9 @@ def test_the_connector_is_created_lazily_once_and_closed_at_exit(stand_in: Path,
         "import google.cloud.sql.connector as m, connector_stand_in as s\n"
         "m.Connector = s.StandInConnector\n"
         "from common.db import transaction\n"
-        "import sqlalchemy as sa\n"
         "for _ in range(3):\n"
         "    with transaction() as conn:\n"
-        "        assert conn.execute(sa.text('SELECT count(*) FROM jobs')).scalar() >= 0\n"
+        "        assert conn.execute('SELECT count(*) FROM jobs').scalar() >= 0\n"
         "print('ok')\n"
     )
     env = {

@@ -14,7 +14,7 @@ from common import db as common_db
 def test_transaction_rolls_back_everything_on_error(app_env: dict[str, str], db: sa.Engine) -> None:
     user = f"tx-{uuid.uuid4().hex[:8]}"
     with pytest.raises(RuntimeError), common_db.transaction() as conn:
-        conn.execute(sa.text("INSERT INTO users (id) VALUES (:u)"), {"u": user})
+        conn.execute("INSERT INTO users (id) VALUES (:u)", {"u": user})
         raise RuntimeError("boom")
     with db.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM users WHERE id = :u"), {"u": user}).scalar() == 0
@@ -25,9 +25,9 @@ def test_transaction_commits_on_success_and_connection_autocommits(
 ) -> None:
     a, b = f"tx-{uuid.uuid4().hex[:8]}", f"ac-{uuid.uuid4().hex[:8]}"
     with common_db.transaction() as conn:
-        conn.execute(sa.text("INSERT INTO users (id) VALUES (:u)"), {"u": a})
+        conn.execute("INSERT INTO users (id) VALUES (:u)", {"u": a})
     with common_db.connection() as conn:
-        conn.execute(sa.text("INSERT INTO users (id) VALUES (:u)"), {"u": b})
+        conn.execute("INSERT INTO users (id) VALUES (:u)", {"u": b})
         # Autocommit: visible to another connection before this one is returned.
         with db.connect() as other:
             assert other.execute(sa.text("SELECT count(*) FROM users WHERE id = :u"), {"u": b}).scalar() == 1
@@ -47,12 +47,12 @@ def test_unreachable_database_is_database_unavailable(monkeypatch: pytest.Monkey
     monkeypatch.setenv("DYLEN_AUTH_MODE", "dev")
     monkeypatch.setenv("DYLEN_DATABASE_URL", f"postgresql://postgres@127.0.0.1:{free_port()}/nothing")
     monkeypatch.setenv("DYLEN_DB_CONNECT_TIMEOUT_SECONDS", "1")
-    common_db.dispose_engine()
+    common_db.dispose_pool()
     try:
         with pytest.raises(DatabaseUnavailable), common_db.connection() as conn:
-            conn.execute(sa.text("SELECT 1"))
+            conn.execute("SELECT 1")
     finally:
-        common_db.dispose_engine()
+        common_db.dispose_pool()
 
 
 # --- hot statements (common.db.Statement) --------------------------------------------------------
@@ -90,90 +90,122 @@ class FlushCounter:
         return self.count - before
 
 
-def test_a_statement_costs_one_round_trip_once_prepared_on_its_connection(
+def test_a_prepared_statement_costs_one_round_trip_once_prepared_on_its_connection(
     app_env: dict[str, str], scratch_table: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     flushes = FlushCounter(monkeypatch)
-    select = common_db.Statement(f"SELECT a, a * 10 AS ten FROM {scratch_table} WHERE a = :a")
-    plain = sa.text(f"SELECT a FROM {scratch_table} WHERE a = :a")
+    select = common_db.Statement(f"SELECT a, a * 10 AS ten FROM {scratch_table} WHERE a = :a", prepare=True)
+    plain = common_db.text(f"SELECT a FROM {scratch_table} WHERE a = :a")
     with common_db.connection() as conn:
-        first = flushes.during(lambda: select.rows(conn, a=1))
-        again = flushes.during(lambda: select.rows(conn, a=2))
-        through_sqlalchemy = flushes.during(lambda: conn.execute(plain, {"a": 2}).all())
-        row = select.first(conn, a=2)
+        first = flushes.during(lambda: conn.execute(select, {"a": 1}))
+        again = flushes.during(lambda: conn.execute(select, {"a": 2}))
+        unprepared = flushes.during(lambda: conn.execute(plain, {"a": 2}))
+        row = conn.execute(select, {"a": 2}).one()
         assert (row.a, row.ten) == (2, 20)
-        assert select.first(conn, a=3) is None
-    assert (first, again, through_sqlalchemy) == (2, 1, 3)
+        assert conn.execute(select, {"a": 3}).first() is None
+        assert conn.execute(plain, {"a": 1}).scalar_one() == 1
+    assert (first, again, unprepared) == (2, 1, 3)
 
 
-def test_a_statement_survives_a_table_change_and_a_session_reset(
+def test_a_prepared_statement_survives_a_table_change_and_a_session_reset(
     app_env: dict[str, str], scratch_table: str
 ) -> None:
-    select = common_db.Statement(f"SELECT * FROM {scratch_table} WHERE a = :a")
+    select = common_db.Statement(f"SELECT * FROM {scratch_table} WHERE a = :a", prepare=True)
     with common_db.connection() as conn:
-        assert tuple(select.first(conn, a=1)) == (1,)
+        assert tuple(conn.execute(select, {"a": 1}).one()) == (1,)
         # A migration changes the row type: PostgreSQL refuses the cached plan (0A000).
         conn.exec_driver_sql(f"ALTER TABLE {scratch_table} ADD COLUMN b int DEFAULT 7")
-        assert tuple(select.first(conn, a=1)) == (1, 7)
+        assert tuple(conn.execute(select, {"a": 1}).one()) == (1, 7)
         # A pooler or an operator resets the session: the statement no longer exists (26000).
         conn.exec_driver_sql("DEALLOCATE ALL")
-        assert tuple(select.first(conn, a=2)) == (2, 7)
+        assert tuple(conn.execute(select, {"a": 2}).one()) == (2, 7)
 
 
-def test_a_stale_statement_inside_a_transaction_fails_that_transaction_only(
+def test_a_stale_prepared_statement_inside_a_transaction_fails_that_transaction_only(
     app_env: dict[str, str], scratch_table: str
 ) -> None:
-    select = common_db.Statement(f"SELECT * FROM {scratch_table} WHERE a = :a")
+    select = common_db.Statement(f"SELECT * FROM {scratch_table} WHERE a = :a", prepare=True)
     with common_db.connection() as conn:
-        select.first(conn, a=1)
+        conn.execute(select, {"a": 1}).one()
         conn.exec_driver_sql(f"ALTER TABLE {scratch_table} ADD COLUMN b int DEFAULT 7")
     # The pool hands back the same connection (nothing else runs in this process).
-    with pytest.raises(sa.exc.DBAPIError), common_db.transaction() as conn:
-        select.first(conn, a=1)
+    with pytest.raises(common_db.QueryError) as refused, common_db.transaction() as conn:
+        conn.execute(select, {"a": 1}).one()
+    assert refused.value.sqlstate == "0A000"
     with common_db.connection() as conn:
-        assert tuple(select.first(conn, a=1)) == (1, 7)
+        assert tuple(conn.execute(select, {"a": 1}).one()) == (1, 7)
 
 
-def test_statements_raise_what_sqlalchemy_raises(app_env: dict[str, str], scratch_table: str) -> None:
-    insert = common_db.Statement(f"INSERT INTO {scratch_table} (a) VALUES (:a)")
+def test_a_refused_statement_is_a_query_error_and_the_connection_stays_usable(
+    app_env: dict[str, str], scratch_table: str
+) -> None:
+    insert = common_db.Statement(f"INSERT INTO {scratch_table} (a) VALUES (:a)", prepare=True)
     with common_db.connection() as conn:
-        assert insert.count(conn, a=3) == 1
-        with pytest.raises(sa.exc.IntegrityError):
-            insert.count(conn, a=3)
-        with pytest.raises(sa.exc.ProgrammingError):
-            common_db.Statement(f"SELECT nope FROM {scratch_table} WHERE a = :a").rows(conn, a=1)
-        # The connection is still good after both errors.
-        assert (
-            common_db.Statement(f"SELECT count(*) AS n FROM {scratch_table} WHERE a > :a").first(conn, a=0).n
-            == 3
-        )
+        assert conn.execute(insert, {"a": 3}).rowcount == 1
+        with pytest.raises(common_db.QueryError) as duplicate:
+            conn.execute(insert, {"a": 3})
+        assert duplicate.value.unique_violation
+        with pytest.raises(common_db.QueryError, match="nope"):
+            conn.execute(f"SELECT nope FROM {scratch_table} WHERE a = :a", {"a": 1})
+        assert conn.execute(f"SELECT count(*) FROM {scratch_table} WHERE a > :a", {"a": 0}).scalar() == 3
 
 
-def test_a_statement_on_a_lost_connection_is_database_unavailable_and_the_pool_recovers(
+def test_a_lost_connection_is_database_unavailable_and_the_pool_recovers(
     app_env: dict[str, str], db: sa.Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from common.errors import DatabaseUnavailable
 
     monkeypatch.setattr(common_db, "PING_AFTER_IDLE_SECONDS", 3600.0)  # the statement meets it, not a ping
-
-    select = common_db.Statement("SELECT pg_backend_pid() AS pid, CAST(:x AS int) AS x")
+    select = common_db.Statement("SELECT pg_backend_pid() AS pid, CAST(:x AS int) AS x", prepare=True)
     with common_db.connection() as conn:
-        pid = select.first(conn, x=1).pid
+        pid = conn.execute(select, {"x": 1}).one().pid
     # The server ends the session under the pooled connection (as a restart or failover does).
     with db.connect() as admin:
         admin.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
     with pytest.raises(DatabaseUnavailable), common_db.connection() as conn:
-        select.first(conn, x=2)
+        conn.execute(select, {"x": 2})
     with common_db.connection() as conn:
-        row = select.first(conn, x=3)
+        row = conn.execute(select, {"x": 3}).one()
     assert row.x == 3 and row.pid != pid
+
+
+def test_an_idle_connection_killed_meanwhile_is_replaced_at_checkout_without_an_error(
+    app_env: dict[str, str], db: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(common_db, "PING_AFTER_IDLE_SECONDS", 0.0)  # every checkout pings
+    with common_db.connection() as conn:
+        pid = conn.execute("SELECT pg_backend_pid()").scalar()
+    with db.connect() as admin:
+        admin.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+    with common_db.connection() as conn:
+        assert conn.execute("SELECT pg_backend_pid()").scalar() != pid
+
+
+def test_the_pool_never_opens_more_than_size_plus_overflow_and_a_waiter_gets_503(
+    app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from common.errors import DatabaseUnavailable
+
+    monkeypatch.setenv("DYLEN_DB_POOL_SIZE", "1")
+    monkeypatch.setenv("DYLEN_DB_MAX_OVERFLOW", "1")
+    monkeypatch.setenv("DYLEN_DB_CONNECT_TIMEOUT_SECONDS", "0.3")
+    common_db.dispose_pool()
+    with common_db.connection() as first, common_db.connection() as second:
+        pids = {c.execute("SELECT pg_backend_pid()").scalar() for c in (first, second)}
+        assert len(pids) == 2
+        with pytest.raises(DatabaseUnavailable, match="busy"), common_db.connection():
+            pass
+    # The overflow connection was closed on return; the one kept serves the next checkout.
+    with common_db.connection() as again:
+        assert again.execute("SELECT pg_backend_pid()").scalar() in pids
+    assert common_db.get_pool()._open == 1
 
 
 def test_reads_are_bounded_except_where_lifted_for_long_statements(app_env: dict[str, str]) -> None:
     with common_db.connection() as conn:
-        sock = conn.connection.dbapi_connection._usock  # type: ignore[union-attr]
+        sock = conn.driver_connection._usock
         assert sock.gettimeout() == 30.0  # DYLEN_DB_READ_TIMEOUT_SECONDS's default
-        with common_db.without_read_timeout(conn):
+        with conn.without_read_timeout():
             assert sock.gettimeout() is None
         assert sock.gettimeout() == 30.0
 
@@ -184,12 +216,12 @@ def test_a_statement_slower_than_the_read_timeout_is_database_unavailable(
     from common.errors import DatabaseUnavailable
 
     monkeypatch.setenv("DYLEN_DB_READ_TIMEOUT_SECONDS", "0.5")
-    common_db.dispose_engine()
-    slow = common_db.Statement("SELECT pg_sleep(CAST(:s AS float8)) IS NULL AS slept")
+    common_db.dispose_pool()
+    slow = "SELECT pg_sleep(CAST(:s AS float8)) IS NULL AS slept"
     with pytest.raises(DatabaseUnavailable), common_db.connection() as conn:
-        slow.first(conn, s=3)
+        conn.execute(slow, {"s": 3})
     with common_db.connection() as conn:
-        assert slow.first(conn, s=0).slept is not None
+        assert conn.execute(slow, {"s": 0}).one().slept is not None
 
 
 # --- TLS to the database (DYLEN_DATABASE_URL's sslmode) ----------------------------------------------
@@ -208,7 +240,6 @@ def test_a_statement_slower_than_the_read_timeout_is_database_unavailable(
 )
 def test_sslmode_maps_to_pg8000s_ssl_context(url: str, expected: object) -> None:
     assert common_db.ssl_argument(url) is expected
-    assert "sslmode" not in common_db.normalize_url(url)
 
 
 def test_sslmode_require_and_verify_full_build_one_context() -> None:
@@ -228,9 +259,10 @@ def test_a_url_with_sslmode_disable_connects(database_url: str, monkeypatch: pyt
     for key, value in base_env(database_url + "?sslmode=disable").items():
         if key.startswith("DYLEN_"):
             monkeypatch.setenv(key, value)
-    common_db.dispose_engine()
+    common_db.dispose_pool()
     try:
         with common_db.connection() as conn:
             assert conn.exec_driver_sql("SELECT 1").scalar() == 1
+            assert conn.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").scalar() is False
     finally:
-        common_db.dispose_engine()
+        common_db.dispose_pool()

@@ -87,9 +87,11 @@ def _job(max_attempts: int = 5) -> Job:
 
 def _stored_job(db: sa.Engine, job_id: str) -> Job:
     with db.connect() as conn:
-        job = store.get_job(conn, uuid.UUID(job_id))
-    assert job is not None
-    return job
+        row = conn.execute(
+            sa.text(f"SELECT {store.JOB_COLUMNS} FROM jobs WHERE id = :id"), {"id": job_id}
+        ).first()
+    assert row is not None
+    return Job.from_row(row)
 
 
 def _gcp_stack(make_stack: StackFactory, emulator_host: str) -> Any:

@@ -11,8 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sqlalchemy.engine import Connection
-
+from common.db import Connection
 from common.errors import ValidationFailed
 from common.store import Job
 

@@ -8,9 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy.engine import Connection
-
 from common.config import get_settings
+from common.db import Connection
 from common.errors import ConfigError, PermanentJobError, ValidationFailed
 from common.handlers import Completion
 from common.store import Job, complete_job_with_lesson
