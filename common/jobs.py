@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -77,7 +78,8 @@ def submit_job(
             if existing.request_json != request_json:
                 raise IdempotencyConflict("This idempotency_key was already used with a different request.")
             return Created(job=existing, created=False)
-    logger.info("Job created", extra={"job_id": str(job.id), "job_kind": job_kind})
+    if logger.isEnabledFor(logging.INFO):  # the hot path: skip building the record when off
+        logger.info("Job created", extra={"job_id": str(job.id), "job_kind": job_kind})
     if settings.auto_process:
         from common.dispatch import dispatch_job
 
