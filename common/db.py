@@ -324,10 +324,9 @@ class Connection:
         return Statement(sql).result(context)
 
     def _run_prepared(self, statement: Statement, params: dict[str, Any]) -> Any:
-        from pg8000.converters import make_params
-
-        con = self._record.con
-        cache = self._record.prepared
+        record = self._record
+        con = record.con
+        cache = record.prepared
         entry = cache.get(statement)
         if entry is None:
             numbered, _ = statement.compiled()
@@ -336,7 +335,7 @@ class Connection:
         args = statement.compiled()[1](params)
         try:
             return con.execute_named(
-                name, make_params(con.py_types, args), columns, input_funcs, statement.sql
+                name, record.make_params(con.py_types, args), columns, input_funcs, statement.sql
             )
         except _driver().DatabaseError as error:
             if _sqlstate(error) in _STALE_STATEMENT_SQLSTATES:
@@ -371,10 +370,13 @@ class Connection:
 
 
 class _Record:
-    __slots__ = ("con", "created", "dead", "generation", "idle_since", "prepared")
+    __slots__ = ("con", "created", "dead", "generation", "idle_since", "make_params", "prepared")
 
     def __init__(self, con: Any, generation: int) -> None:
+        from pg8000.converters import make_params
+
         self.con = con
+        self.make_params = make_params
         self.generation = generation
         self.created = self.idle_since = time.monotonic()
         self.dead = False
