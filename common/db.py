@@ -64,17 +64,20 @@ class Target:
     user: str | None
     password: str | None
     sslmode: str | None
+    unix_sock: str | None = None
 
 
 _SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 
 def parse_url(url: str) -> Target:
-    """A postgresql:// URL (the `+pg8000` driver suffix is accepted) with libpq's `sslmode`."""
+    """A postgresql:// URL (the `+pg8000` driver suffix is accepted) with libpq's `sslmode`, or
+    pg8000's `unix_sock` for a Unix socket (`postgresql://user@/db?unix_sock=/cloudsql/.../.s.PGSQL.5432`)."""
     parts = urlsplit(url)
     if parts.scheme not in ("postgresql", "postgresql+pg8000", "postgres"):
         raise ConfigError("DYLEN_DATABASE_URL must point at PostgreSQL")
-    modes = parse_qs(parts.query).get("sslmode")
+    query = parse_qs(parts.query)
+    modes = query.get("sslmode")
     mode = modes[-1] if modes else None
     if mode is not None and mode not in _SSL_MODES:
         raise ConfigError(f"DYLEN_DATABASE_URL: sslmode must be one of {', '.join(_SSL_MODES)}, got {mode!r}")
@@ -85,6 +88,7 @@ def parse_url(url: str) -> Target:
         user=unquote(parts.username) if parts.username else None,
         password=unquote(parts.password) if parts.password is not None else None,
         sslmode=mode,
+        unix_sock=query["unix_sock"][-1] if "unix_sock" in query else None,
     )
 
 
@@ -99,7 +103,7 @@ def ssl_argument(url: str) -> Any:
     target = parse_url(url)
     mode = target.sslmode
     if mode is None:
-        return False if is_loopback_host(target.host) else None
+        return False if target.unix_sock or is_loopback_host(target.host) else None
     if mode == "disable":
         return False
     if mode in ("allow", "prefer"):
@@ -158,15 +162,20 @@ def _url_connect(settings: Settings) -> Callable[[], Any]:
     target = parse_url(settings.database_url)
     ssl_context = ssl_argument(settings.database_url)
 
+    where: dict[str, Any] = (
+        {"unix_sock": target.unix_sock}
+        if target.unix_sock
+        else {"host": target.host or "localhost", "port": target.port}
+    )
+
     def connect() -> Any:
         return _driver().connect(
             user=target.user or "postgres",
             password=target.password,
-            host=target.host or "localhost",
-            port=target.port,
             database=target.database,
             timeout=settings.db_connect_timeout_seconds,
             ssl_context=ssl_context,
+            **where,
         )
 
     return connect
@@ -312,7 +321,10 @@ class Connection:
                         raise
                     context = self._run_prepared(statement, params or {})
         except Exception as error:
-            raise self._translate(error, statement.sql) from error
+            translated = self._translate(error, statement.sql)
+            if translated is error:
+                raise
+            raise translated from error
         return statement.result(context)
 
     def exec_driver_sql(self, sql: str) -> Result:
@@ -320,7 +332,10 @@ class Connection:
         try:
             context = self._record.con.execute_simple(sql)
         except Exception as error:
-            raise self._translate(error, sql) from error
+            translated = self._translate(error, sql)
+            if translated is error:
+                raise
+            raise translated from error
         return Statement(sql).result(context)
 
     def _run_prepared(self, statement: Statement, params: dict[str, Any]) -> Any:

@@ -9,6 +9,7 @@ import pytest
 import sqlalchemy as sa
 
 from common import db as common_db
+from common.errors import ConfigError
 
 
 def test_transaction_rolls_back_everything_on_error(app_env: dict[str, str], db: sa.Engine) -> None:
@@ -266,3 +267,21 @@ def test_a_url_with_sslmode_disable_connects(database_url: str, monkeypatch: pyt
             assert conn.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").scalar() is False
     finally:
         common_db.dispose_pool()
+
+
+def test_urls_parse_like_libpq_and_pg8000() -> None:
+    target = common_db.parse_url("postgresql://app:p%40ss%2Fword@db.internal:6432/dylen?sslmode=require")
+    assert (target.user, target.password, target.host, target.port, target.database, target.sslmode) == (
+        "app",
+        "p@ss/word",
+        "db.internal",
+        6432,
+        "dylen",
+        "require",
+    )
+    socket_url = "postgresql+pg8000://app@/dylen?unix_sock=/cloudsql/p:r:i/.s.PGSQL.5432"
+    unix = common_db.parse_url(socket_url)
+    assert (unix.host, unix.port, unix.unix_sock) == (None, 5432, "/cloudsql/p:r:i/.s.PGSQL.5432")
+    assert common_db.ssl_argument(socket_url) is False  # a local socket needs no TLS
+    with pytest.raises(ConfigError):
+        common_db.parse_url("mysql://app@db/dylen")
