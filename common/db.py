@@ -8,7 +8,10 @@ this module talks to pg8000 directly, with what the engine gave us: a bounded po
 checkout wait, recycling, liveness checks, and "a lost connection replaces the pool". SQLAlchemy
 stays for the schema and migrations (common.models, migrations/, `python -m common.cli migrate`).
 
-Every failure to reach the database surfaces as DatabaseUnavailable (503), never a driver traceback.
+Every failure to reach the database surfaces as DatabaseUnavailable (503), never a driver traceback;
+a statement the database refuses raises QueryError. Prepared statements use pg8000's connection
+internals (prepare_statement / execute_named); requirements.txt pins its minor version and
+tests/test_db.py fails loudly if an upgrade moves them.
 """
 
 from __future__ import annotations
