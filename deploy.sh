@@ -135,6 +135,28 @@ for dir in "$ROOT"/functions/*/; do
 done
 [[ ${#FUNCTIONS[@]} -gt 0 ]] || die "no functions/<name>/main.py found under $ROOT"
 
+# Per-function instance settings (README, "Performance and Cloud Run settings"): gunicorn threads,
+# pool size / overflow, Cloud Run concurrency, max instances. Concurrency above 1 needs a whole vCPU.
+#   function          THREADS pool overflow concurrency max-instances
+RUNTIME_SETTINGS=(
+  "create_job        2 2 2 8 5"
+  "process_job       4 4 2 4 5"
+  "archive_lessons   1 1 1 1 1"
+  "rescue_jobs       1 1 1 1 1"
+  "*                 2 2 2 8 3"
+)
+
+runtime_of() {
+  local entry name rest
+  for entry in "${RUNTIME_SETTINGS[@]}"; do
+    read -r name rest <<<"$entry"
+    if [[ "$name" == "$1" || "$name" == "*" ]]; then
+      echo "$rest"
+      return
+    fi
+  done
+}
+
 caller_of() {
   local entry name caller
   for entry in "${TASK_FUNCTIONS[@]}"; do
@@ -329,10 +351,13 @@ done
 
 for name in "${FUNCTIONS[@]}"; do
   stage "$name"
+  read -r threads pool overflow concurrency max_instances <<<"$(runtime_of "$name")"
+  FUNCTION_ENV="$ENV_VARS|THREADS=$threads|DYLEN_DB_POOL_SIZE=$pool|DYLEN_DB_MAX_OVERFLOW=$overflow"
   DEPLOY=(
     gcloud functions deploy "$name" --gen2 --runtime python312 --trigger-http --entry-point "$name"
     --source "$BUILD_DIR/$name" --region "$REGION" --service-account "$RUNTIME_SA"
-    --set-env-vars "$ENV_VARS" "${G[@]}"
+    --set-env-vars "$FUNCTION_ENV" --cpu 1 --memory 512Mi
+    --concurrency "$concurrency" --max-instances "$max_instances" "${G[@]}"
   )
   if [[ "$DB_IAM_AUTH" == false ]]; then
     DEPLOY+=(--set-secrets "DYLEN_DB_PASSWORD=$DB_PASSWORD_SECRET:latest")

@@ -399,3 +399,33 @@ def test_a_real_run_creates_what_is_missing_and_updates_what_exists(tmp_path: Pa
     deployed = sorted(c.split()[2] for c in ran if c.startswith("functions deploy "))
     assert deployed == _functions(ROOT)
     assert sorted(p.name for p in build.iterdir()) == _functions(ROOT)  # staged for real this time
+
+
+@pytest.mark.parametrize(
+    ("name", "threads", "pool", "overflow", "concurrency", "max_instances"),
+    [
+        ("create_job", "2", "2", "2", "8", "5"),
+        ("get_job", "2", "2", "2", "8", "3"),
+        ("process_job", "4", "4", "2", "4", "5"),
+        ("rescue_jobs", "1", "1", "1", "1", "1"),
+    ],
+)
+def test_dry_run_applies_the_readmes_instance_settings(
+    dry_run: dict[str, Any],
+    name: str,
+    threads: str,
+    pool: str,
+    overflow: str,
+    concurrency: str,
+    max_instances: str,
+) -> None:
+    (deploy,) = _find(dry_run["commands"], "gcloud", "functions", "deploy", name)
+    env = _env_vars(deploy)
+    assert (env["THREADS"], env["DYLEN_DB_POOL_SIZE"], env["DYLEN_DB_MAX_OVERFLOW"]) == (
+        threads,
+        pool,
+        overflow,
+    )
+    assert (_flag(deploy, "--concurrency"), _flag(deploy, "--max-instances")) == (concurrency, max_instances)
+    assert _flag(deploy, "--cpu") == "1"  # Cloud Run refuses a concurrency above 1 with less
+    load_settings({**env, "DYLEN_ENV_FILE": os.devnull})  # the pool settings pass the start-up guards
