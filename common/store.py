@@ -41,6 +41,38 @@ class Job:
     completed_at: datetime | None
 
     @classmethod
+    def queued(
+        cls,
+        *,
+        id: uuid.UUID,
+        user_id: str | None,
+        job_kind: str,
+        idempotency_key: str,
+        request_json: dict[str, Any],
+        max_attempts: int,
+        now: datetime,
+    ) -> Job:
+        """A job as insert_job stores it: queued, dispatched now, no attempt yet."""
+        return cls(
+            id=id,
+            user_id=user_id,
+            job_kind=job_kind,
+            status="queued",
+            idempotency_key=idempotency_key,
+            request_json=request_json,
+            result_json=None,
+            error_json=None,
+            attempts=0,
+            max_attempts=max_attempts,
+            lease_expires_at=None,
+            dispatched_at=now,
+            created_at=now,
+            updated_at=now,
+            started_at=None,
+            completed_at=None,
+        )
+
+    @classmethod
     def from_row(cls, row: Any) -> Job:
         return cls(**{key: getattr(row, key) for key in cls.__dataclass_fields__})
 
@@ -93,24 +125,14 @@ def insert_job(
     ).first()
     if row is None:
         return None
-    now = row.created_at
-    return Job(
+    return Job.queued(
         id=row.id,
         user_id=user_id,
         job_kind=job_kind,
-        status="queued",
         idempotency_key=idempotency_key,
         request_json=request_json,
-        result_json=None,
-        error_json=None,
-        attempts=0,
         max_attempts=max_attempts,
-        lease_expires_at=None,
-        dispatched_at=now,
-        created_at=now,
-        updated_at=now,
-        started_at=None,
-        completed_at=None,
+        now=row.created_at,
     )
 
 

@@ -152,22 +152,12 @@ def job_value(*, max_attempts: int = 5) -> Any:
 
     from common.store import Job
 
-    now = datetime.now(UTC)
-    return Job(
+    return Job.queued(
         id=uuid.uuid4(),
         user_id="u",
         job_kind="lesson",
-        status="queued",
         idempotency_key="k",
         request_json={},
-        result_json=None,
-        error_json=None,
-        attempts=0,
         max_attempts=max_attempts,
-        lease_expires_at=None,
-        dispatched_at=now,
-        created_at=now,
-        updated_at=now,
-        started_at=None,
-        completed_at=None,
+        now=datetime.now(UTC),
     )

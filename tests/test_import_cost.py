@@ -59,10 +59,8 @@ def test_create_job_under_gcp_imports_the_tasks_client_on_first_dispatch_only() 
         "seen['dispatcher'] = 'google.cloud.tasks_v2' in sys.modules\n"
         "from common.store import Job\n"
         "now = datetime.now(UTC)\n"
-        "job = Job(id=uuid.uuid4(), user_id='u', job_kind='lesson', status='queued', idempotency_key='k',\n"
-        "          request_json={}, result_json=None, error_json=None, attempts=0, max_attempts=5,\n"
-        "          lease_expires_at=None, dispatched_at=now, created_at=now, updated_at=now,\n"
-        "          started_at=None, completed_at=None)\n"
+        "job = Job.queued(id=uuid.uuid4(), user_id='u', job_kind='lesson', idempotency_key='k',\n"
+        "                 request_json={}, max_attempts=5, now=now)\n"
         "seen['dispatched'] = dispatch_job(job)\n"  # nothing listens: fails, but has loaded the client
         "seen['after'] = 'google.cloud.tasks_v2' in sys.modules\n"
         "seen['connector'] = 'google.cloud.sql.connector' in sys.modules\n"
