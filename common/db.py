@@ -498,6 +498,9 @@ class Pool:
                 self._discard(record)
                 continue
             if now - record.idle_since >= PING_AFTER_IDLE_SECONDS and not self._ping(record):
+                from common.log import logger
+
+                logger.warning("A pooled database connection failed its ping; the pool is replaced")
                 self._discard(record)
                 self.invalidate_all()  # what killed this one probably killed its siblings
                 continue
