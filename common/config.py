@@ -127,6 +127,10 @@ def parse_tier_limits(raw: str, name: str = "DYLEN_TIER_HISTORY_LIMITS") -> dict
     return limits
 
 
+# libpq's sslmode values, accepted in DYLEN_DATABASE_URL (common.db maps them to pg8000).
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str | None
@@ -253,10 +257,9 @@ def _check_combinations(s: Settings) -> None:
         from urllib.parse import parse_qs, urlsplit
 
         modes = parse_qs(urlsplit(s.database_url).query).get("sslmode", [])
-        allowed = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
-        if any(mode not in allowed for mode in modes):
+        if any(mode not in SSL_MODES for mode in modes):
             raise ConfigError(
-                f"DYLEN_DATABASE_URL: sslmode must be one of {', '.join(allowed)}, got {modes[-1]!r}"
+                f"DYLEN_DATABASE_URL: sslmode must be one of {', '.join(SSL_MODES)}, got {modes[-1]!r}"
             )
     if s.db_iam_auth:
         # IAM database auth logs in as a named IAM principal; only the connector can mint its token.

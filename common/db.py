@@ -28,7 +28,7 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from common.config import Settings, get_settings
+from common.config import SSL_MODES, Settings, get_settings
 from common.errors import ConfigError, DatabaseUnavailable
 
 _lock = threading.Lock()
@@ -70,9 +70,6 @@ class Target:
     unix_sock: str | None = None
 
 
-_SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
-
-
 def parse_url(url: str) -> Target:
     """A postgresql:// URL (the `+pg8000` driver suffix is accepted) with libpq's `sslmode`, or
     pg8000's `unix_sock` for a Unix socket (`postgresql://user@/db?unix_sock=/cloudsql/.../.s.PGSQL.5432`)."""
@@ -82,8 +79,8 @@ def parse_url(url: str) -> Target:
     query = parse_qs(parts.query)
     modes = query.get("sslmode")
     mode = modes[-1] if modes else None
-    if mode is not None and mode not in _SSL_MODES:
-        raise ConfigError(f"DYLEN_DATABASE_URL: sslmode must be one of {', '.join(_SSL_MODES)}, got {mode!r}")
+    if mode is not None and mode not in SSL_MODES:
+        raise ConfigError(f"DYLEN_DATABASE_URL: sslmode must be one of {', '.join(SSL_MODES)}, got {mode!r}")
     return Target(
         host=parts.hostname,
         port=parts.port or 5432,
@@ -369,20 +366,6 @@ class Connection:
             return QueryError(error, sql)
         return error
 
-    def invalidate(self) -> None:
-        """Close this connection instead of returning it to the pool."""
-        self._record.dead = True
-
-    @contextmanager
-    def without_read_timeout(self) -> Iterator[None]:
-        """Lift the read timeout for a statement that may rightly run long."""
-        _set_read_timeout(self._record.con, None)
-        try:
-            yield
-        finally:
-            with contextlib.suppress(OSError):
-                _set_read_timeout(self._record.con, self._pool.read_timeout)
-
 
 # --- the pool ---------------------------------------------------------------------------------------
 
@@ -447,6 +430,8 @@ class Pool:
         self._cond = threading.Condition(threading.Lock())
 
     def invalidate_all(self) -> None:
+        """Close every idle connection now and each busy one when it comes back (a lost connection
+        means the others are dead too; also how the pool is disposed of)."""
         with self._cond:
             self._generation += 1
             stale, self._idle = list(self._idle), deque()
@@ -541,14 +526,6 @@ class Pool:
             self._cond.notify()
         _close(record)
 
-    def dispose(self) -> None:
-        with self._cond:
-            idle, self._idle = list(self._idle), deque()
-            self._open -= len(idle)
-            self._generation += 1
-        for record in idle:
-            _close(record)
-
 
 def _close(record: _Record) -> None:
     with contextlib.suppress(Exception):
@@ -580,7 +557,7 @@ def dispose_pool() -> None:
     global _pool
     with _lock:
         if _pool is not None:
-            _pool.dispose()
+            _pool.invalidate_all()
             _pool = None
 
 

@@ -88,7 +88,7 @@ def test_engine_asks_the_connector_for_instance_driver_user_db_and_auth_mode(
         assert common_db.Connection(pool, record).execute("SELECT 1").scalar() == 1
     finally:
         pool.release(record)
-        pool.dispose()
+        pool.invalidate_all()
     init, connect = _entries(stand_in)[:2]
     assert init["init"]["refresh_strategy"] == "lazy"
     assert connect["connect"] == [INSTANCE, "pg8000"]
