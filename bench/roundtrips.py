@@ -66,9 +66,12 @@ def measure(database_url: str, *, repeats: int = 20) -> dict[str, Any]:
             if not in_transaction:
                 counts.transactions += 1
 
-    # Counted at the driver, below SQLAlchemy: common.db.Statement runs on pg8000 directly.
+    # Counted at the driver: common.db runs statements on pg8000 directly, and prepared ones through
+    # its own Bind/Execute/Sync exchange (common.db._execute_prepared).
+    import common.db
+
     core = pg8000.core.CoreConnection
-    simple, unnamed, named = core.execute_simple, core.execute_unnamed, core.execute_named
+    simple, unnamed, named = core.execute_simple, core.execute_unnamed, common.db._execute_prepared
 
     def execute_simple(self: Any, statement: str) -> Any:
         record(statement)
@@ -78,13 +81,13 @@ def measure(database_url: str, *, repeats: int = 20) -> dict[str, Any]:
         record(statement)
         return unnamed(self, statement, *args, **kwargs)
 
-    def execute_named(self: Any, name: bytes, params: Any, columns: Any, funcs: Any, statement: str) -> Any:
+    def execute_prepared(con: Any, name: bytes, params: Any, columns: Any, funcs: Any, statement: str) -> Any:
         record(statement)
-        return named(self, name, params, columns, funcs, statement)
+        return named(con, name, params, columns, funcs, statement)
 
     core.execute_simple = execute_simple  # type: ignore[method-assign]
     core.execute_unnamed = execute_unnamed  # type: ignore[method-assign]
-    core.execute_named = execute_named  # type: ignore[method-assign]
+    common.db._execute_prepared = execute_prepared
 
     create = runpy.run_path("functions/create_job/main.py")["create_job"]
     process = runpy.run_path("functions/process_job/main.py")["process_job"]

@@ -10,14 +10,15 @@ stays for the schema and migrations (common.models, migrations/, `python -m comm
 
 Every failure to reach the database surfaces as DatabaseUnavailable (503), never a driver traceback;
 a statement the database refuses raises QueryError. Prepared statements use pg8000's connection
-internals (prepare_statement / execute_named); requirements.txt pins its minor version and
-tests/test_db.py fails loudly if an upgrade moves them.
+internals (prepare_statement, its message handlers and buffered socket; see _execute_prepared);
+requirements.txt pins its minor version and tests/test_db.py fails loudly if an upgrade moves them.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import struct
 import threading
 import time
 from collections import deque, namedtuple
@@ -349,12 +350,17 @@ class Connection:
         name, columns, input_funcs = entry
         args = statement.compiled()[1](params)
         try:
-            return con.execute_named(
-                name, record.make_params(con.py_types, args), columns, input_funcs, statement.sql
+            return _execute_prepared(
+                con, name, record.make_params(con.py_types, args), columns, input_funcs, statement.sql
             )
         except _driver().DatabaseError as error:
             if _sqlstate(error) in _STALE_STATEMENT_SQLSTATES:
                 cache.pop(statement, None)
+            raise
+        except BaseException:
+            # Not the server's refusal (that arrives as a DatabaseError after ReadyForQuery): the
+            # reply may be half read, so this connection cannot be trusted with another statement.
+            record.dead = True
             raise
 
     def _translate(self, error: Exception, sql: str) -> Exception:
@@ -383,6 +389,70 @@ class _Record:
         self.dead = False
         # Statement -> (name, columns, input funcs) of its prepared form on this connection.
         self.prepared: dict[Statement, Any] = {}
+
+
+_MESSAGE_HEADER = struct.Struct("!ci")  # type byte, length
+_pack_int32 = struct.Struct("!i").pack
+_pack_uint16 = struct.Struct("!H").pack
+
+
+def _execute_prepared(
+    con: Any, name: bytes, params: tuple[str | None, ...], columns: Any, input_funcs: Any, sql: str
+) -> Any:
+    """pg8000's execute_named, minus two costs on the hot path (bench/RESULTS.md):
+
+    - It sends Bind, Flush, Execute, Flush, Sync; each Flush makes the server write what it has so
+      far, so one statement came back in three packets, three wake-ups of this thread and three
+      sends by the server. Bind, Execute, Sync alone get the same reply in one packet.
+    - It reads each message with two buffered reads; the reply is parsed here from the buffer the
+      one receive filled, message by message, with pg8000's own handlers (errors, row decoding,
+      transaction status, notices and parameter changes behave exactly as in pg8000).
+    """
+    from pg8000 import core
+
+    context = core.Context(columns=columns, input_funcs=input_funcs, statement=sql)
+    encoding = con._client_encoding
+    parts = [b"\x00", name, b"\x00\x00", _pack_uint16(len(params))]
+    for value in params:
+        if value is None:
+            parts.append(b"\xff\xff\xff\xff")
+        else:
+            encoded = value.encode(encoding)
+            parts.append(_pack_int32(len(encoded)))
+            parts.append(encoded)
+    parts.append(b"\x00\x00")  # every result column in text format
+    bind = b"".join(parts)
+    sock = con._sock
+    if sock is None:
+        raise core.InterfaceError("connection is closed")
+    core._write(sock, b"B" + _pack_int32(len(bind) + 4) + bind + core.EXECUTE_MSG + core.SYNC_MSG)
+    core._flush(sock)
+    handlers = con.message_types
+    unpack = _MESSAGE_HEADER.unpack_from
+    while True:
+        try:
+            buffered = sock.peek(5)  # what one receive brought (blocks only when nothing is buffered)
+        except OSError as error:
+            raise core.InterfaceError("network error") from error
+        end, size, code = 0, len(buffered), b""
+        while end + 5 <= size:
+            code, length = unpack(buffered, end)
+            if end + 1 + length > size:
+                break
+            handlers[code](buffered[end + 5 : end + 1 + length], context)
+            end += 1 + length
+            if code == b"Z":
+                break
+        if end:
+            sock.read(end)
+        else:  # a message split across packets: read it whole, as pg8000 does
+            code, length = _MESSAGE_HEADER.unpack(core._read(sock, 5))
+            handlers[code](core._read(sock, length - 4), context)
+        if code == b"Z":
+            break
+    if context.error is not None:
+        raise context.error
+    return context
 
 
 def _set_read_timeout(con: Any, seconds: float | None) -> None:

@@ -151,6 +151,76 @@ def test_a_refused_statement_is_a_query_error_and_the_connection_stays_usable(
         assert conn.execute(f"SELECT count(*) FROM {scratch_table} WHERE a > :a", {"a": 0}).scalar() == 3
 
 
+class _RecordingSocket:
+    """pg8000's buffered socket, with what the client writes kept for the test."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+        self.written = bytearray()
+
+    def write(self, data: bytes) -> int:
+        self.written += data
+        return self.inner.write(data)  # type: ignore[attr-defined,no-any-return]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+def _message_types(wire: bytes) -> list[str]:
+    types, at = [], 0
+    while at < len(wire):
+        types.append(chr(wire[at]))
+        at += 1 + int.from_bytes(wire[at + 1 : at + 5], "big")
+    return types
+
+
+def test_a_prepared_statement_asks_for_one_reply_and_reads_any_size_of_it(
+    app_env: dict[str, str], scratch_table: str
+) -> None:
+    small = common_db.Statement(
+        f"SELECT a, CAST(:s AS text) AS s FROM {scratch_table} WHERE a = :a", prepare=True
+    )
+    rows = common_db.Statement(
+        "SELECT g, repeat('x', :width) AS pad FROM generate_series(1, :n) AS g", prepare=True
+    )
+    with common_db.connection() as conn:
+        conn.execute(small, {"a": 1, "s": None})  # prepared now; the next executions are what we check
+        record = conn._record
+        socket = record.con._sock = _RecordingSocket(record.con._sock)
+        # Given a prepared statement, when it runs, then the client sends Bind, Execute, Sync and no
+        # Flush: the server answers once, in one packet, instead of after every message.
+        assert tuple(conn.execute(small, {"a": 2, "s": "é"}).one()) == (2, "é")
+        assert _message_types(bytes(socket.written)) == ["B", "E", "S"]
+        # Replies larger than the read buffer, one huge row and many small ones, arrive whole.
+        big = conn.execute(rows, {"width": 200_000, "n": 3}).all()
+        assert [(r.g, len(r.pad)) for r in big] == [(1, 200_000), (2, 200_000), (3, 200_000)]
+        many = conn.execute(rows, {"width": 3, "n": 20_000}).all()
+        assert len(many) == 20_000 and many[-1] == (20_000, "xxx")
+        assert conn.execute(small, {"a": 1, "s": None}).one() == (1, None)
+        record.con._sock = socket.inner
+    assert not record.dead
+
+
+def test_a_reply_that_cannot_be_decoded_retires_the_connection(
+    app_env: dict[str, str], scratch_table: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    select = common_db.Statement(f"SELECT a FROM {scratch_table} WHERE a = :a", prepare=True)
+    with common_db.connection() as conn:
+        conn.execute(select, {"a": 1})
+        funcs = conn._record.prepared[select][2]
+        real = funcs[0]
+        funcs[0] = lambda text: 1 / 0  # a value this process cannot decode, mid-reply
+        with pytest.raises(ZeroDivisionError):
+            conn.execute(select, {"a": 1})
+        funcs[0] = real
+        retired = conn._record
+    # The rest of that reply is still unread: the pool closes the connection instead of reusing it.
+    assert retired.dead
+    with common_db.connection() as conn:
+        assert conn._record is not retired
+        assert conn.execute(select, {"a": 2}).scalar_one() == 2
+
+
 def test_a_lost_connection_is_database_unavailable_and_the_pool_recovers(
     app_env: dict[str, str], db: sa.Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
