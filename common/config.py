@@ -102,6 +102,11 @@ class _Reader:
         value = self.text(name, default)
         if value is not None and not value.startswith(("http://", "https://")):
             raise ConfigError(f"{name} must be an http(s) URL, got {value!r}")
+        if value is not None and not (value.isascii() and value.isprintable() and " " not in value):
+            # Sent as is in Location headers and task URLs: give the punycode / percent-encoded form.
+            raise ConfigError(
+                f"{name} must be ASCII without spaces (punycode host, percent-encoded path), got {value!r}"
+            )
         return value.rstrip("/") if value and value.count("/") > 2 else value
 
 

@@ -79,11 +79,29 @@ def read_json(request: flask.Request) -> Any:
         raise MalformedRequest(f"The body is not valid JSON: {error}") from None
 
 
+class _Response(flask.Response):
+    """Werkzeug re-encodes a Location header as an IRI on every response (urlsplit, IDNA for the
+    host): ~10% of create_job's Python work. Ours are built from DYLEN_BASE_URL, which config
+    accepts only as ASCII, plus an id, so they go out as they are."""
+
+    def get_wsgi_headers(self, environ: Any) -> Any:
+        location = self.headers.get("Location")
+        if location is None or not location.isascii():
+            return super().get_wsgi_headers(environ)
+        del self.headers["Location"]
+        try:
+            headers = super().get_wsgi_headers(environ)
+        finally:
+            self.headers["Location"] = location
+        headers["Location"] = location
+        return headers
+
+
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> flask.Response:
-    return flask.Response(
+    return _Response(
         json.dumps(body, ensure_ascii=False, separators=(",", ":")),
         status=status,
-        mimetype="application/json",
+        content_type="application/json",
         headers=headers,
     )
 

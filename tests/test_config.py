@@ -33,6 +33,10 @@ def test_defaults_match_the_design() -> None:
         ({"DYLEN_TASK_SERVICE_PROVIDER": "sqs"}, "DYLEN_TASK_SERVICE_PROVIDER"),
         ({"DYLEN_AUTH_MODE": "none"}, "DYLEN_AUTH_MODE"),
         ({"DYLEN_BASE_URL": "localhost:8080"}, "DYLEN_BASE_URL"),
+        # Sent as is in Location headers (common.http skips Werkzeug's per-response IRI encoding).
+        ({"DYLEN_BASE_URL": "https://lecons.exemple.fr/élève"}, "DYLEN_BASE_URL"),
+        ({"DYLEN_BASE_URL": "https://jobs.example.com/a b"}, "DYLEN_BASE_URL"),
+        ({"DYLEN_PROCESS_JOB_URL": "https://bücher.example/process_job"}, "DYLEN_PROCESS_JOB_URL"),
         ({"DYLEN_JOB_MAX_ATTEMPTS": "0"}, "DYLEN_JOB_MAX_ATTEMPTS"),
         ({"DYLEN_TIER_HISTORY_LIMITS": "pro=80"}, "DYLEN_TIER_HISTORY_LIMITS"),
         ({"DYLEN_TIER_HISTORY_LIMITS": "free=x"}, "DYLEN_TIER_HISTORY_LIMITS"),
