@@ -61,6 +61,11 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# Built once: json.loads / json.dumps with arguments build a new decoder / encoder on every call.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def read_json(request: flask.Request) -> Any:
     length = request.content_length
     if length is not None and length > MAX_BODY_BYTES:
@@ -72,7 +77,7 @@ def read_json(request: flask.Request) -> Any:
     if len(raw) > MAX_BODY_BYTES:
         raise PayloadTooLarge(f"The body must be at most {MAX_BODY_BYTES} bytes.")
     try:
-        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        return _DECODER.decode(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise MalformedRequest("The body is not valid UTF-8.") from None
     except (ValueError, RecursionError) as error:
@@ -99,7 +104,7 @@ class _Response(flask.Response):
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> flask.Response:
     return _Response(
-        json.dumps(body, ensure_ascii=False, separators=(",", ":")),
+        _ENCODER.encode(body),
         status=status,
         content_type="application/json",
         headers=headers,

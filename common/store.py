@@ -77,8 +77,12 @@ class Job:
         return cls(**{key: getattr(row, key) for key in cls.__dataclass_fields__})
 
 
+# Built once: json.dumps(..., ensure_ascii=False) builds an encoder per call.
+_JSONB = json.JSONEncoder(ensure_ascii=False)
+
+
 def _jsonb(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, ensure_ascii=False)
+    return None if value is None else _JSONB.encode(value)
 
 
 # --- jobs -----------------------------------------------------------------------------------------
