@@ -7,10 +7,10 @@ import flask
 import functions_framework
 
 from common import archive, jobs
-from common.config import Settings, get_settings
-from common.http import Call, json_response, serve
+from common.config import Settings
+from common.http import Call, cold_start, json_response, serve
 
-get_settings()  # a bad configuration fails the cold start, not the first request
+cold_start()
 
 
 def _audience(settings: Settings) -> str:

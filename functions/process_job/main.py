@@ -4,11 +4,9 @@ import flask
 import functions_framework
 
 from common import processor
-from common.config import get_settings
-from common.http import Call, install_problem_handlers, json_response, serve
+from common.http import Call, cold_start, json_response, serve
 
-get_settings()  # a bad configuration fails the cold start, not the first request
-install_problem_handlers()
+cold_start()
 
 
 def _process(call: Call) -> flask.Response:

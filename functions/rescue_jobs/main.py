@@ -4,11 +4,10 @@ import flask
 import functions_framework
 
 from common import rescue
-from common.config import Settings, get_settings
-from common.http import Call, install_problem_handlers, json_response, serve
+from common.config import Settings
+from common.http import Call, cold_start, json_response, serve
 
-get_settings()  # a bad configuration fails the cold start, not the first request
-install_problem_handlers()
+cold_start()
 
 
 def _audience(settings: Settings) -> str:
