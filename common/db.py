@@ -429,27 +429,29 @@ def _execute_prepared(
     core._flush(sock)
     handlers = con.message_types
     unpack = _MESSAGE_HEADER.unpack_from
-    while True:
+    ready = False  # ReadyForQuery handled: the reply is complete
+    while not ready:
         try:
             buffered = sock.peek(5)  # what one receive brought (blocks only when nothing is buffered)
         except OSError as error:
             raise core.InterfaceError("network error") from error
-        end, size, code = 0, len(buffered), b""
+        end, size = 0, len(buffered)
         while end + 5 <= size:
             code, length = unpack(buffered, end)
-            if end + 1 + length > size:
+            stop = end + 1 + length
+            if stop > size:
                 break
-            handlers[code](buffered[end + 5 : end + 1 + length], context)
-            end += 1 + length
+            handlers[code](buffered[end + 5 : stop], context)
+            end = stop
             if code == b"Z":
+                ready = True
                 break
         if end:
             sock.read(end)
         else:  # a message split across packets: read it whole, as pg8000 does
             code, length = _MESSAGE_HEADER.unpack(core._read(sock, 5))
             handlers[code](core._read(sock, length - 4), context)
-        if code == b"Z":
-            break
+            ready = code == b"Z"
     if context.error is not None:
         raise context.error
     return context

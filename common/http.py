@@ -144,9 +144,9 @@ def cold_start() -> None:
 
     - A bad configuration fails the cold start, not the first request.
     - Requests the router answers itself get problem+json (install_problem_handlers).
-    - What the imports built (~40k objects) moves out of the cyclic GC's sight (gc.freeze). Otherwise
-      the first full collection walks all of it holding the GIL: a ~35 ms pause for every request in
-      flight, against ~0.6 ms frozen (bench/RESULTS.md).
+    - What the imports built (~58k objects) moves out of the cyclic GC's sight (gc.freeze). Otherwise
+      a full collection walks all of it holding the GIL: a ~60 ms pause for every request in flight
+      (bench/gc_pause.py).
     """
     get_settings()
     install_problem_handlers()

@@ -201,6 +201,38 @@ def test_a_prepared_statement_asks_for_one_reply_and_reads_any_size_of_it(
     assert not record.dead
 
 
+class _SmallPackets(_RecordingSocket):
+    """Lets the reader see at most `limit` bytes at a time, as if every packet were that small."""
+
+    def __init__(self, inner: object, limit: int) -> None:
+        super().__init__(inner)
+        self.limit = limit
+
+    def peek(self, size: int = 0) -> bytes:
+        return self.inner.peek(size)[: self.limit]  # type: ignore[attr-defined,no-any-return]
+
+
+def test_a_reply_split_at_any_byte_is_read_whole_and_nothing_of_it_is_left_behind(
+    app_env: dict[str, str], scratch_table: str
+) -> None:
+    select = common_db.Statement(
+        f"SELECT a, CAST(:s AS text) AS s FROM {scratch_table} ORDER BY a", prepare=True
+    )
+    with common_db.connection() as conn:
+        conn.execute(select, {"s": "x"})
+        con = conn._record.con
+        real = con._sock
+        try:
+            for limit in range(1, 64):
+                con._sock = _SmallPackets(real, limit)
+                rows = conn.execute(select, {"s": f"split-{limit}"}).all()
+                assert [tuple(r) for r in rows] == [(1, f"split-{limit}"), (2, f"split-{limit}")]
+        finally:
+            con._sock = real
+        # Had a ReadyForQuery been left in the buffer, this reply would be misread.
+        assert conn.execute(select, {"s": "after"}).all()[0] == (1, "after")
+
+
 def test_a_reply_that_cannot_be_decoded_retires_the_connection(
     app_env: dict[str, str], scratch_table: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
