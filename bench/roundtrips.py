@@ -1,7 +1,9 @@
 """Count database round trips, statements and transactions per request of create_job and process_job.
 
-Runs the real entry points in-process (Flask request contexts, the real engine on a real database)
-and counts at the wire: every pg8000 socket flush is one client->server round trip.
+Runs the real entry points in-process (Flask request contexts, the real pool on a real database)
+through a loopback relay to PostgreSQL that counts turns: each time the client speaks again after
+the server answered is one round trip. Statements are counted at common.db's Connection methods,
+transactions from the server's own statistics (pg_stat_database) of a database nothing else uses.
 
     PYTHONPATH=. .venv/bin/python -m bench.roundtrips --database-url postgresql://...
 """
@@ -9,12 +11,16 @@ and counts at the wire: every pg8000 socket flush is one client->server round tr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import runpy
+import socket
+import threading
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 
 @dataclass
@@ -25,9 +31,52 @@ class Counts:
     sql: list[str] = field(default_factory=list)
 
 
+class TurnCounter:
+    """A TCP relay that counts client turns: client bytes that follow bytes from the server."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.turns = 0
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._listener.getsockname()[1])
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            state = {"server_spoke": True}  # the first bytes of a connection open a turn
+            threading.Thread(target=self._pump, args=(client, upstream, state, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, state, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, state: dict[str, bool], client: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                with self._lock:
+                    if client and state["server_spoke"]:
+                        self.turns += 1
+                    state["server_spoke"] = not client
+                sink.sendall(data)
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+def _via(database_url: str, port: int) -> str:
+    parts = urlsplit(database_url)
+    netloc = parts.netloc.rpartition("@")
+    return urlunsplit((parts.scheme, f"{netloc[0]}{netloc[1]}127.0.0.1:{port}", parts.path, parts.query, ""))
+
+
 def measure(database_url: str, *, repeats: int = 20) -> dict[str, Any]:
+    parts = urlsplit(database_url)
+    relay = TurnCounter(parts.hostname or "127.0.0.1", parts.port or 5432)
     os.environ.update(
-        DYLEN_DATABASE_URL=database_url,
+        DYLEN_DATABASE_URL=_via(database_url, relay.port),
         DYLEN_AUTH_MODE="dev",
         DYLEN_TASK_SECRET="bench",
         DYLEN_JOBS_AUTO_PROCESS="false",
@@ -35,26 +84,17 @@ def measure(database_url: str, *, repeats: int = 20) -> dict[str, Any]:
         DYLEN_LOG_LEVEL="WARNING",
     )
     import flask
-    import pg8000.core
 
-    from common.db import get_pool
+    import common.db
 
     counts = Counts()
-    real_flush = pg8000.core._flush
-
-    def counting_flush(sock: Any) -> None:
-        counts.round_trips += 1
-        real_flush(sock)
-
-    pg8000.core._flush = counting_flush  # type: ignore[attr-defined]
-    get_pool()
-
+    execute, simple = common.db.Connection.execute, common.db.Connection.execute_simple
     in_transaction = False
 
-    def record(statement: str) -> None:
-        # The engine is in autocommit: a statement outside BEGIN..COMMIT is a transaction of its own.
+    def record(sql: str) -> None:
+        # The pool is in autocommit: a statement outside BEGIN..COMMIT is a transaction of its own.
         nonlocal in_transaction
-        keyword = statement.strip().upper()
+        keyword = sql.strip().upper()
         if keyword == "BEGIN":
             in_transaction = True
             counts.transactions += 1
@@ -62,32 +102,20 @@ def measure(database_url: str, *, repeats: int = 20) -> dict[str, Any]:
             in_transaction = False
         else:
             counts.statements += 1
-            counts.sql.append(" ".join(statement.split())[:60])
+            counts.sql.append(" ".join(sql.split())[:60])
             if not in_transaction:
                 counts.transactions += 1
 
-    # Counted at the driver: common.db runs statements on pg8000 directly, and prepared ones through
-    # its own Bind/Execute/Sync exchange (common.db._execute_prepared).
-    import common.db
+    def counting_execute(self: Any, statement: Any, params: Any = None) -> Any:
+        record(statement if isinstance(statement, str) else statement.sql)
+        return execute(self, statement, params)
 
-    core = pg8000.core.CoreConnection
-    simple, unnamed, named = core.execute_simple, core.execute_unnamed, common.db._execute_prepared
+    def counting_simple(self: Any, sql: str) -> Any:
+        record(sql)
+        return simple(self, sql)
 
-    def execute_simple(self: Any, statement: str) -> Any:
-        record(statement)
-        return simple(self, statement)
-
-    def execute_unnamed(self: Any, statement: str, *args: Any, **kwargs: Any) -> Any:
-        record(statement)
-        return unnamed(self, statement, *args, **kwargs)
-
-    def execute_prepared(con: Any, name: bytes, params: Any, columns: Any, funcs: Any, statement: str) -> Any:
-        record(statement)
-        return named(con, name, params, columns, funcs, statement)
-
-    core.execute_simple = execute_simple  # type: ignore[method-assign]
-    core.execute_unnamed = execute_unnamed  # type: ignore[method-assign]
-    common.db._execute_prepared = execute_prepared
+    common.db.Connection.execute = counting_execute  # type: ignore[method-assign]
+    common.db.Connection.execute_simple = counting_simple  # type: ignore[method-assign]
 
     create = runpy.run_path("functions/create_job/main.py")["create_job"]
     process = runpy.run_path("functions/process_job/main.py")["process_job"]
@@ -123,14 +151,15 @@ def measure(database_url: str, *, repeats: int = 20) -> dict[str, Any]:
         totals = Counts()
         for _ in range(repeats):
             job_id = create_one() if name == "process_job" else None
-            counts.round_trips = counts.statements = counts.transactions = 0
+            counts.statements = counts.transactions = 0
             counts.sql = []
+            turns = relay.turns
             if name == "create_job":
                 create_one()
             else:
                 assert job_id is not None
                 process_one(job_id)
-            totals.round_trips += counts.round_trips
+            totals.round_trips += relay.turns - turns
             totals.statements += counts.statements
             totals.transactions += counts.transactions
             last_sql = list(counts.sql)

@@ -23,9 +23,8 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -164,7 +163,7 @@ def archive_over_limit(
             first, last = block_range
             range_archived = 0
             while not walk.stop.is_set():
-                with _batch(conn):
+                with conn.transaction():  # one batch: its own transaction
                     count = store.archive_blocks(
                         conn, first_block=first, last_block=last, cutoff=cutoff, batch_size=batch_size
                     )
@@ -208,19 +207,6 @@ def archive_over_limit(
     )
     logger.info("Archive run finished", extra=report.as_result())
     return report
-
-
-@contextmanager
-def _batch(conn: Connection) -> Iterator[None]:
-    """One batch: its own transaction on the worker's connection (which is in autocommit)."""
-    conn.exec_driver_sql("BEGIN")
-    try:
-        yield
-    except BaseException:
-        with contextlib.suppress(Exception):  # a dead connection has nothing to roll back
-            conn.exec_driver_sql("ROLLBACK")
-        raise
-    conn.exec_driver_sql("COMMIT")
 
 
 def _next_step(step: int, archived: int, batch_size: int) -> int:

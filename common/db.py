@@ -4,21 +4,31 @@ statement runner, and the `connection()` / `transaction()` helpers.
 Why not SQLAlchemy's engine at run time: importing SQLAlchemy costs ~0.3 s of CPU, more than the
 whole bare functions-framework cold start, and its execution path around pg8000 costs more CPU per
 request than the statement itself (bench/RESULTS.md). The functions only ever run fixed SQL, so
-this module talks to pg8000 directly, with what the engine gave us: a bounded pool with overflow, a
-checkout wait, recycling, liveness checks, and "a lost connection replaces the pool". SQLAlchemy
-stays for the schema and migrations (common.models, migrations/, `python -m common.cli migrate`).
+this module drives pg8000 through its public connection methods (`execute_simple`,
+`execute_unnamed`, `prepare_statement`, `execute_named`) with what the engine gave us: a bounded
+pool with overflow, a checkout wait, recycling, liveness checks, and "a lost connection replaces the
+pool". SQLAlchemy stays for migrations only (`python -m common.cli migrate`).
+
+The pool's one invariant: **a connection is reused only if its last exchange ended cleanly**. Every
+exchange marks its connection unclean before the first byte goes out, and only two outcomes mark it
+clean again: the driver returned, or it raised the server's own refusal, which pg8000 raises only
+after reading the ReadyForQuery that ends the reply. Anything else (a value the driver cannot
+encode, a timeout, an interrupt, a bug of ours mid-reply) leaves a reply that may be half read, and
+the connection is closed instead of being handed to the next request. Transactions are tracked here
+(`Connection.transaction`), not read from the driver, so a connection that comes back inside one is
+rolled back or closed.
 
 Every failure to reach the database surfaces as DatabaseUnavailable (503), never a driver traceback;
-a statement the database refuses raises QueryError. Prepared statements use pg8000's connection
-internals (prepare_statement, its message handlers and buffered socket; see _execute_prepared);
-requirements.txt pins its minor version and tests/test_db.py fails loudly if an upgrade moves them.
+a statement the database refuses raises QueryError. No private name of pg8000 is used (a test reads
+this package's source to keep it so).
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import struct
+import socket
+import ssl
 import threading
 import time
 from collections import deque, namedtuple
@@ -41,6 +51,7 @@ _connector: Any = None
 # disconnect and replaces the whole pool, and a silent one hits the read timeout.
 PING_AFTER_IDLE_SECONDS = 2.0
 RECYCLE_SECONDS = 1800.0
+APPLICATION_NAME = "dylen"
 
 # SQLSTATE classes 08 (connection exception) and 57P (the server is shutting down or terminated the
 # session: restart, failover, pg_terminate_backend).
@@ -48,6 +59,9 @@ _DISCONNECT_SQLSTATES = ("57P01", "57P02", "57P03")
 # After these a prepared statement must be prepared again: 26000 it no longer exists (the session
 # was reset), 0A000 "cached plan must not change result type" (a migration altered a table).
 _STALE_STATEMENT_SQLSTATES = ("26000", "0A000")
+# statement_timeout (set on Cloud SQL connector connections, whose socket we cannot bound): the
+# server canceled a statement slower than the read timeout.
+_QUERY_CANCELED = "57014"
 _TIMESTAMPTZ_OID = 1184
 
 
@@ -75,8 +89,8 @@ def parse_url(url: str) -> Target:
     """A postgresql:// URL (the `+pg8000` driver suffix is accepted) with libpq's `sslmode`, or
     pg8000's `unix_sock` for a Unix socket (`postgresql://user@/db?unix_sock=/cloudsql/.../.s.PGSQL.5432`)."""
     parts = urlsplit(url)
-    if parts.scheme not in ("postgresql", "postgresql+pg8000", "postgres"):
-        raise ConfigError("DYLEN_DATABASE_URL must point at PostgreSQL")
+    if parts.scheme not in ("postgresql", "postgresql+pg8000"):
+        raise ConfigError("DYLEN_DATABASE_URL must be a postgresql:// URL")
     query = parse_qs(parts.query)
     modes = query.get("sslmode")
     mode = modes[-1] if modes else None
@@ -93,32 +107,6 @@ def parse_url(url: str) -> Target:
     )
 
 
-def ssl_argument(url: str) -> Any:
-    """pg8000's `ssl_context` for a URL's libpq-style `sslmode`.
-
-    pg8000's own default is "prefer": it builds a fresh default SSL context for every new connection
-    (~50 ms of CPU loading the CA store, on the cold start's path) and asks the server for TLS. With
-    no sslmode, a loopback server gets no TLS (nothing to protect on this host) and any other host
-    keeps pg8000's default; `require` and the verify modes build one context per process.
-    """
-    target = parse_url(url)
-    mode = target.sslmode
-    if mode is None:
-        return False if target.unix_sock or is_loopback_host(target.host) else None
-    if mode == "disable":
-        return False
-    if mode in ("allow", "prefer"):
-        return None
-    import ssl
-
-    context = ssl.create_default_context()
-    if mode != "verify-full":
-        context.check_hostname = False
-    if mode == "require":
-        context.verify_mode = ssl.CERT_NONE
-    return context
-
-
 def is_loopback_host(host: str | None) -> bool:
     """True for a host on this machine: localhost, 127.0.0.0/8, ::1, or a Unix socket (no host)."""
     if not host or host == "localhost":
@@ -131,7 +119,124 @@ def is_loopback_host(host: str | None) -> bool:
         return False
 
 
-def _cloud_sql_connect(settings: Settings) -> Callable[[], Any]:
+class _Handshake(threading.local):
+    """The TLS socket pg8000 wrapped last on this thread (see _TrackingContext)."""
+
+    sock: ssl.SSLSocket | None = None
+
+
+_handshake = _Handshake()
+
+
+class _TrackingContext(ssl.SSLContext):
+    """An SSLContext that remembers the socket it wraps, so the pool can set that socket's timeouts
+    (pg8000 owns the TLS socket it makes from ours and exposes no public handle on it)."""
+
+    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        wrapped = super().wrap_socket(sock, *args, **kwargs)
+        _handshake.sock = wrapped
+        return wrapped
+
+
+def ssl_argument(url: str) -> Any:
+    """pg8000's `ssl_context` for a URL's libpq-style `sslmode`: False for no TLS, else a context.
+
+    No sslmode means no TLS to a loopback server (nothing to protect on this host; pg8000's own
+    default would build a fresh context per connection, ~50 ms of CPU loading the CA store on the
+    cold start's path) and `prefer` elsewhere. `allow` and `prefer` try TLS without verifying and
+    fall back to plain text if the server refuses (see _url_connect); `require` insists on it; the
+    verify modes check the certificate (and, for verify-full, the host name).
+    """
+    target = parse_url(url)
+    mode = target.sslmode
+    if mode is None:
+        mode = "disable" if target.unix_sock or is_loopback_host(target.host) else "prefer"
+    if mode == "disable":
+        return False
+    context = _TrackingContext(ssl.PROTOCOL_TLS_CLIENT)
+    if mode in ("verify-ca", "verify-full"):
+        context.load_default_certs()
+        context.check_hostname = mode == "verify-full"
+    else:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+@dataclass
+class Opened:
+    """A new driver connection and the socket it talks over, when that socket is reachable (ours,
+    or the TLS socket made from ours): the pool sets read and ping timeouts on it. None with the
+    Cloud SQL connector, which makes its own socket; there the server's statement_timeout bounds
+    statements instead."""
+
+    con: Any
+    sock: socket.socket | None
+
+
+def _open_socket(target: Target, timeout: float) -> socket.socket:
+    if target.unix_sock:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(target.unix_sock)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    sock = socket.create_connection((target.host or "localhost", target.port), timeout)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    return sock
+
+
+def _url_connect(settings: Settings, *, read_timeout: float | None) -> Callable[[], Opened]:
+    if not settings.database_url:
+        raise ConfigError(
+            "DYLEN_DATABASE_URL (or DYLEN_CLOUD_SQL_INSTANCE) is required; "
+            "`make run` and `make test` start an embedded PostgreSQL for you"
+        )
+    target = parse_url(settings.database_url)
+    ssl_context = ssl_argument(settings.database_url)
+    fall_back = target.sslmode in (None, "allow", "prefer") and ssl_context is not False
+    connect_timeout = settings.db_connect_timeout_seconds
+
+    def attempt(context: Any) -> Opened:
+        # Our own socket: the one handle on the connection's reads that pg8000 does not hide.
+        sock = _open_socket(target, connect_timeout)
+        _handshake.sock = None
+        try:
+            con = _driver().connect(
+                user=target.user or "postgres",
+                password=target.password,
+                database=target.database,
+                host=target.host or "localhost",  # the TLS server name; the socket is already ours
+                sock=sock,
+                ssl_context=context,
+                application_name=APPLICATION_NAME,
+            )
+        except BaseException:
+            sock.close()
+            raise
+        used = _handshake.sock if context is not False else sock
+        _handshake.sock = None
+        if used is not None:
+            used.settimeout(read_timeout)
+        return Opened(con, used)
+
+    def connect() -> Opened:
+        try:
+            return attempt(ssl_context)
+        except _driver().InterfaceError as error:
+            # libpq's prefer: a server without TLS answers the SSL request with "N" (pg8000 then says
+            # "Server refuses SSL"); connect again in plain text.
+            if not fall_back or "refuses SSL" not in str(error):
+                raise
+        return attempt(False)
+
+    return connect
+
+
+def _cloud_sql_connect(settings: Settings, *, read_timeout: float | None) -> Callable[[], Opened]:
     # Imported only here: functions configured with a plain URL never load the connector.
     global _connector
     from google.cloud.sql.connector import Connector, IPTypes
@@ -140,44 +245,20 @@ def _cloud_sql_connect(settings: Settings) -> Callable[[], Any]:
         _connector = Connector(refresh_strategy="lazy", ip_type=IPTypes.PUBLIC)
         atexit.register(_connector.close)
     connector = _connector
+    kwargs: dict[str, Any] = {
+        "user": settings.db_user,
+        "db": settings.db_name,
+        "enable_iam_auth": settings.db_iam_auth,
+        "application_name": APPLICATION_NAME,
+    }
+    if not settings.db_iam_auth:
+        kwargs["password"] = settings.db_password
+    if read_timeout is not None:
+        # The connector's socket is out of reach, so the server bounds each statement instead.
+        kwargs["startup_params"] = {"statement_timeout": str(int(read_timeout * 1000))}
 
-    def connect() -> Any:
-        kwargs: dict[str, Any] = {
-            "user": settings.db_user,
-            "db": settings.db_name,
-            "enable_iam_auth": settings.db_iam_auth,
-        }
-        if not settings.db_iam_auth:
-            kwargs["password"] = settings.db_password
-        return connector.connect(settings.cloud_sql_instance, "pg8000", **kwargs)
-
-    return connect
-
-
-def _url_connect(settings: Settings) -> Callable[[], Any]:
-    if not settings.database_url:
-        raise ConfigError(
-            "DYLEN_DATABASE_URL (or DYLEN_CLOUD_SQL_INSTANCE) is required; "
-            "`make run` and `make test` start an embedded PostgreSQL for you"
-        )
-    target = parse_url(settings.database_url)
-    ssl_context = ssl_argument(settings.database_url)
-
-    where: dict[str, Any] = (
-        {"unix_sock": target.unix_sock}
-        if target.unix_sock
-        else {"host": target.host or "localhost", "port": target.port}
-    )
-
-    def connect() -> Any:
-        return _driver().connect(
-            user=target.user or "postgres",
-            password=target.password,
-            database=target.database,
-            timeout=settings.db_connect_timeout_seconds,
-            ssl_context=ssl_context,
-            **where,
-        )
+    def connect() -> Opened:
+        return Opened(connector.connect(settings.cloud_sql_instance, "pg8000", **kwargs), None)
 
     return connect
 
@@ -209,9 +290,11 @@ class Result:
         return self._rows[0]
 
     def scalar(self) -> Any:
+        """The first column of the first row, or None when there is no row."""
         return self._rows[0][0] if self._rows else None
 
-    def scalar_one(self) -> Any:
+    def value(self) -> Any:
+        """The first column of the only row (LookupError unless exactly one row came back)."""
         return self.one()[0]
 
 
@@ -220,8 +303,8 @@ class Statement:
     their context, so one whose type the context does not fix needs a CAST in the SQL.
 
     Statements of the hot path are declared with `prepare=True` at module level: prepared once per
-    pooled connection, then executed by name, one round trip. pg8000 otherwise spends three round
-    trips per statement (Parse, Describe, Bind/Execute) and the server re-plans it every time.
+    pooled connection, then executed by name in one exchange. Others are parsed on every execution
+    (three exchanges: Parse, Describe, Bind/Execute), which is fine for SQL run now and then.
     """
 
     __slots__ = ("_make_args", "_numbered", "_row_types", "prepare", "sql")
@@ -248,12 +331,7 @@ class Statement:
         row_type: Any = self._row_types.get(names)
         if row_type is None:
             row_type = self._row_types[names] = namedtuple("Row", names, rename=True)
-        return Result([row_type._make(row) for row in rows], context.row_count)
-
-
-def text(sql: str) -> Statement:
-    """SQL run now and then (operators, maintenance): parsed on each execution, nothing cached."""
-    return Statement(sql)
+        return Result([row_type(*row) for row in rows], context.row_count)
 
 
 class QueryError(Exception):
@@ -288,6 +366,40 @@ def _is_disconnect(error: BaseException) -> bool:
     return code in _DISCONNECT_SQLSTATES or code.startswith("08")
 
 
+class _Record:
+    """A pooled connection and what the pool knows of it."""
+
+    __slots__ = (
+        "clean",
+        "con",
+        "created",
+        "generation",
+        "idle_since",
+        "in_transaction",
+        "make_params",
+        "prepared",
+        "sock",
+    )
+
+    def __init__(self, opened: Opened, generation: int) -> None:
+        from pg8000.converters import make_params
+
+        self.con = opened.con
+        self.sock = opened.sock
+        self.make_params = make_params
+        self.generation = generation
+        self.created = self.idle_since = time.monotonic()
+        # False from the first byte of an exchange until its reply was read whole (the invariant).
+        self.clean = True
+        self.in_transaction = False
+        # Statement -> (name, columns, input funcs) of its prepared form on this connection.
+        self.prepared: dict[Statement, Any] = {}
+
+    @property
+    def reusable(self) -> bool:
+        return self.clean and not self.in_transaction
+
+
 class Connection:
     """One pooled connection in autocommit: each statement is its own transaction unless
     `transaction()` wrapped it in BEGIN/COMMIT. Used by one thread at a time."""
@@ -298,169 +410,99 @@ class Connection:
         self._pool = pool
         self._record = record
 
-    @property
-    def driver_connection(self) -> Any:
-        return self._record.con
-
     def execute(self, statement: Statement | str, params: dict[str, Any] | None = None) -> Result:
         if isinstance(statement, str):
             statement = Statement(statement)
-        con = self._record.con
-        try:
-            if not statement.prepare:
-                numbered, make_args = statement.compiled()
-                args = make_args(params or {})
-                context = (
-                    con.execute_unnamed(numbered, vals=args) if args else con.execute_simple(statement.sql)
-                )
-            else:
-                try:
-                    context = self._run_prepared(statement, params or {})
-                except _driver().DatabaseError as error:
-                    # Prepare it again once, unless the failure aborted an explicit transaction.
-                    if _sqlstate(error) not in _STALE_STATEMENT_SQLSTATES or con._in_transaction:
-                        raise
-                    context = self._run_prepared(statement, params or {})
-        except Exception as error:
-            translated = self._translate(error, statement.sql)
-            if translated is error:
-                raise
-            raise translated from error
+        numbered, make_args = statement.compiled()
+        args = make_args(params or {})
+        if statement.prepare:
+            # Converted before the exchange: nothing is written for a value the driver cannot take.
+            params = self._record.make_params(self._record.con.py_types, args)
+            context = self._exchange(statement.sql, self._run_prepared, statement, params)
+        elif args:
+            context = self._exchange(statement.sql, self._record.con.execute_unnamed, numbered, args)
+        else:
+            context = self._exchange(statement.sql, self._record.con.execute_simple, statement.sql)
         return statement.result(context)
 
-    def exec_driver_sql(self, sql: str) -> Result:
-        """A statement without parameters, in the simple protocol (BEGIN, COMMIT, DDL, ANALYZE)."""
+    def execute_simple(self, sql: str) -> Result:
+        """A statement without parameters, in the simple protocol (DDL, ANALYZE, several statements)."""
+        return Statement(sql).result(self._exchange(sql, self._record.con.execute_simple, sql))
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """BEGIN ... COMMIT on this connection; ROLLBACK when the block raises."""
+        record = self._record
+        if record.in_transaction:
+            raise RuntimeError("already in a transaction on this connection")
+        self.execute_simple("BEGIN")
+        record.in_transaction = True
         try:
-            context = self._record.con.execute_simple(sql)
+            yield self
+        except BaseException:
+            with contextlib.suppress(Exception):  # a dead connection has nothing to roll back
+                self.execute_simple("ROLLBACK")
+                record.in_transaction = False
+            raise
+        try:
+            self.execute_simple("COMMIT")
+        finally:
+            # A COMMIT the server answered ends the block either way (a refused one rolled back);
+            # one it did not answer left the connection unclean, and it is closed on release.
+            record.in_transaction = False
+
+    def _exchange(self, sql: str, run: Callable[..., Any], *args: Any) -> Any:
+        """One request and its whole reply, under the invariant (see the module docstring)."""
+        record = self._record
+        record.clean = False
+        try:
+            context = run(*args)
+        except _driver().DatabaseError as error:
+            # The server's refusal: pg8000 raises it only after the reply's ReadyForQuery.
+            record.clean = True
+            translated = self._translate(error, sql)
+            raise translated from error
         except Exception as error:
             translated = self._translate(error, sql)
             if translated is error:
                 raise
             raise translated from error
-        return Statement(sql).result(context)
+        record.clean = True
+        return context
 
-    def _run_prepared(self, statement: Statement, params: dict[str, Any]) -> Any:
+    def _run_prepared(self, statement: Statement, params: tuple[Any, ...]) -> Any:
         record = self._record
         con = record.con
-        cache = record.prepared
-        entry = cache.get(statement)
+        entry = record.prepared.get(statement)
         if entry is None:
-            numbered, _ = statement.compiled()
-            entry = cache[statement] = con.prepare_statement(numbered, ())
+            entry = record.prepared[statement] = con.prepare_statement(statement.compiled()[0], ())
         name, columns, input_funcs = entry
-        args = statement.compiled()[1](params)
         try:
-            return _execute_prepared(
-                con, name, record.make_params(con.py_types, args), columns, input_funcs, statement.sql
-            )
+            return con.execute_named(name, params, columns, input_funcs, statement.sql)
         except _driver().DatabaseError as error:
-            if _sqlstate(error) in _STALE_STATEMENT_SQLSTATES:
-                cache.pop(statement, None)
-            raise
-        except BaseException:
-            # Not the server's refusal (that arrives as a DatabaseError after ReadyForQuery): the
-            # reply may be half read, so this connection cannot be trusted with another statement.
-            record.dead = True
-            raise
+            if _sqlstate(error) not in _STALE_STATEMENT_SQLSTATES:
+                raise
+            del record.prepared[statement]
+            if record.in_transaction:  # the failure aborted the transaction: nothing to retry in
+                raise
+        # Prepare it again once (a migration altered a table, or the session was reset).
+        entry = record.prepared[statement] = con.prepare_statement(statement.compiled()[0], ())
+        name, columns, input_funcs = entry
+        return con.execute_named(name, params, columns, input_funcs, statement.sql)
 
     def _translate(self, error: Exception, sql: str) -> Exception:
         if _is_disconnect(error):
-            self._record.dead = True
+            self._record.clean = False
             self._pool.invalidate_all()
             return DatabaseUnavailable("The database is unreachable; retry shortly.")
         if isinstance(error, _driver().DatabaseError):
+            if _sqlstate(error) == _QUERY_CANCELED:  # statement_timeout: slow, not refused
+                return DatabaseUnavailable("The database did not answer in time; retry shortly.")
             return QueryError(error, sql)
         return error
 
 
 # --- the pool ---------------------------------------------------------------------------------------
-
-
-class _Record:
-    __slots__ = ("con", "created", "dead", "generation", "idle_since", "make_params", "prepared")
-
-    def __init__(self, con: Any, generation: int) -> None:
-        from pg8000.converters import make_params
-
-        self.con = con
-        self.make_params = make_params
-        self.generation = generation
-        self.created = self.idle_since = time.monotonic()
-        self.dead = False
-        # Statement -> (name, columns, input funcs) of its prepared form on this connection.
-        self.prepared: dict[Statement, Any] = {}
-
-
-_MESSAGE_HEADER = struct.Struct("!ci")  # type byte, length
-_pack_int32 = struct.Struct("!i").pack
-_pack_uint16 = struct.Struct("!H").pack
-
-
-def _execute_prepared(
-    con: Any, name: bytes, params: tuple[str | None, ...], columns: Any, input_funcs: Any, sql: str
-) -> Any:
-    """pg8000's execute_named, minus two costs on the hot path (bench/RESULTS.md):
-
-    - It sends Bind, Flush, Execute, Flush, Sync; each Flush makes the server write what it has so
-      far, so one statement came back in three packets, three wake-ups of this thread and three
-      sends by the server. Bind, Execute, Sync alone get the same reply in one packet.
-    - It reads each message with two buffered reads; the reply is parsed here from the buffer the
-      one receive filled, message by message, with pg8000's own handlers (errors, row decoding,
-      transaction status, notices and parameter changes behave exactly as in pg8000).
-    """
-    from pg8000 import core
-
-    context = core.Context(columns=columns, input_funcs=input_funcs, statement=sql)
-    encoding = con._client_encoding
-    parts = [b"\x00", name, b"\x00\x00", _pack_uint16(len(params))]
-    for value in params:
-        if value is None:
-            parts.append(b"\xff\xff\xff\xff")
-        else:
-            encoded = value.encode(encoding)
-            parts.append(_pack_int32(len(encoded)))
-            parts.append(encoded)
-    parts.append(b"\x00\x00")  # every result column in text format
-    bind = b"".join(parts)
-    sock = con._sock
-    if sock is None:
-        raise core.InterfaceError("connection is closed")
-    core._write(sock, b"B" + _pack_int32(len(bind) + 4) + bind + core.EXECUTE_MSG + core.SYNC_MSG)
-    core._flush(sock)
-    handlers = con.message_types
-    unpack = _MESSAGE_HEADER.unpack_from
-    ready = False  # ReadyForQuery handled: the reply is complete
-    while not ready:
-        try:
-            buffered = sock.peek(5)  # what one receive brought (blocks only when nothing is buffered)
-        except OSError as error:
-            raise core.InterfaceError("network error") from error
-        end, size = 0, len(buffered)
-        while end + 5 <= size:
-            code, length = unpack(buffered, end)
-            stop = end + 1 + length
-            if stop > size:
-                break
-            handlers[code](buffered[end + 5 : stop], context)
-            end = stop
-            if code == b"Z":
-                ready = True
-                break
-        if end:
-            sock.read(end)
-        else:  # a message split across packets: read it whole, as pg8000 does
-            code, length = _MESSAGE_HEADER.unpack(core._read(sock, 5))
-            handlers[code](core._read(sock, length - 4), context)
-            ready = code == b"Z"
-    if context.error is not None:
-        raise context.error
-    return context
-
-
-def _set_read_timeout(con: Any, seconds: float | None) -> None:
-    sock = getattr(con, "_usock", None)
-    if sock is not None:
-        sock.settimeout(seconds)
 
 
 def _timestamptz_in(data: str) -> Any:
@@ -478,16 +520,17 @@ def _timestamptz_in(data: str) -> Any:
 class Pool:
     """At most `size` idle connections kept, `size + overflow` open at once; a checkout waits up to
     `timeout` for one (then DatabaseUnavailable). A connection that failed with a disconnect is
-    closed, and so is every connection opened before it (the server restarted: they are all dead)."""
+    closed, and so is every connection opened before it (the server restarted: they are all dead).
+    A connection whose last exchange did not end cleanly is closed, never reused."""
 
     def __init__(
         self,
-        connect: Callable[[], Any],
+        connect: Callable[[], Opened],
         *,
         size: int,
         overflow: int,
         timeout: float,
-        read_timeout: float,
+        read_timeout: float | None,
         ping_timeout: float,
     ) -> None:
         self._connect = connect
@@ -501,16 +544,19 @@ class Pool:
         self._generation = 0
         self._cond = threading.Condition(threading.Lock())
 
+    @property
+    def open(self) -> int:
+        """Connections open now, idle or checked out."""
+        return self._open
+
     def invalidate_all(self) -> None:
         """Close every idle connection now and each busy one when it comes back (a lost connection
         means the others are dead too; also how the pool is disposed of)."""
         with self._cond:
             self._generation += 1
             stale, self._idle = list(self._idle), deque()
-            self._open -= len(stale)
-            self._cond.notify_all()
         for record in stale:
-            _close(record)
+            self._discard(record)
 
     def _checkout(self) -> _Record:
         deadline = time.monotonic() + self.timeout
@@ -527,7 +573,7 @@ class Pool:
                 self._cond.wait(left)
             generation = self._generation
         try:
-            con = self._connect()
+            opened = self._connect()
         except BaseException as error:
             with self._cond:
                 self._open -= 1
@@ -537,14 +583,14 @@ class Pool:
             if isinstance(error, _driver().DatabaseError):  # no such database, wrong password
                 raise QueryError(error, "(connect)") from error
             raise
+        record = _Record(opened, generation)
         try:
-            con.autocommit = True
-            _set_read_timeout(con, self.read_timeout)
-            con.register_in_adapter(_TIMESTAMPTZ_OID, _timestamptz_in)
+            opened.con.autocommit = True
+            opened.con.register_in_adapter(_TIMESTAMPTZ_OID, _timestamptz_in)
         except BaseException:
-            self._discard(_Record(con, generation))
+            self._discard(record)
             raise
-        return _Record(con, generation)
+        return record
 
     def acquire(self) -> _Record:
         # A stale connection found here is replaced; a new one is never pinged.
@@ -565,49 +611,62 @@ class Pool:
         raise DatabaseUnavailable("The database is unreachable; retry shortly.")
 
     def _ping(self, record: _Record) -> bool:
-        _set_read_timeout(record.con, self.ping_timeout)
+        sock = record.sock
         try:
+            if sock is not None:
+                sock.settimeout(self.ping_timeout)
             record.con.execute_simple("SELECT 1")
+            if sock is not None:
+                sock.settimeout(self.read_timeout)
             return True
         except Exception:
             return False
-        finally:
-            with contextlib.suppress(OSError):
-                _set_read_timeout(record.con, self.read_timeout)
 
     def release(self, record: _Record) -> None:
-        if not record.dead and record.con._in_transaction:
-            # Left inside BEGIN by an error path that could not roll back: not reusable as is.
+        if record.clean and record.in_transaction:
+            # Left inside BEGIN by an error path that could not roll back: roll back, or close.
+            connection = Connection(self, record)
             with contextlib.suppress(Exception):
-                record.con.execute_simple("ROLLBACK")
-            record.dead = record.con._in_transaction
+                connection.execute_simple("ROLLBACK")
+                record.in_transaction = False
         with self._cond:
-            keep = not record.dead and record.generation == self._generation and len(self._idle) < self.size
+            keep = record.reusable and record.generation == self._generation and len(self._idle) < self.size
             if keep:
                 record.idle_since = time.monotonic()
                 self._idle.append(record)
-            else:
-                self._open -= 1
-            self._cond.notify()
+                self._cond.notify()
         if not keep:
-            _close(record)
+            self._discard(record)
 
     def _discard(self, record: _Record) -> None:
+        # Closed before it stops counting: the pool never has more than `limit` sockets open.
+        _close(record)
         with self._cond:
             self._open -= 1
             self._cond.notify()
-        _close(record)
 
 
 def _close(record: _Record) -> None:
     with contextlib.suppress(Exception):
         record.con.close()
+    if record.sock is not None:
+        # pg8000's close() leaves the socket's file object to the garbage collector, and a traceback
+        # of a failed exchange can keep that alive: end the TCP connection itself now.
+        with contextlib.suppress(OSError):
+            record.sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            record.sock.close()
+
+
+def connect_function(settings: Settings, *, read_timeout: float | None) -> Callable[[], Opened]:
+    if settings.uses_cloud_sql:
+        return _cloud_sql_connect(settings, read_timeout=read_timeout)
+    return _url_connect(settings, read_timeout=read_timeout)
 
 
 def build_pool(settings: Settings) -> Pool:
-    connect = _cloud_sql_connect(settings) if settings.uses_cloud_sql else _url_connect(settings)
     return Pool(
-        connect,
+        connect_function(settings, read_timeout=settings.db_read_timeout_seconds),
         size=settings.db_pool_size,
         overflow=settings.db_max_overflow,
         timeout=settings.db_connect_timeout_seconds,
@@ -649,15 +708,8 @@ def connection() -> Iterator[Connection]:
 def transaction() -> Iterator[Connection]:
     """One transaction over several statements: commits on success, rolls back on error, and
     answers 503 when the database is away."""
-    with connection() as conn:
-        conn.exec_driver_sql("BEGIN")
-        try:
-            yield conn
-        except BaseException:
-            with contextlib.suppress(Exception):  # a dead connection has nothing to roll back
-                conn.exec_driver_sql("ROLLBACK")
-            raise
-        conn.exec_driver_sql("COMMIT")
+    with connection() as conn, conn.transaction():
+        yield conn
 
 
 def sqlalchemy_engine(settings: Settings | None = None) -> Any:
@@ -666,12 +718,5 @@ def sqlalchemy_engine(settings: Settings | None = None) -> Any:
     import sqlalchemy as sa
     from sqlalchemy.pool import NullPool
 
-    settings = settings or get_settings()
-    connect = _cloud_sql_connect(settings) if settings.uses_cloud_sql else _url_connect(settings)
-
-    def creator() -> Any:
-        con = connect()
-        _set_read_timeout(con, None)
-        return con
-
-    return sa.create_engine("postgresql+pg8000://", creator=creator, poolclass=NullPool)
+    connect = connect_function(settings or get_settings(), read_timeout=None)
+    return sa.create_engine("postgresql+pg8000://", creator=lambda: connect().con, poolclass=NullPool)

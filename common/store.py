@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from common.db import Connection, Statement, text
+from common.db import Connection, Statement
 
 JOB_COLUMNS = (
     "id, user_id, job_kind, status, idempotency_key, request_json, result_json, error_json, "
@@ -294,7 +294,7 @@ def fail_job(
 def expire_exhausted_job(conn: Connection, job_id: uuid.UUID, *, error: dict[str, Any]) -> bool:
     """A `running` job whose lease expired with no attempts left becomes `error`."""
     updated = conn.execute(
-        text(
+        Statement(
             "UPDATE jobs SET status = 'error', error_json = CAST(:error AS jsonb), "
             "lease_expires_at = NULL, completed_at = now(), updated_at = now() "
             "WHERE id = :id AND attempts >= max_attempts AND "
@@ -311,7 +311,7 @@ def expire_exhausted_job(conn: Connection, job_id: uuid.UUID, *, error: dict[str
 # (SKIP LOCKED), and `dispatched_at` moves forward in the same UPDATE, so a concurrent rescuer no
 # longer sees them as stale and never dispatches them twice. Running jobs whose lease expired go back
 # to `queued` (or `error` when out of attempts); a stale attempt's finish then fails its guard.
-_RESCUE = text(
+_RESCUE = Statement(
     f"""
     WITH picked AS (
         SELECT id, dispatched_at AS previous_dispatched_at FROM jobs
@@ -365,7 +365,7 @@ def restore_dispatch_stamp(
     """After a failed dispatch: put `dispatched_at` back so the next rescue run sees the job as stale
     at once (unless something touched the job meanwhile)."""
     updated = conn.execute(
-        text(
+        Statement(
             "UPDATE jobs SET dispatched_at = :previous "
             "WHERE id = :id AND status = 'queued' AND dispatched_at IS NOT DISTINCT FROM :ours"
         ),
@@ -381,7 +381,7 @@ LESSON_COLUMNS = "id, user_id, job_id, topic, title, content, created_at, archiv
 
 def get_lesson(conn: Connection, lesson_id: uuid.UUID) -> Any:
     return conn.execute(
-        text(f"SELECT {LESSON_COLUMNS} FROM lessons WHERE id = :id"), {"id": lesson_id}
+        Statement(f"SELECT {LESSON_COLUMNS} FROM lessons WHERE id = :id"), {"id": lesson_id}
     ).first()
 
 
@@ -400,7 +400,7 @@ def list_visible_lessons(
         params.update(after_created=after[0], after_id=after[1])
     return list(
         conn.execute(
-            text(
+            Statement(
                 "SELECT id, job_id, topic, title, created_at FROM lessons "
                 f"WHERE user_id = :user_id AND archived_at IS NULL {keyset} "
                 "ORDER BY created_at DESC, id DESC LIMIT :limit"
@@ -454,7 +454,7 @@ def list_jobs(conn: Connection, job_filter: JobFilter, *, limit: int | None) -> 
         limit_sql = "LIMIT :limit"
         params["limit"] = limit
     rows = conn.execute(
-        text(f"SELECT {JOB_COLUMNS} FROM jobs WHERE {where} ORDER BY created_at DESC, id DESC {limit_sql}"),
+        Statement(f"SELECT {JOB_COLUMNS} FROM jobs WHERE {where} ORDER BY created_at DESC, id DESC {limit_sql}"),
         params,
     )
     return [Job.from_row(row) for row in rows]
@@ -462,7 +462,7 @@ def list_jobs(conn: Connection, job_filter: JobFilter, *, limit: int | None) -> 
 
 def job_kind_exists(conn: Connection, kind: str) -> bool:
     return bool(
-        conn.execute(text("SELECT EXISTS (SELECT 1 FROM jobs WHERE job_kind = :k)"), {"k": kind}).scalar()
+        conn.execute(Statement("SELECT EXISTS (SELECT 1 FROM jobs WHERE job_kind = :k)"), {"k": kind}).scalar()
     )
 
 
@@ -473,7 +473,7 @@ def cancel_job(conn: Connection, job_id: uuid.UUID, *, owner: str | None) -> Job
     attempt number, so it becomes a no-op and its lesson insert rolls back.
     """
     row = conn.execute(
-        text(
+        Statement(
             "UPDATE jobs SET status = 'canceled', lease_expires_at = NULL, completed_at = now(), "
             "updated_at = now() "
             "WHERE id = :id AND status IN ('queued', 'running') "
@@ -495,7 +495,7 @@ def requeue_jobs(conn: Connection, job_ids: list[uuid.UUID], *, extra_attempts: 
     cleared. A job with a lesson is never requeued (cannot happen for error/canceled; a last guard).
     """
     rows = conn.execute(
-        text(
+        Statement(
             "UPDATE jobs SET status = 'queued', max_attempts = attempts + :extra, "
             "lease_expires_at = NULL, result_json = NULL, started_at = NULL, completed_at = NULL, "
             "dispatched_at = now(), updated_at = now() "
@@ -511,7 +511,7 @@ def requeue_jobs(conn: Connection, job_ids: list[uuid.UUID], *, extra_attempts: 
 def has_lesson(conn: Connection, job_id: uuid.UUID) -> bool:
     return bool(
         conn.execute(
-            text("SELECT EXISTS (SELECT 1 FROM lessons WHERE job_id = :id)"), {"id": job_id}
+            Statement("SELECT EXISTS (SELECT 1 FROM lessons WHERE job_id = :id)"), {"id": job_id}
         ).scalar()
     )
 
@@ -520,7 +520,7 @@ def job_counts(conn: Connection) -> list[Any]:
     """(job_kind, status, n) for every kind and status present."""
     return list(
         conn.execute(
-            text("SELECT job_kind, status, count(*) AS n FROM jobs GROUP BY job_kind, status ORDER BY 1, 2")
+            Statement("SELECT job_kind, status, count(*) AS n FROM jobs GROUP BY job_kind, status ORDER BY 1, 2")
         )
     )
 
@@ -528,7 +528,7 @@ def job_counts(conn: Connection) -> list[Any]:
 def oldest_queued(conn: Connection) -> Any:
     """The queued job waiting longest since it was (re)dispatched: (id, job_kind, age_seconds), or None."""
     return conn.execute(
-        text(
+        Statement(
             "SELECT id, job_kind, EXTRACT(EPOCH FROM now() - coalesce(dispatched_at, created_at)) "
             "AS age_seconds FROM jobs WHERE status = 'queued' "
             "ORDER BY dispatched_at NULLS FIRST, id LIMIT 1"
@@ -539,7 +539,7 @@ def oldest_queued(conn: Connection) -> Any:
 def finished_counts(conn: Connection, *, within_seconds: float) -> Any:
     """(done, error) among jobs that finished within the window; canceled jobs are not outcomes."""
     return conn.execute(
-        text(
+        Statement(
             "SELECT count(*) FILTER (WHERE status = 'done') AS done, "
             "count(*) FILTER (WHERE status = 'error') AS error FROM jobs "
             "WHERE status IN ('done', 'error') AND completed_at >= now() - make_interval(secs => CAST(:w AS float8))"
@@ -603,15 +603,15 @@ class TierLimits:
 
 
 def database_now(conn: Connection) -> datetime:
-    return conn.execute(text("SELECT clock_timestamp()")).scalar_one()
+    return conn.execute(Statement("SELECT clock_timestamp()")).value()
 
 
 def lesson_blocks(conn: Connection) -> int:
     """How many heap blocks lessons has now: the end of the archiver's walk."""
     return int(
         conn.execute(
-            text("SELECT pg_relation_size('lessons') / current_setting('block_size')::integer")
-        ).scalar_one()
+            Statement("SELECT pg_relation_size('lessons') / current_setting('block_size')::integer")
+        ).value()
     )
 
 
@@ -623,11 +623,11 @@ def lesson_blocks(conn: Connection) -> int:
 # The boundaries stay right for the whole run: archiving only removes lessons older than a boundary,
 # and lessons created after the cutoff do not count. A crashed run loses the table with its
 # connection; the retry computes it again from the lessons still visible.
-_CREATE_BOUNDARIES = text(
+_CREATE_BOUNDARIES = Statement(
     "CREATE TEMPORARY TABLE archive_boundaries "
     "(user_id text PRIMARY KEY, created_at timestamptz NOT NULL, id uuid NOT NULL)"
 )
-_FILL_BOUNDARIES = text(
+_FILL_BOUNDARIES = Statement(
     f"""
     WITH {_LIMITS_CTE}
     INSERT INTO archive_boundaries (user_id, created_at, id)
@@ -640,18 +640,18 @@ def create_boundaries(conn: Connection, *, limits: TierLimits, cutoff: datetime)
     """Fill this connection's `archive_boundaries`; returns how many users are over their limit."""
     conn.execute(_CREATE_BOUNDARIES)
     users = int(conn.execute(_FILL_BOUNDARIES, {**limits.params(), "cutoff": cutoff}).rowcount)
-    conn.exec_driver_sql("ANALYZE archive_boundaries")  # temporary tables get no autovacuum
+    conn.execute_simple("ANALYZE archive_boundaries")  # temporary tables get no autovacuum
     return users
 
 
 def drop_boundaries(conn: Connection) -> None:
-    conn.exec_driver_sql("DROP TABLE IF EXISTS archive_boundaries")
+    conn.execute_simple("DROP TABLE IF EXISTS archive_boundaries")
 
 
 # The block range is a TID range scan (PostgreSQL 14+), hash-joined to the boundaries;
 # ctid = ANY(ARRAY(...)) is a TID scan, so the batch rewrites exactly the rows it found, on the pages
 # it just read, with no index lookups.
-_ARCHIVE_BLOCKS = text(
+_ARCHIVE_BLOCKS = Statement(
     """
     UPDATE lessons SET archived_at = now()
      WHERE ctid = ANY(ARRAY(
@@ -698,7 +698,7 @@ class TierPreview:
     lessons: int
 
 
-_PREVIEW_ARCHIVE = text(
+_PREVIEW_ARCHIVE = Statement(
     f"""
     WITH {_LIMITS_CTE},
     boundaries AS ({_boundaries("true")})
@@ -721,7 +721,7 @@ def preview_archive(conn: Connection, *, limits: TierLimits, cutoff: datetime) -
 
 def unknown_tiers(conn: Connection, known: list[str]) -> list[str]:
     rows = conn.execute(
-        text("SELECT DISTINCT tier FROM users WHERE NOT (tier = ANY(CAST(:known AS text[]))) ORDER BY tier"),
+        Statement("SELECT DISTINCT tier FROM users WHERE NOT (tier = ANY(CAST(:known AS text[]))) ORDER BY tier"),
         {"known": known},
     )
     return [row.tier for row in rows]
@@ -730,6 +730,6 @@ def unknown_tiers(conn: Connection, known: list[str]) -> list[str]:
 def set_user_tier(conn: Connection, *, user_id: str, tier: str) -> bool:
     """False when there is no such user (tiers are set on existing users only)."""
     updated = conn.execute(
-        text("UPDATE users SET tier = :tier WHERE id = :id"), {"id": user_id, "tier": tier}
+        Statement("UPDATE users SET tier = :tier WHERE id = :id"), {"id": user_id, "tier": tier}
     )
     return updated.rowcount == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -9,6 +10,7 @@ import pytest
 import sqlalchemy as sa
 
 from common import db as common_db
+from common.config import reset_settings
 from common.errors import ConfigError
 
 
@@ -70,187 +72,43 @@ def scratch_table(db: sa.Engine) -> Iterator[str]:
         conn.execute(sa.text(f"DROP TABLE {name}"))
 
 
-class FlushCounter:
-    """Counts pg8000's socket flushes: one per round trip to the server."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        import pg8000.core
-
-        self.count = 0
-        real = pg8000.core._flush
-
-        def counting(sock: object) -> None:
-            self.count += 1
-            real(sock)
-
-        monkeypatch.setattr(pg8000.core, "_flush", counting)
-
-    def during(self, action: Callable[[], object]) -> int:
-        before = self.count
-        action()
-        return self.count - before
+def prepared_here(conn: common_db.Connection, statement: common_db.Statement) -> int:
+    """How many times the server holds `statement` prepared for this session."""
+    return int(
+        conn.execute(
+            "SELECT count(*) FROM pg_prepared_statements WHERE statement = :sql",
+            {"sql": statement.compiled()[0]},
+        ).value()
+    )
 
 
-def test_a_prepared_statement_costs_one_round_trip_once_prepared_on_its_connection(
-    app_env: dict[str, str], scratch_table: str, monkeypatch: pytest.MonkeyPatch
+def test_a_prepared_statement_is_prepared_once_per_connection_and_then_run_by_name(
+    app_env: dict[str, str], scratch_table: str
 ) -> None:
-    flushes = FlushCounter(monkeypatch)
     select = common_db.Statement(f"SELECT a, a * 10 AS ten FROM {scratch_table} WHERE a = :a", prepare=True)
-    plain = common_db.text(f"SELECT a FROM {scratch_table} WHERE a = :a")
+    plain = common_db.Statement(f"SELECT a FROM {scratch_table} WHERE a = :a")
     with common_db.connection() as conn:
-        first = flushes.during(lambda: conn.execute(select, {"a": 1}))
-        again = flushes.during(lambda: conn.execute(select, {"a": 2}))
-        unprepared = flushes.during(lambda: conn.execute(plain, {"a": 2}))
+        assert prepared_here(conn, select) == 0
+        for a in (1, 2, 1):
+            conn.execute(select, {"a": a})
         row = conn.execute(select, {"a": 2}).one()
         assert (row.a, row.ten) == (2, 20)
         assert conn.execute(select, {"a": 3}).first() is None
-        assert conn.execute(plain, {"a": 1}).scalar_one() == 1
-    assert (first, again, unprepared) == (2, 1, 3)
+        assert conn.execute(plain, {"a": 1}).value() == 1
+        assert prepared_here(conn, select) == 1
+        assert prepared_here(conn, plain) == 0  # run unnamed, nothing left on the server
 
 
-def test_a_prepared_statement_survives_a_table_change_and_a_session_reset(
-    app_env: dict[str, str], scratch_table: str
-) -> None:
-    select = common_db.Statement(f"SELECT * FROM {scratch_table} WHERE a = :a", prepare=True)
-    with common_db.connection() as conn:
-        assert tuple(conn.execute(select, {"a": 1}).one()) == (1,)
-        # A migration changes the row type: PostgreSQL refuses the cached plan (0A000).
-        conn.exec_driver_sql(f"ALTER TABLE {scratch_table} ADD COLUMN b int DEFAULT 7")
-        assert tuple(conn.execute(select, {"a": 1}).one()) == (1, 7)
-        # A pooler or an operator resets the session: the statement no longer exists (26000).
-        conn.exec_driver_sql("DEALLOCATE ALL")
-        assert tuple(conn.execute(select, {"a": 2}).one()) == (2, 7)
-
-
-def test_a_stale_prepared_statement_inside_a_transaction_fails_that_transaction_only(
-    app_env: dict[str, str], scratch_table: str
-) -> None:
-    select = common_db.Statement(f"SELECT * FROM {scratch_table} WHERE a = :a", prepare=True)
-    with common_db.connection() as conn:
-        conn.execute(select, {"a": 1}).one()
-        conn.exec_driver_sql(f"ALTER TABLE {scratch_table} ADD COLUMN b int DEFAULT 7")
-    # The pool hands back the same connection (nothing else runs in this process).
-    with pytest.raises(common_db.QueryError) as refused, common_db.transaction() as conn:
-        conn.execute(select, {"a": 1}).one()
-    assert refused.value.sqlstate == "0A000"
-    with common_db.connection() as conn:
-        assert tuple(conn.execute(select, {"a": 1}).one()) == (1, 7)
-
-
-def test_a_refused_statement_is_a_query_error_and_the_connection_stays_usable(
-    app_env: dict[str, str], scratch_table: str
-) -> None:
-    insert = common_db.Statement(f"INSERT INTO {scratch_table} (a) VALUES (:a)", prepare=True)
-    with common_db.connection() as conn:
-        assert conn.execute(insert, {"a": 3}).rowcount == 1
-        with pytest.raises(common_db.QueryError) as duplicate:
-            conn.execute(insert, {"a": 3})
-        assert duplicate.value.unique_violation
-        with pytest.raises(common_db.QueryError, match="nope"):
-            conn.execute(f"SELECT nope FROM {scratch_table} WHERE a = :a", {"a": 1})
-        assert conn.execute(f"SELECT count(*) FROM {scratch_table} WHERE a > :a", {"a": 0}).scalar() == 3
-
-
-class _RecordingSocket:
-    """pg8000's buffered socket, with what the client writes kept for the test."""
-
-    def __init__(self, inner: object) -> None:
-        self.inner = inner
-        self.written = bytearray()
-
-    def write(self, data: bytes) -> int:
-        self.written += data
-        return self.inner.write(data)  # type: ignore[attr-defined,no-any-return]
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.inner, name)
-
-
-def _message_types(wire: bytes) -> list[str]:
-    types, at = [], 0
-    while at < len(wire):
-        types.append(chr(wire[at]))
-        at += 1 + int.from_bytes(wire[at + 1 : at + 5], "big")
-    return types
-
-
-def test_a_prepared_statement_asks_for_one_reply_and_reads_any_size_of_it(
-    app_env: dict[str, str], scratch_table: str
-) -> None:
-    small = common_db.Statement(
-        f"SELECT a, CAST(:s AS text) AS s FROM {scratch_table} WHERE a = :a", prepare=True
-    )
+def test_replies_of_any_size_arrive_whole(app_env: dict[str, str]) -> None:
     rows = common_db.Statement(
         "SELECT g, repeat('x', :width) AS pad FROM generate_series(1, :n) AS g", prepare=True
     )
     with common_db.connection() as conn:
-        conn.execute(small, {"a": 1, "s": None})  # prepared now; the next executions are what we check
-        record = conn._record
-        socket = record.con._sock = _RecordingSocket(record.con._sock)
-        # Given a prepared statement, when it runs, then the client sends Bind, Execute, Sync and no
-        # Flush: the server answers once, in one packet, instead of after every message.
-        assert tuple(conn.execute(small, {"a": 2, "s": "é"}).one()) == (2, "é")
-        assert _message_types(bytes(socket.written)) == ["B", "E", "S"]
-        # Replies larger than the read buffer, one huge row and many small ones, arrive whole.
         big = conn.execute(rows, {"width": 200_000, "n": 3}).all()
         assert [(r.g, len(r.pad)) for r in big] == [(1, 200_000), (2, 200_000), (3, 200_000)]
         many = conn.execute(rows, {"width": 3, "n": 20_000}).all()
         assert len(many) == 20_000 and many[-1] == (20_000, "xxx")
-        assert conn.execute(small, {"a": 1, "s": None}).one() == (1, None)
-        record.con._sock = socket.inner
-    assert not record.dead
-
-
-class _SmallPackets(_RecordingSocket):
-    """Lets the reader see at most `limit` bytes at a time, as if every packet were that small."""
-
-    def __init__(self, inner: object, limit: int) -> None:
-        super().__init__(inner)
-        self.limit = limit
-
-    def peek(self, size: int = 0) -> bytes:
-        return self.inner.peek(size)[: self.limit]  # type: ignore[attr-defined,no-any-return]
-
-
-def test_a_reply_split_at_any_byte_is_read_whole_and_nothing_of_it_is_left_behind(
-    app_env: dict[str, str], scratch_table: str
-) -> None:
-    select = common_db.Statement(
-        f"SELECT a, CAST(:s AS text) AS s FROM {scratch_table} ORDER BY a", prepare=True
-    )
-    with common_db.connection() as conn:
-        conn.execute(select, {"s": "x"})
-        con = conn._record.con
-        real = con._sock
-        try:
-            for limit in range(1, 64):
-                con._sock = _SmallPackets(real, limit)
-                rows = conn.execute(select, {"s": f"split-{limit}"}).all()
-                assert [tuple(r) for r in rows] == [(1, f"split-{limit}"), (2, f"split-{limit}")]
-        finally:
-            con._sock = real
-        # Had a ReadyForQuery been left in the buffer, this reply would be misread.
-        assert conn.execute(select, {"s": "after"}).all()[0] == (1, "after")
-
-
-def test_a_reply_that_cannot_be_decoded_retires_the_connection(
-    app_env: dict[str, str], scratch_table: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    select = common_db.Statement(f"SELECT a FROM {scratch_table} WHERE a = :a", prepare=True)
-    with common_db.connection() as conn:
-        conn.execute(select, {"a": 1})
-        funcs = conn._record.prepared[select][2]
-        real = funcs[0]
-        funcs[0] = lambda text: 1 / 0  # a value this process cannot decode, mid-reply
-        with pytest.raises(ZeroDivisionError):
-            conn.execute(select, {"a": 1})
-        funcs[0] = real
-        retired = conn._record
-    # The rest of that reply is still unread: the pool closes the connection instead of reusing it.
-    assert retired.dead
-    with common_db.connection() as conn:
-        assert conn._record is not retired
-        assert conn.execute(select, {"a": 2}).scalar_one() == 2
+        assert conn.execute(rows, {"width": 1, "n": 1}).one() == (1, "x")
 
 
 def test_a_lost_connection_is_database_unavailable_and_the_pool_recovers(
@@ -301,18 +159,23 @@ def test_the_pool_never_opens_more_than_size_plus_overflow_and_a_waiter_gets_503
     # The overflow connection was closed on return; the one kept serves the next checkout.
     with common_db.connection() as again:
         assert again.execute("SELECT pg_backend_pid()").scalar() in pids
-    assert common_db.get_pool()._open == 1
+    assert common_db.get_pool().open == 1
 
 
-def test_reads_are_bounded_except_on_the_migrations_engine(app_env: dict[str, str]) -> None:
-    with common_db.connection() as conn:
-        sock = conn.driver_connection._usock
-        assert sock.gettimeout() == 30.0  # DYLEN_DB_READ_TIMEOUT_SECONDS's default
+def test_reads_are_bounded_except_on_the_migrations_engine(
+    app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from common.errors import DatabaseUnavailable
+
+    monkeypatch.setenv("DYLEN_DB_READ_TIMEOUT_SECONDS", "0.3")
+    common_db.dispose_pool()
+    slow = "SELECT pg_sleep(0.8) IS NULL AS slept"
+    with pytest.raises(DatabaseUnavailable), common_db.connection() as conn:
+        conn.execute_simple(slow)
     engine = common_db.sqlalchemy_engine()  # a migration may rightly rebuild an index for long
     try:
         with engine.connect() as migrating:
-            assert migrating.connection.dbapi_connection._usock.gettimeout() is None  # type: ignore[union-attr]
-            assert migrating.exec_driver_sql("SELECT 1").scalar() == 1
+            assert migrating.exec_driver_sql(slow).scalar() is not None
     finally:
         engine.dispose()
 
@@ -335,18 +198,24 @@ def test_a_statement_slower_than_the_read_timeout_is_database_unavailable(
 
 
 @pytest.mark.parametrize(
-    ("url", "expected"),
+    ("url", "tls"),
     [
         ("postgresql://u@127.0.0.1/db", False),  # loopback: no TLS, no per-connection SSL context
         ("postgresql://u@localhost:5433/db", False),
         ("postgresql://u@[::1]/db", False),
-        ("postgresql://u@10.1.2.3/db", None),  # elsewhere: pg8000's own "prefer"
+        ("postgresql://u@10.1.2.3/db", True),  # elsewhere: libpq's "prefer"
         ("postgresql://u@db.internal/db?sslmode=disable", False),
-        ("postgresql://u@127.0.0.1/db?sslmode=prefer", None),
+        ("postgresql://u@127.0.0.1/db?sslmode=prefer", True),
     ],
 )
-def test_sslmode_maps_to_pg8000s_ssl_context(url: str, expected: object) -> None:
-    assert common_db.ssl_argument(url) is expected
+def test_sslmode_maps_to_a_tls_context_or_none(url: str, tls: bool) -> None:
+    import ssl
+
+    context = common_db.ssl_argument(url)
+    if not tls:
+        assert context is False
+    else:
+        assert isinstance(context, ssl.SSLContext) and context.verify_mode == ssl.CERT_NONE
 
 
 def test_sslmode_require_and_verify_full_build_one_context() -> None:
@@ -369,7 +238,7 @@ def test_a_url_with_sslmode_disable_connects(database_url: str, monkeypatch: pyt
     common_db.dispose_pool()
     try:
         with common_db.connection() as conn:
-            assert conn.exec_driver_sql("SELECT 1").scalar() == 1
+            assert conn.execute_simple("SELECT 1").scalar() == 1
             assert conn.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").scalar() is False
     finally:
         common_db.dispose_pool()
@@ -391,3 +260,31 @@ def test_urls_parse_like_libpq_and_pg8000() -> None:
     assert common_db.ssl_argument(socket_url) is False  # a local socket needs no TLS
     with pytest.raises(ConfigError):
         common_db.parse_url("mysql://app@db/dylen")
+
+
+def test_sslmode_prefer_falls_back_to_plain_text_and_require_refuses_it(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from common.errors import DatabaseUnavailable
+
+    with common_db_env(database_url + "?sslmode=prefer", monkeypatch):
+        with common_db.connection() as conn:  # the test server has no TLS: it answers the SSL request "N"
+            assert conn.execute_simple("SELECT 1").scalar() == 1
+    with common_db_env(database_url + "?sslmode=require", monkeypatch):
+        with pytest.raises(DatabaseUnavailable), common_db.connection():
+            pass
+
+
+@contextlib.contextmanager
+def common_db_env(url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    from tests.support import base_env
+
+    for key, value in base_env(url).items():
+        if key.startswith("DYLEN_"):
+            monkeypatch.setenv(key, value)
+    reset_settings()
+    common_db.dispose_pool()
+    try:
+        yield
+    finally:
+        common_db.dispose_pool()
