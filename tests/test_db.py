@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
@@ -267,12 +267,15 @@ def test_sslmode_prefer_falls_back_to_plain_text_and_require_refuses_it(
 ) -> None:
     from common.errors import DatabaseUnavailable
 
-    with common_db_env(database_url + "?sslmode=prefer", monkeypatch):
-        with common_db.connection() as conn:  # the test server has no TLS: it answers the SSL request "N"
-            assert conn.execute_simple("SELECT 1").scalar() == 1
-    with common_db_env(database_url + "?sslmode=require", monkeypatch):
-        with pytest.raises(DatabaseUnavailable), common_db.connection():
-            pass
+    # The test server has no TLS: it answers the SSL request "N".
+    with common_db_env(database_url + "?sslmode=prefer", monkeypatch), common_db.connection() as conn:
+        assert conn.execute_simple("SELECT 1").scalar() == 1
+    with (
+        common_db_env(database_url + "?sslmode=require", monkeypatch),
+        pytest.raises(DatabaseUnavailable),
+        common_db.connection(),
+    ):
+        pass
 
 
 @contextlib.contextmanager

@@ -10,7 +10,6 @@ included, without a list of names to avoid.
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 
 from tests.support import ROOT
 
@@ -36,11 +35,16 @@ def private_uses(source: str) -> list[str]:
             found += [
                 f"{node.lineno}: import {a.name}" for a in node.names if any(map(_private, a.name.split(".")))
             ]
-        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ACCESSORS:
-            if len(node.args) > 1 and isinstance(node.args[1], ast.Constant):
-                name = node.args[1].value
-                if isinstance(name, str) and _private(name):
-                    found.append(f"{node.lineno}: {ast.unparse(node)}")
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in ACCESSORS
+            and len(node.args) > 1
+            and isinstance(node.args[1], ast.Constant)
+            and isinstance(node.args[1].value, str)
+            and _private(node.args[1].value)
+        ):
+            found.append(f"{node.lineno}: {ast.unparse(node)}")
     return found
 
 
