@@ -28,7 +28,7 @@ _scrub(os.environ)
 @pytest.fixture(autouse=True)
 def _isolated_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     """In-process tests see settings built from the scrubbed environment plus their own changes."""
-    from common.config import reset_settings
+    from common.platform.config import reset_settings
 
     reset_settings()
     yield

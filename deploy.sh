@@ -125,7 +125,7 @@ is_int "$MAX_DOUBLINGS" || die "DYLEN_QUEUE_MAX_DOUBLINGS must be an integer, go
 [[ "$MIN_BACKOFF" =~ ^[0-9.]+s$ ]] || die "DYLEN_QUEUE_MIN_BACKOFF must look like 10s, got '$MIN_BACKOFF'"
 [[ "$MAX_BACKOFF" =~ ^[0-9.]+s$ ]] || die "DYLEN_QUEUE_MAX_BACKOFF must look like 300s, got '$MAX_BACKOFF'"
 
-# Cloud Tasks accepts HTTP dispatch deadlines of 15 s to 30 min (common/dispatch_gcp.py clamps the
+# Cloud Tasks accepts HTTP dispatch deadlines of 15 s to 30 min (common/jobs/dispatch/cloud_tasks.py clamps the
 # same way); process_job's request timeout matches it, so neither side cuts the other off.
 DEADLINE=$((JOB_TIMEOUT < 15 ? 15 : (JOB_TIMEOUT > 1800 ? 1800 : JOB_TIMEOUT)))
 

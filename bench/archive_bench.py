@@ -124,7 +124,7 @@ def _peak_rss_mb() -> float:
 
 def run_batched(url: str, workers: int) -> dict[str, Any]:
     os.environ.update(DYLEN_DATABASE_URL=url, DYLEN_ENV_FILE=os.devnull, DYLEN_AUTH_MODE="dev")
-    from common import archive
+    from common.lessons.archive import algorithm as archive
 
     started = time.perf_counter()
     report = archive.archive_over_limit(LIMITS, workers=workers)
@@ -348,7 +348,7 @@ How it got here (same data shape, 1,000,000 lessons, same shared 2-vCPU machine,
 
 def render(r: dict[str, Any]) -> str:
     b, p, n, s = r["batched"], r["parallel"], r["naive"], r["shape"]
-    from common.archive import DEFAULT_WORKERS
+    from common.lessons.archive.algorithm import DEFAULT_WORKERS
 
     ok = lambda good: "yes" if good else "**no**"  # noqa: E731
     default = lambda workers: " (default)" if workers == DEFAULT_WORKERS else ""  # noqa: E731

@@ -1,5 +1,5 @@
 """How long one full cyclic-GC collection stops a warm function process (it holds the GIL, so every
-request in flight waits), with the import-time objects frozen as common.http.cold_start leaves them,
+request in flight waits), with the import-time objects frozen as common.platform.http.cold_start leaves them,
 and unfrozen. No database needed: the imports are what the collector would walk.
 
     PYTHONPATH=. .venv/bin/python -m bench.gc_pause [function]

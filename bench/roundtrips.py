@@ -2,7 +2,7 @@
 
 Runs the real entry points in-process (Flask request contexts, the real pool on a real database)
 through a loopback relay to PostgreSQL that counts turns: each time the client speaks again after
-the server answered is one round trip. Statements are counted at common.db's Connection methods,
+the server answered is one round trip. Statements are counted at common.platform.db's Connection methods,
 transactions from the server's own statistics (pg_stat_database) of a database nothing else uses.
 
     PYTHONPATH=. .venv/bin/python -m bench.roundtrips --database-url postgresql://...
@@ -85,10 +85,10 @@ def measure(database_url: str, *, repeats: int = 20) -> dict[str, Any]:
     )
     import flask
 
-    import common.db
+    import common.platform.db
 
     counts = Counts()
-    execute, simple = common.db.Connection.execute, common.db.Connection.execute_simple
+    execute, simple = common.platform.db.Connection.execute, common.platform.db.Connection.execute_simple
     in_transaction = False
 
     def record(sql: str) -> None:
@@ -114,8 +114,8 @@ def measure(database_url: str, *, repeats: int = 20) -> dict[str, Any]:
         record(sql)
         return simple(self, sql)
 
-    common.db.Connection.execute = counting_execute  # type: ignore[method-assign]
-    common.db.Connection.execute_simple = counting_simple  # type: ignore[method-assign]
+    common.platform.db.Connection.execute = counting_execute  # type: ignore[method-assign]
+    common.platform.db.Connection.execute_simple = counting_simple  # type: ignore[method-assign]
 
     create = runpy.run_path("functions/create_job/main.py")["create_job"]
     process = runpy.run_path("functions/process_job/main.py")["process_job"]

@@ -1,1 +1,2 @@
-"""Shared package of the dylen-jobs functions: config, db, dispatch, processing, auth, HTTP."""
+"""Shared code of the dylen-jobs functions, in three layers that import one way:
+platform <- jobs <- lessons (and the functions and the CLI on top)."""

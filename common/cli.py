@@ -1,49 +1,37 @@
 """Operator commands: `python -m common.cli migrate`, `jobs list|show|retry|cancel|stats` (logic in
-common.ops), `users set-tier` and `archive [--dry-run]` (logic in common.archive).
+common.jobs.ops), `users set-tier` and `archive [--dry-run]` (logic in common.lessons.archive).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
-from common.errors import DylenError
-
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+from common.jobs import ops, queries
+from common.jobs.ops import STATUSES
+from common.lessons.archive import algorithm as archive
+from common.platform.config import get_settings
+from common.platform.db import transaction
+from common.platform.errors import DylenError, ValidationFailed
+from common.platform.log import logger
 
 
 def migrate(revision: str = "head") -> None:
-    from alembic import command
-    from alembic.config import Config
+    # Lazily: the migrations module loads SQLAlchemy and Alembic, which no other command needs.
+    from common.platform.db.migrate import migrate as upgrade
 
-    from common.db import sqlalchemy_engine
-
-    if not MIGRATIONS_DIR.is_dir():
-        raise DylenError(f"migrations/ not found at {MIGRATIONS_DIR}; run from a repository checkout")
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    # One real transaction (transactional DDL), on an engine of its own without a read timeout.
-    engine = sqlalchemy_engine()
-    try:
-        with engine.begin() as conn:
-            config.attributes["connection"] = conn
-            command.upgrade(config, revision)
-    finally:
-        engine.dispose()
+    upgrade(revision)
 
 
 # --- users and archive (lesson history limits) ----------------------------------------------------
 
 
 def set_tier(args: argparse.Namespace) -> int:
-    from common import store
-    from common.config import get_settings
-    from common.db import transaction
 
     tiers = get_settings().tier_history_limits
     if args.tier not in tiers:
@@ -53,7 +41,7 @@ def set_tier(args: argparse.Namespace) -> int:
         )
         return 2
     with transaction() as conn:
-        found = store.set_user_tier(conn, user_id=args.uid, tier=args.tier)
+        found = queries.set_user_tier(conn, user_id=args.uid, tier=args.tier)
     if not found:
         print(f"error: no user {args.uid!r} (users appear on their first request)", file=sys.stderr)
         return 1
@@ -62,8 +50,6 @@ def set_tier(args: argparse.Namespace) -> int:
 
 
 def archive_lessons(args: argparse.Namespace) -> int:
-    from common import archive
-    from common.config import get_settings
 
     limits = get_settings().tier_history_limits
     if args.dry_run:
@@ -168,13 +154,8 @@ class _Stderr:
 
 
 def run_jobs(args: argparse.Namespace) -> int:
-    import logging
-
-    from common import ops
-    from common.log import logger
-
     for handler in logger.handlers:  # stdout is the command's output (e.g. --json); logs go to stderr
-        if type(handler) is logging.StreamHandler:  # common.log's own, not a test harness's
+        if type(handler) is logging.StreamHandler:  # common.platform.log's own, not a test harness's
             handler.stream = _Stderr()  # not setStream: it flushes the old stream, which may be closed
     command = args.jobs_command
     if command == "list":
@@ -200,8 +181,6 @@ def run_jobs(args: argparse.Namespace) -> int:
 
 
 def _retry(args: argparse.Namespace) -> int:
-    from common import ops
-    from common.errors import ValidationFailed
 
     has_filters = any((args.status, args.kind, args.user, args.since))
     if args.job_id is not None:
@@ -321,7 +300,6 @@ def _job_text(detail: dict[str, Any]) -> str:
 
 
 def _stats_text(summary: dict[str, Any]) -> str:
-    from common.ops import STATUSES
 
     rows = [
         [kind, *(str(c[s]) for s in STATUSES), str(sum(c.values()))] for kind, c in summary["counts"].items()

@@ -6,13 +6,13 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
-from tests.support import FunctionServer, Stack, base_env, migrated_database, stop_all
+from tests.support import FunctionServer, Stack, StackFactory, base_env, migrated_database, stop_all
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +57,7 @@ def db(database_url: str) -> Iterator[sa.Engine]:
 @pytest.fixture
 def app_env(database_url: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """Point in-process `common` code at the test database (for tests that call it directly)."""
-    from common import db as common_db
+    from common.platform import db as common_db
 
     env = base_env(database_url)
     for key, value in env.items():
@@ -77,9 +77,6 @@ def logs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def calls_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Where tests.generators records each handler run, to count them per job."""
     return tmp_path_factory.mktemp("generator-calls")
-
-
-StackFactory = Callable[..., Stack]
 
 
 @pytest.fixture(scope="session")
@@ -131,8 +128,3 @@ def manual_stack(make_stack: StackFactory) -> Stack:
 def user() -> str:
     """A user of this test alone, so tests sharing processes never see each other's data."""
     return f"user-{uuid.uuid4().hex[:12]}"
-
-
-def handler_runs(calls_dir: Path, job_id: str) -> int:
-    path = calls_dir / job_id
-    return len(path.read_text().splitlines()) if path.exists() else 0

@@ -147,10 +147,10 @@ def make_history(
 
 
 def job_value(*, max_attempts: int = 5) -> Any:
-    """A queued common.store.Job in memory, for dispatcher tests that need no row."""
+    """A queued common.jobs.queries.Job in memory, for dispatcher tests that need no row."""
     from datetime import UTC
 
-    from common.store import Job
+    from common.jobs.model import Job
 
     return Job.queued(
         id=uuid.uuid4(),

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common.errors import PermanentJobError
-from common.handlers.lesson import LessonRequest
-from common.lessongen import generate_lesson
+from common.lessons.generation import LessonRequest
+from common.lessons.template import generate_lesson
+from common.platform.errors import PermanentJobError
 
 
 def _record(request: LessonRequest) -> None:

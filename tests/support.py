@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -250,3 +250,12 @@ def migrated_database(pg_admin_url: str) -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+StackFactory = Callable[..., Stack]
+
+
+def handler_runs(calls_dir: Path, job_id: str) -> int:
+    """How many times tests.generators ran for this job (one line per run)."""
+    path = calls_dir / job_id
+    return len(path.read_text().splitlines()) if path.exists() else 0

@@ -14,8 +14,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
-from common import archive
-from common.archive import Batch
+from common.lessons.archive import algorithm as archive
+from common.lessons.archive.algorithm import Batch
 from tests.factories import make_history, make_lesson, make_user
 from tests.support import base_env, migrated_database
 
@@ -39,8 +39,8 @@ def adb(archive_db_url: str) -> Iterator[sa.Engine]:
 @pytest.fixture
 def run_env(archive_db_url: str, adb: sa.Engine, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Empty the private database and point in-process `common` code at it."""
-    from common import db as common_db
-    from common.config import reset_settings
+    from common.platform import db as common_db
+    from common.platform.config import reset_settings
 
     with adb.begin() as conn:
         conn.execute(sa.text("TRUNCATE lessons, jobs, users"))

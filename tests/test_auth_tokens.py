@@ -18,8 +18,7 @@ from typing import Any
 import pytest
 from google.auth import jwt
 
-from tests.conftest import StackFactory
-from tests.support import Stack, lesson_body
+from tests.support import Stack, StackFactory, lesson_body
 from tests.tokens import CertServer, KeyPair
 
 PROJECT = "dylen-test"

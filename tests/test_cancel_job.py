@@ -14,9 +14,8 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from tests.conftest import handler_runs
 from tests.factories import job_row, lesson_count, make_job, make_user
-from tests.support import ROOT, TASK_SECRET, Stack, base_env, lesson_body
+from tests.support import ROOT, TASK_SECRET, Stack, base_env, handler_runs, lesson_body
 
 PROBLEM = "application/problem+json"
 

@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 
-from common import db as common_db
-from common.config import load_settings
+from common.platform.config import load_settings
+from common.platform.db import connect as db_connect
+from common.platform.db import pool as common_db
 from tests.support import ROOT
 
 INSTANCE = "dylen-prod:europe-west1:dylen"
@@ -76,8 +77,8 @@ def test_engine_asks_the_connector_for_instance_driver_user_db_and_auth_mode(
     from connector_stand_in import StandInConnector  # type: ignore[import-not-found]
 
     monkeypatch.setattr(connector_module, "Connector", StandInConnector)
-    monkeypatch.setattr(common_db, "_connector", None)
-    monkeypatch.setattr(common_db.atexit, "register", lambda fn: fn)  # the subprocess test covers exit
+    monkeypatch.setattr(db_connect, "_connector", None)
+    monkeypatch.setattr(db_connect.atexit, "register", lambda fn: fn)  # the subprocess test covers exit
     env = {"DYLEN_AUTH_MODE": "dev", "DYLEN_CLOUD_SQL_INSTANCE": INSTANCE, "DYLEN_DB_NAME": "dylen"}
     if iam:
         env |= {"DYLEN_DB_IAM_AUTH": "true", "DYLEN_DB_USER": "dylen-runtime@dylen-prod.iam"}
@@ -110,7 +111,7 @@ def test_the_connector_is_created_lazily_once_and_closed_at_exit(stand_in: Path,
     script = (
         "import google.cloud.sql.connector as m, connector_stand_in as s\n"
         "m.Connector = s.StandInConnector\n"
-        "from common.db import transaction\n"
+        "from common.platform.db import transaction\n"
         "for _ in range(3):\n"
         "    with transaction() as conn:\n"
         "        assert conn.execute('SELECT count(*) FROM jobs').scalar() >= 0\n"

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from common.config import load_settings
-from common.errors import ConfigError
+from common.platform.config import load_settings
+from common.platform.errors import ConfigError
 
 DEV = {"DYLEN_AUTH_MODE": "dev"}
 
@@ -33,7 +33,7 @@ def test_defaults_match_the_design() -> None:
         ({"DYLEN_TASK_SERVICE_PROVIDER": "sqs"}, "DYLEN_TASK_SERVICE_PROVIDER"),
         ({"DYLEN_AUTH_MODE": "none"}, "DYLEN_AUTH_MODE"),
         ({"DYLEN_BASE_URL": "localhost:8080"}, "DYLEN_BASE_URL"),
-        # Sent as is in Location headers (common.http skips Werkzeug's per-response IRI encoding).
+        # Sent as is in Location headers (common.platform.http skips Werkzeug's per-response IRI encoding).
         ({"DYLEN_BASE_URL": "https://lecons.exemple.fr/élève"}, "DYLEN_BASE_URL"),
         ({"DYLEN_BASE_URL": "https://jobs.example.com/a b"}, "DYLEN_BASE_URL"),
         ({"DYLEN_PROCESS_JOB_URL": "https://bücher.example/process_job"}, "DYLEN_PROCESS_JOB_URL"),

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from common.config import load_settings
-from common.errors import ConfigError
+from common.platform.config import load_settings
+from common.platform.errors import ConfigError
 
 GCP = {
     "DYLEN_AUTH_MODE": "firebase",

@@ -9,9 +9,10 @@ from collections.abc import Iterator
 import pytest
 import sqlalchemy as sa
 
-from common import db as common_db
-from common.config import reset_settings
-from common.errors import ConfigError
+from common.platform.config import parse_database_url, reset_settings
+from common.platform.db import connect, migrate
+from common.platform.db import pool as common_db
+from common.platform.errors import ConfigError
 
 
 def test_transaction_rolls_back_everything_on_error(app_env: dict[str, str], db: sa.Engine) -> None:
@@ -44,7 +45,7 @@ def test_transaction_commits_on_success_and_connection_autocommits(
 
 
 def test_unreachable_database_is_database_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
-    from common.errors import DatabaseUnavailable
+    from common.platform.errors import DatabaseUnavailable
     from tests.support import free_port
 
     monkeypatch.setenv("DYLEN_AUTH_MODE", "dev")
@@ -58,7 +59,7 @@ def test_unreachable_database_is_database_unavailable(monkeypatch: pytest.Monkey
         common_db.dispose_pool()
 
 
-# --- hot statements (common.db.Statement) --------------------------------------------------------
+# --- hot statements (common.platform.db.Statement) --------------------------------------------------------
 
 
 @pytest.fixture
@@ -114,7 +115,7 @@ def test_replies_of_any_size_arrive_whole(app_env: dict[str, str]) -> None:
 def test_a_lost_connection_is_database_unavailable_and_the_pool_recovers(
     app_env: dict[str, str], db: sa.Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from common.errors import DatabaseUnavailable
+    from common.platform.errors import DatabaseUnavailable
 
     monkeypatch.setattr(common_db, "PING_AFTER_IDLE_SECONDS", 3600.0)  # the statement meets it, not a ping
     select = common_db.Statement("SELECT pg_backend_pid() AS pid, CAST(:x AS int) AS x", prepare=True)
@@ -145,7 +146,7 @@ def test_an_idle_connection_killed_meanwhile_is_replaced_at_checkout_without_an_
 def test_the_pool_never_opens_more_than_size_plus_overflow_and_a_waiter_gets_503(
     app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from common.errors import DatabaseUnavailable
+    from common.platform.errors import DatabaseUnavailable
 
     monkeypatch.setenv("DYLEN_DB_POOL_SIZE", "1")
     monkeypatch.setenv("DYLEN_DB_MAX_OVERFLOW", "1")
@@ -165,14 +166,14 @@ def test_the_pool_never_opens_more_than_size_plus_overflow_and_a_waiter_gets_503
 def test_reads_are_bounded_except_on_the_migrations_engine(
     app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from common.errors import DatabaseUnavailable
+    from common.platform.errors import DatabaseUnavailable
 
     monkeypatch.setenv("DYLEN_DB_READ_TIMEOUT_SECONDS", "0.3")
     common_db.dispose_pool()
     slow = "SELECT pg_sleep(0.8) IS NULL AS slept"
     with pytest.raises(DatabaseUnavailable), common_db.connection() as conn:
         conn.execute_simple(slow)
-    engine = common_db.sqlalchemy_engine()  # a migration may rightly rebuild an index for long
+    engine = migrate.sqlalchemy_engine()  # a migration may rightly rebuild an index for long
     try:
         with engine.connect() as migrating:
             assert migrating.exec_driver_sql(slow).scalar() is not None
@@ -183,7 +184,7 @@ def test_reads_are_bounded_except_on_the_migrations_engine(
 def test_a_statement_slower_than_the_read_timeout_is_database_unavailable(
     app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from common.errors import DatabaseUnavailable
+    from common.platform.errors import DatabaseUnavailable
 
     monkeypatch.setenv("DYLEN_DB_READ_TIMEOUT_SECONDS", "0.5")
     common_db.dispose_pool()
@@ -211,7 +212,7 @@ def test_a_statement_slower_than_the_read_timeout_is_database_unavailable(
 def test_sslmode_maps_to_a_tls_context_or_none(url: str, tls: bool) -> None:
     import ssl
 
-    context = common_db.ssl_argument(url)
+    context = connect.ssl_argument(url)
     if not tls:
         assert context is False
     else:
@@ -221,10 +222,10 @@ def test_sslmode_maps_to_a_tls_context_or_none(url: str, tls: bool) -> None:
 def test_sslmode_require_and_verify_full_build_one_context() -> None:
     import ssl
 
-    required = common_db.ssl_argument("postgresql://u@10.1.2.3/db?sslmode=require")
+    required = connect.ssl_argument("postgresql://u@10.1.2.3/db?sslmode=require")
     assert isinstance(required, ssl.SSLContext)
     assert required.verify_mode == ssl.CERT_NONE and not required.check_hostname
-    verified = common_db.ssl_argument("postgresql://u@10.1.2.3/db?sslmode=verify-full")
+    verified = connect.ssl_argument("postgresql://u@10.1.2.3/db?sslmode=verify-full")
     assert isinstance(verified, ssl.SSLContext)
     assert verified.verify_mode == ssl.CERT_REQUIRED and verified.check_hostname
 
@@ -245,7 +246,7 @@ def test_a_url_with_sslmode_disable_connects(database_url: str, monkeypatch: pyt
 
 
 def test_urls_parse_like_libpq_and_pg8000() -> None:
-    target = common_db.parse_url("postgresql://app:p%40ss%2Fword@db.internal:6432/dylen?sslmode=require")
+    target = parse_database_url("postgresql://app:p%40ss%2Fword@db.internal:6432/dylen?sslmode=require")
     assert (target.user, target.password, target.host, target.port, target.database, target.sslmode) == (
         "app",
         "p@ss/word",
@@ -255,17 +256,17 @@ def test_urls_parse_like_libpq_and_pg8000() -> None:
         "require",
     )
     socket_url = "postgresql+pg8000://app@/dylen?unix_sock=/cloudsql/p:r:i/.s.PGSQL.5432"
-    unix = common_db.parse_url(socket_url)
+    unix = parse_database_url(socket_url)
     assert (unix.host, unix.port, unix.unix_sock) == (None, 5432, "/cloudsql/p:r:i/.s.PGSQL.5432")
-    assert common_db.ssl_argument(socket_url) is False  # a local socket needs no TLS
+    assert connect.ssl_argument(socket_url) is False  # a local socket needs no TLS
     with pytest.raises(ConfigError):
-        common_db.parse_url("mysql://app@db/dylen")
+        parse_database_url("mysql://app@db/dylen")
 
 
 def test_sslmode_prefer_falls_back_to_plain_text_and_require_refuses_it(
     database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from common.errors import DatabaseUnavailable
+    from common.platform.errors import DatabaseUnavailable
 
     # The test server has no TLS: it answers the SSL request "N".
     with common_db_env(database_url + "?sslmode=prefer", monkeypatch), common_db.connection() as conn:

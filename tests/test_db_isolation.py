@@ -24,9 +24,9 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from common import db as common_db
-from common import store
-from common.config import load_settings
+from common.jobs import queries
+from common.platform import db as common_db
+from common.platform.config import load_settings
 from tests.support import base_env
 
 THREADS = 16
@@ -167,7 +167,7 @@ class Run:
 
     def hot_statements(self, conn: common_db.Connection, tag: str) -> None:
         user = f"iso-{tag}"
-        job = store.insert_job(
+        job = queries.insert_job(
             conn,
             user_id=user,
             job_kind="lesson",
@@ -176,15 +176,15 @@ class Run:
             max_attempts=3,
         )
         assert job is not None
-        fetched = store.get_job(conn, job.id)
+        fetched = queries.get_job(conn, job.id)
         self.check(
             "get_job",
             (job.id, tag, {"tag": tag}),
             fetched and (fetched.id, fetched.idempotency_key, fetched.request_json),
         )
-        found = store.find_job_by_key(conn, user_id=user, job_kind="lesson", idempotency_key=tag)
+        found = queries.find_job_by_key(conn, user_id=user, job_kind="lesson", idempotency_key=tag)
         self.check("find_job_by_key", job.id, found and found.id)
-        claim = store.claim_job(conn, job.id, lease_seconds=60)
+        claim = queries.claim_job(conn, job.id, lease_seconds=60)
         self.check(
             "claim_job",
             (True, job.id, tag),

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from common.config import load_settings
+from common.platform.config import load_settings
 from tests.support import ROOT, FunctionServer, base_env, lesson_body, session, stop_all
 
 PROJECT, REGION = "dylen-prod", "europe-west1"
@@ -311,7 +311,9 @@ def test_staged_folders_hold_a_real_copy_of_common(staged: dict[str, StagedServe
         common = stage / "common"
         assert common.is_dir() and not common.is_symlink()
         assert not any(p.is_symlink() for p in common.rglob("*"))
-        assert (common / "http.py").read_bytes() == (ROOT / "common" / "http.py").read_bytes()
+        assert (common / "platform" / "http.py").read_bytes() == (
+            ROOT / "common" / "platform" / "http.py"
+        ).read_bytes()
 
 
 def test_staged_code_is_the_code_that_runs(staged: dict[str, StagedServer]) -> None:

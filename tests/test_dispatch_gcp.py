@@ -26,14 +26,13 @@ import pytest
 import sqlalchemy as sa
 from google.cloud import tasks_v2
 
-from common import store
-from common.config import Settings, load_settings
-from common.dispatch import dispatch_job, task_name_for
-from common.dispatch_gcp import CloudTasksDispatcher, build_client, dispatch_deadline_seconds
-from common.store import Job
-from tests.conftest import StackFactory
+from common.jobs.dispatch import dispatch_job
+from common.jobs.dispatch.base import task_name_for
+from common.jobs.dispatch.cloud_tasks import CloudTasksDispatcher, build_client, dispatch_deadline_seconds
+from common.jobs.model import JOB_COLUMNS, Job
+from common.platform.config import Settings, load_settings
 from tests.factories import job_value
-from tests.support import TASK_SECRET, free_port, lesson_body
+from tests.support import TASK_SECRET, StackFactory, free_port, lesson_body
 from tests.tasks_emulator import QUEUE_PATH, TasksEmulator
 
 INVOKER = "tasks-invoker@dylen-test.iam.gserviceaccount.com"
@@ -87,9 +86,7 @@ def _job(max_attempts: int = 5) -> Job:
 
 def _stored_job(db: sa.Engine, job_id: str) -> Job:
     with db.connect() as conn:
-        row = conn.execute(
-            sa.text(f"SELECT {store.JOB_COLUMNS} FROM jobs WHERE id = :id"), {"id": job_id}
-        ).first()
+        row = conn.execute(sa.text(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = :id"), {"id": job_id}).first()
     assert row is not None
     return Job.from_row(row)
 
@@ -242,7 +239,7 @@ class _StandIn:
 def test_already_exists_counts_as_dispatched_other_errors_do_not(
     monkeypatch: pytest.MonkeyPatch, code: grpc.StatusCode, dispatched: bool
 ) -> None:
-    from common import dispatch
+    from common.jobs import dispatch
 
     stand_in = _StandIn(code)
     try:
@@ -292,7 +289,8 @@ def test_a_queue_that_accepts_but_never_answers_costs_at_most_the_create_task_ti
 ) -> None:
     """A black hole (TCP accepted, no gRPC answer) is the slow failure; the timeout bounds it and no
     client retry multiplies it. The module's 5 s is shortened here to keep the suite fast."""
-    from common import dispatch, dispatch_gcp
+    from common.jobs import dispatch
+    from common.jobs.dispatch import cloud_tasks as dispatch_gcp
 
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))

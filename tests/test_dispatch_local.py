@@ -8,12 +8,12 @@ import threading
 import time
 from typing import Any
 
-from common.config import load_settings
-from common.dispatch import LocalHttpDispatcher, backoff_seconds, task_name_for
-from common.store import Job
-from tests.conftest import StackFactory
+from common.jobs.dispatch.base import backoff_seconds, task_name_for
+from common.jobs.dispatch.local_http import LocalHttpDispatcher
+from common.jobs.model import Job
+from common.platform.config import load_settings
 from tests.factories import job_value
-from tests.support import lesson_body
+from tests.support import StackFactory, lesson_body
 
 
 class Recorder(http.server.ThreadingHTTPServer):

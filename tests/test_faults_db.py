@@ -22,7 +22,7 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from common.db import PING_AFTER_IDLE_SECONDS
+from common.platform.db import PING_AFTER_IDLE_SECONDS
 from tests.faults import FreezableProxy, kill_all, rescue, start_stack, wait_until
 from tests.support import ROOT, TASK_SECRET, FunctionServer, Stack, base_env, lesson_body
 

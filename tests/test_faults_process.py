@@ -17,10 +17,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import handler_runs
 from tests.factories import job_row
 from tests.faults import job_statuses, kill_all, lessons_per_job, rescue, start_stack, wait_until
-from tests.support import Stack, lesson_body
+from tests.support import Stack, handler_runs, lesson_body
 
 LEASE_SECONDS = 2
 

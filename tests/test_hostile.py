@@ -13,9 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common.errors import ValidationFailed
-from common.handlers.lesson import DEPTHS, validate_lesson_payload
-from common.jobs import parse_create_request
+from common.jobs.service import parse_create_request
+from common.lessons.generation import DEPTHS
+from common.lessons.kind import validate_lesson_payload
+from common.platform.errors import ValidationFailed
 from tests.support import Stack, lesson_body
 
 PROBLEM = "application/problem+json"

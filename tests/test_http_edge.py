@@ -1,10 +1,10 @@
-"""common.http's responses, through a real WSGI call (Werkzeug's test client)."""
+"""common.platform.http's responses, through a real WSGI call (Werkzeug's test client)."""
 
 from __future__ import annotations
 
 import flask
 
-from common.http import json_response
+from common.platform.http import json_response
 
 
 def _served(response: flask.Response) -> flask.testing.FlaskClient:

@@ -21,7 +21,7 @@ import pytest
 import sqlalchemy as sa
 
 from common import cli
-from common.config import reset_settings
+from common.platform.config import reset_settings
 from tests.factories import job_row, make_job, make_user
 from tests.support import ROOT, base_env, free_port
 
@@ -43,7 +43,7 @@ def jobs_cli(
     """`common.cli.main(["jobs", ...])` in this process, on the test database, dispatch off."""
     monkeypatch.setenv("DYLEN_JOBS_AUTO_PROCESS", "false")
     reset_settings()
-    from common.log import logger
+    from common.platform.log import logger
 
     streams = [(h, h.stream) for h in logger.handlers if type(h) is logging.StreamHandler]
 

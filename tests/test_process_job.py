@@ -8,9 +8,8 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from tests.conftest import handler_runs
 from tests.factories import job_row, lesson_count, make_job, make_user
-from tests.support import Stack, lesson_body
+from tests.support import Stack, handler_runs, lesson_body
 
 
 def _queued_job(stack: Stack, user: str, topic: str) -> str:

@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from common import rescue
-from common.store import Job
-from tests.conftest import handler_runs
+from common.jobs import rescue
+from common.jobs.model import Job
 from tests.factories import job_row, make_job, make_user
 from tests.faults import kill_all, lessons_per_job, start_stack
 from tests.faults import rescue as call_rescue
-from tests.support import Stack, lesson_body
+from tests.support import Stack, handler_runs, lesson_body
 
 
 def _age(db: sa.Engine, job_id: str, seconds: int) -> None:

@@ -6,9 +6,10 @@
 import flask
 import functions_framework
 
-from common import archive, jobs
-from common.config import Settings
-from common.http import Call, cold_start, json_response, serve
+from common.jobs.service import job_view
+from common.lessons.archive.kind import enqueue_daily_archive
+from common.platform.config import Settings
+from common.platform.http import Call, cold_start, json_response, serve
 
 cold_start()
 
@@ -20,8 +21,8 @@ def _audience(settings: Settings) -> str:
 
 def _trigger(call: Call) -> flask.Response:
     call.require_root_path()
-    outcome = archive.enqueue_daily_archive()
-    return json_response(jobs.job_view(outcome.job), 202 if outcome.created else 200)
+    outcome = enqueue_daily_archive()
+    return json_response(job_view(outcome.job), 202 if outcome.created else 200)
 
 
 @functions_framework.http

@@ -3,14 +3,14 @@
 import flask
 import functions_framework
 
-from common import jobs
-from common.http import Call, cold_start, json_response, serve
+from common.jobs import service
+from common.platform.http import Call, cold_start, json_response, serve
 
 cold_start()
 
 
 def _cancel(call: Call) -> flask.Response:
-    return json_response(jobs.job_view(jobs.cancel_job(call.uid, call.path_id())))
+    return json_response(service.job_view(service.cancel_job(call.uid, call.path_id())))
 
 
 @functions_framework.http

@@ -3,18 +3,18 @@
 import flask
 import functions_framework
 
-from common import jobs
-from common.http import Call, cold_start, json_response, serve
+from common.jobs import service
+from common.platform.http import Call, cold_start, json_response, serve
 
 cold_start()
 
 
 def _create(call: Call) -> flask.Response:
     call.require_root_path()
-    outcome = jobs.create_job(call.uid, call.json())
+    outcome = service.create_job(call.uid, call.json())
     location = f"{call.settings.base_url}/get_job/{outcome.job.id}"
     return json_response(
-        jobs.job_view(outcome.job),
+        service.job_view(outcome.job),
         202 if outcome.created else 200,
         {"Location": location},
     )

@@ -3,14 +3,14 @@
 import flask
 import functions_framework
 
-from common import lessons
-from common.http import Call, cold_start, json_response, serve
+from common.lessons import service
+from common.platform.http import Call, cold_start, json_response, serve
 
 cold_start()
 
 
 def _get(call: Call) -> flask.Response:
-    return json_response(lessons.get_lesson(call.uid, call.path_id()))
+    return json_response(service.get_lesson(call.uid, call.path_id()))
 
 
 @functions_framework.http

@@ -3,8 +3,8 @@
 import flask
 import functions_framework
 
-from common import lessons
-from common.http import Call, cold_start, json_response, serve
+from common.lessons import service
+from common.platform.http import Call, cold_start, json_response, serve
 
 cold_start()
 
@@ -12,8 +12,8 @@ cold_start()
 def _list(call: Call) -> flask.Response:
     call.require_root_path()
     args = call.request.args
-    page = lessons.list_lessons(
-        call.uid, limit=lessons.parse_limit(args.get("limit")), cursor=args.get("cursor") or None
+    page = service.list_lessons(
+        call.uid, limit=service.parse_limit(args.get("limit")), cursor=args.get("cursor") or None
     )
     return json_response(page)
 

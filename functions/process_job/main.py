@@ -3,8 +3,8 @@
 import flask
 import functions_framework
 
-from common import processor
-from common.http import Call, cold_start, json_response, serve
+from common.jobs import processor
+from common.platform.http import Call, cold_start, json_response, serve
 
 cold_start()
 

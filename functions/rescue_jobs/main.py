@@ -3,9 +3,9 @@
 import flask
 import functions_framework
 
-from common import rescue
-from common.config import Settings
-from common.http import Call, cold_start, json_response, serve
+from common.jobs import rescue
+from common.platform.config import Settings
+from common.platform.http import Call, cold_start, json_response, serve
 
 cold_start()
 

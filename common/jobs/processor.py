@@ -14,12 +14,14 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from common import store
-from common.config import get_settings
-from common.db import QueryError, connection, transaction
-from common.errors import MalformedRequest, PermanentJobError, ValidationFailed
-from common.handlers import Completion, get_handler
-from common.log import logger
+from common.jobs import queries
+from common.jobs.kinds import Completion, get_kind
+from common.jobs.model import FINAL_STATUSES, Job, JobStatus
+from common.platform.config import get_settings
+from common.platform.db import QueryError, connection
+from common.platform.errors import MalformedRequest, PermanentJobError, ValidationFailed
+from common.platform.log import logger
+from common.platform.validation import parse_uuid
 
 
 @dataclass(frozen=True)
@@ -43,10 +45,7 @@ def parse_task_body(body: Any) -> uuid.UUID | None:
     raw = body["job_id"]
     if not isinstance(raw, str):
         raise MalformedRequest("job_id must be a string.")
-    try:
-        return uuid.UUID(raw)
-    except ValueError:
-        return None
+    return parse_uuid(raw)
 
 
 def _error(code: str, message: str, attempt: int) -> dict[str, Any]:
@@ -61,7 +60,7 @@ def process_job(job_id: uuid.UUID | None, *, task_name: str | None = None) -> An
         return Answer(200, {"outcome": "unknown_job"})
 
     with connection() as conn:
-        claim = store.claim_job(conn, job_id, lease_seconds=settings.job_timeout_seconds)
+        claim = queries.claim_job(conn, job_id, lease_seconds=settings.job_timeout_seconds)
 
     job = claim.job
     if job is None:
@@ -72,11 +71,11 @@ def process_job(job_id: uuid.UUID | None, *, task_name: str | None = None) -> An
 
     attempt = job.attempts
     log["attempt"] = attempt
-    handler = get_handler(job.job_kind)
+    kind = get_kind(job.job_kind)
     try:
-        if handler is None:
+        if kind is None:
             raise PermanentJobError("unknown_kind", f"No handler for job kind {job.job_kind!r}.")
-        completion = handler.run(job)
+        completion = kind.run(job)
     except PermanentJobError as failure:
         return _record_failure(job, _error(failure.code, failure.detail, attempt), final=True, log=log)
     except Exception as failure:  # the handler's own fault: retry while attempts remain
@@ -98,34 +97,28 @@ def process_job(job_id: uuid.UUID | None, *, task_name: str | None = None) -> An
         logger.info("Attempt superseded; its writes were discarded", extra=log)
         return Answer(200, {"job_id": str(job.id), "outcome": "superseded"})
     logger.info("Job completed successfully.", extra=log)
-    return Answer(200, {"job_id": str(job.id), "status": "done", "result": completion.result})
+    return Answer(200, {"job_id": str(job.id), "status": JobStatus.DONE, "result": completion.result})
 
 
 def _finish(job_id: uuid.UUID, attempt: int, completion: Completion) -> None:
-    """Store the outputs and move to `done` atomically, or raise _Superseded if the claim was lost."""
-    if completion.finish is not None or completion.write is None:
-        with connection() as conn:  # a single statement: atomic without BEGIN/COMMIT
-            won = (
-                completion.finish(conn, job_id, attempt)
-                if completion.finish is not None
-                else store.complete_job(conn, job_id, attempt=attempt, result=completion.result)
-            )
-    else:
-        with transaction() as conn:
-            completion.write(conn)
-            won = store.complete_job(conn, job_id, attempt=attempt, result=completion.result)
-            if not won:
-                raise _Superseded  # rolls back `write`
+    """Store the outputs and move to `done` in one statement, or raise _Superseded if the claim was
+    lost (a single statement is atomic without BEGIN/COMMIT)."""
+    with connection() as conn:
+        won = (
+            completion.finish(conn, job_id, attempt)
+            if completion.finish is not None
+            else queries.complete_job(conn, job_id, attempt=attempt, result=completion.result)
+        )
     if not won:
         raise _Superseded
 
 
-def _answer_unclaimed(job: store.Job, claim: store.Claim, log: dict[str, Any]) -> Answer:
+def _answer_unclaimed(job: Job, claim: queries.Claim, log: dict[str, Any]) -> Answer:
     body = {"job_id": str(job.id), "status": job.status}
-    if job.status in ("done", "error", "canceled"):
+    if job.status in FINAL_STATUSES:
         return Answer(200, {**body, "outcome": "already_final"})
     lease_live = (
-        job.status == "running"
+        job.status == JobStatus.RUNNING
         and job.lease_expires_at is not None
         and claim.now is not None
         and job.lease_expires_at > claim.now
@@ -137,22 +130,22 @@ def _answer_unclaimed(job: store.Job, claim: store.Claim, log: dict[str, Any]) -
     if job.attempts >= job.max_attempts:
         error = _error("attempts_exhausted", "No attempts left after the last lease expired.", job.attempts)
         with connection() as conn:
-            store.expire_exhausted_job(conn, job.id, error=error)
+            queries.expire_exhausted_job(conn, job.id, error=error)
         logger.error("Job out of attempts", extra=log)
-        return Answer(200, {**body, "status": "error", "outcome": "attempts_exhausted"})
+        return Answer(200, {**body, "status": JobStatus.ERROR, "outcome": "attempts_exhausted"})
     # Queued yet not claimed: a concurrent delivery won the row lock a moment ago.
     return Answer(503, {**body, "outcome": "contended"}, {"Retry-After": "1"})
 
 
-def _record_failure(job: store.Job, error: dict[str, Any], *, final: bool, log: dict[str, Any]) -> Answer:
+def _record_failure(job: Job, error: dict[str, Any], *, final: bool, log: dict[str, Any]) -> Answer:
     with connection() as conn:
-        recorded = store.fail_job(conn, job.id, attempt=job.attempts, error=error, final=final)
+        recorded = queries.fail_job(conn, job.id, attempt=job.attempts, error=error, final=final)
     body = {"job_id": str(job.id), "error": {"code": error["code"], "message": error["message"]}}
     if not recorded:
         logger.info("Failure not recorded: the claim was lost meanwhile", extra=log)
         return Answer(200, {**body, "outcome": "superseded"})
     if final:
         logger.error("Job failed", extra={**log, "error_code": error["code"]})
-        return Answer(200, {**body, "status": "error"})
+        return Answer(200, {**body, "status": JobStatus.ERROR})
     logger.warning("Job will be retried", extra={**log, "error_code": error["code"]})
-    return Answer(500, {**body, "status": "queued", "outcome": "retry"})
+    return Answer(500, {**body, "status": JobStatus.QUEUED, "outcome": "retry"})

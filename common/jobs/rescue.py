@@ -12,10 +12,12 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from common import store
-from common.config import get_settings
-from common.db import transaction
-from common.log import logger
+from common.jobs import queries
+from common.jobs.dispatch import dispatch_job
+from common.jobs.model import Job, JobStatus
+from common.platform.config import get_settings
+from common.platform.db import transaction
+from common.platform.log import logger
 
 DEFAULT_LIMIT = 500
 
@@ -34,26 +36,20 @@ class RescueReport:
         }
 
 
-def _default_dispatch(job: store.Job) -> bool:
-    from common.dispatch import dispatch_job
-
-    return dispatch_job(job)
-
-
 def rescue_jobs(
     *,
     limit: int = DEFAULT_LIMIT,
     stale_after_seconds: int | None = None,
-    dispatch: Callable[[store.Job], bool] = _default_dispatch,
+    dispatch: Callable[[Job], bool] = dispatch_job,
 ) -> RescueReport:
     stale = stale_after_seconds if stale_after_seconds is not None else get_settings().rescue_after_seconds
     with transaction() as conn:
-        rescued = store.rescue_stale_jobs(conn, stale_after_seconds=stale, limit=limit)
+        rescued = queries.rescue_stale_jobs(conn, stale_after_seconds=stale, limit=limit)
 
     report = RescueReport()
     for item in rescued:
         job = item.job
-        if job.status == "error":
+        if job.status == JobStatus.ERROR:
             report.exhausted.append(job.id)
             logger.error("Job out of attempts after its lease expired", extra={"job_id": str(job.id)})
             continue
@@ -63,7 +59,7 @@ def rescue_jobs(
         report.failed.append(job.id)
         # Make it stale again at once, so the next run retries it instead of waiting a full window.
         with transaction() as conn:
-            store.restore_dispatch_stamp(
+            queries.restore_dispatch_stamp(
                 conn, job.id, ours=job.dispatched_at, previous=item.previous_dispatched_at
             )
     logger.info("Rescue run finished", extra=report.counts())

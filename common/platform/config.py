@@ -11,8 +11,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlsplit
 
-from common.errors import ConfigError
+from common.platform.errors import ConfigError
 
 PROVIDERS = ("local-http", "gcp")
 AUTH_MODES = ("firebase", "dev")
@@ -132,8 +133,50 @@ def parse_tier_limits(raw: str, name: str = "DYLEN_TIER_HISTORY_LIMITS") -> dict
     return limits
 
 
-# libpq's sslmode values, accepted in DYLEN_DATABASE_URL (common.db maps them to pg8000).
+# libpq's sslmode values, accepted in DYLEN_DATABASE_URL (common.platform.db maps them to pg8000).
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+@dataclass(frozen=True)
+class DatabaseTarget:
+    """Where DYLEN_DATABASE_URL points."""
+
+    host: str | None
+    port: int
+    database: str | None
+    user: str | None
+    password: str | None = field(repr=False)
+    sslmode: str | None
+    unix_sock: str | None = None
+
+
+def parse_database_url(url: str) -> DatabaseTarget:
+    """A postgresql:// URL (the `+pg8000` driver suffix is accepted) with libpq's `sslmode`, or
+    pg8000's `unix_sock` for a Unix socket (`postgresql://user@/db?unix_sock=/cloudsql/.../.s.PGSQL.5432`).
+    The one check of that variable: load_settings runs it at cold start, the pool reads its result."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgresql+pg8000"):
+        raise ConfigError(
+            f"DYLEN_DATABASE_URL must be a postgresql:// URL, got one starting {parts.scheme!r}"
+        )
+    query = parse_qs(parts.query)
+    modes = query.get("sslmode")
+    mode = modes[-1] if modes else None
+    if mode is not None and mode not in SSL_MODES:
+        raise ConfigError(f"DYLEN_DATABASE_URL: sslmode must be one of {', '.join(SSL_MODES)}, got {mode!r}")
+    try:
+        port = parts.port or 5432
+    except ValueError:
+        raise ConfigError("DYLEN_DATABASE_URL has a port that is not a number from 0 to 65535") from None
+    return DatabaseTarget(
+        host=parts.hostname,
+        port=port,
+        database=unquote(parts.path.lstrip("/")) or None,
+        user=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password is not None else None,
+        sslmode=mode,
+        unix_sock=query["unix_sock"][-1] if "unix_sock" in query else None,
+    )
 
 
 @dataclass(frozen=True)
@@ -253,19 +296,8 @@ def _check_combinations(s: Settings) -> None:
         )
     if s.cloud_sql_instance and s.database_url:
         raise ConfigError("Set DYLEN_DATABASE_URL or DYLEN_CLOUD_SQL_INSTANCE, not both")
-    if s.database_url and not s.database_url.startswith("postgresql"):
-        raise ConfigError(
-            "DYLEN_DATABASE_URL must be a postgresql:// URL, "
-            f"got one starting {s.database_url.split(':', 1)[0]!r}"
-        )
     if s.database_url:
-        from urllib.parse import parse_qs, urlsplit
-
-        modes = parse_qs(urlsplit(s.database_url).query).get("sslmode", [])
-        if any(mode not in SSL_MODES for mode in modes):
-            raise ConfigError(
-                f"DYLEN_DATABASE_URL: sslmode must be one of {', '.join(SSL_MODES)}, got {modes[-1]!r}"
-            )
+        parse_database_url(s.database_url)
     if s.db_iam_auth:
         # IAM database auth logs in as a named IAM principal; only the connector can mint its token.
         if not s.db_user:

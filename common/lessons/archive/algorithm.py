@@ -13,7 +13,7 @@ Semantics of one run (also in the README):
   recomputes the boundaries from the lessons still visible and archives only the rest, and a
   finished run followed by another archives nothing more.
 - The boundaries (each user's newest lesson beyond the limit) are computed once per run, on each
-  worker's connection. Batches walk the lessons table in block order (see common.store), which keeps
+  worker's connection. Batches walk the lessons table in block order (see queries), which keeps
   each batch's reads and writes on a compact run of pages; `workers` of them run at once on disjoint
   block ranges.
 """
@@ -26,17 +26,13 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from datetime import datetime
+from typing import Any
 
-from common import store
-from common.db import Connection, connection, transaction
-from common.log import logger
+from common.lessons.archive import queries
+from common.platform.db import Connection, connection, transaction
+from common.platform.log import logger
 
-if TYPE_CHECKING:
-    from common.jobs import Created
-
-KIND = "maintenance.archive_lessons"
 MAX_BATCH_SIZE = 10_000
 # Batches on disjoint block ranges are independent and run concurrently, each worker on its own
 # connection (one backend, one database core each). On the 2-vCPU benchmark server two workers took
@@ -79,14 +75,14 @@ class ArchiveReport:
         }
 
 
-def tier_limits(limits: dict[str, int]) -> store.TierLimits:
+def tier_limits(limits: dict[str, int]) -> queries.TierLimits:
     """The configured map (always has `free`: config refuses one without it)."""
-    return store.TierLimits(limits=dict(limits), fallback=limits["free"])
+    return queries.TierLimits(limits=dict(limits), fallback=limits["free"])
 
 
-def log_unknown_tiers(limits: store.TierLimits) -> list[str]:
+def log_unknown_tiers(limits: queries.TierLimits) -> list[str]:
     with transaction() as conn:
-        unknown = store.unknown_tiers(conn, list(limits.limits))
+        unknown = queries.unknown_tiers(conn, list(limits.limits))
     if unknown:
         logger.warning(
             "Users have tiers missing from DYLEN_TIER_HISTORY_LIMITS; they get the free tier's limit",
@@ -149,13 +145,13 @@ def archive_over_limit(
     tiers = tier_limits(limits)
     log_unknown_tiers(tiers)
     with transaction() as conn:
-        cutoff = store.database_now(conn)
+        cutoff = queries.database_now(conn)
         # Rows stored beyond this block were written after the cutoff: not this run's business.
-        end_block = store.lesson_blocks(conn)
+        end_block = queries.lesson_blocks(conn)
     walk = _Walk(end_block, batch_size)
 
     def work(conn: Connection) -> None:
-        users_over = store.create_boundaries(conn, limits=tiers, cutoff=cutoff)
+        users_over = queries.create_boundaries(conn, limits=tiers, cutoff=cutoff)
         walk.users_over_limit(users_over)
         if not users_over:
             return  # nothing (left) to archive: no need to read the table
@@ -164,7 +160,7 @@ def archive_over_limit(
             range_archived = 0
             while not walk.stop.is_set():
                 with conn.transaction():  # one batch: its own transaction
-                    count = store.archive_blocks(
+                    count = queries.archive_blocks(
                         conn, first_block=first, last_block=last, cutoff=cutoff, batch_size=batch_size
                     )
                 range_archived += count
@@ -184,7 +180,7 @@ def archive_over_limit(
                     work(conn)
                 finally:
                     with contextlib.suppress(Exception):  # a dead connection took the table with it
-                        store.drop_boundaries(conn)
+                        queries.drop_boundaries(conn)
         except BaseException:
             walk.stop.set()  # the others finish their current batch and stop
             raise
@@ -215,26 +211,8 @@ def _next_step(step: int, archived: int, batch_size: int) -> int:
     return max(MIN_RANGE_BLOCKS, min(MAX_RANGE_BLOCKS, step * batch_size // archived))
 
 
-def preview(limits: dict[str, int]) -> list[store.TierPreview]:
+def preview(limits: dict[str, int]) -> list[queries.TierPreview]:
     """What a run now would archive, per tier, without changing anything."""
     tiers = tier_limits(limits)
     with transaction() as conn:
-        return store.preview_archive(conn, limits=tiers, cutoff=store.database_now(conn))
-
-
-def archive_key(today: datetime | None = None) -> str:
-    """One maintenance job per UTC day: Cloud Scheduler may call twice, only one job runs."""
-    return f"archive-{(today or datetime.now(UTC)).astimezone(UTC).date().isoformat()}"
-
-
-def enqueue_daily_archive(today: datetime | None = None) -> Created:
-    """Create today's maintenance job (owned by no user) and dispatch it; idempotent per UTC day:
-    Cloud Scheduler may call twice, and the second call gets the same job (created=False)."""
-    from common.jobs import submit_job
-
-    return submit_job(
-        user_id=None,
-        job_kind=KIND,
-        idempotency_key=archive_key(today),
-        request_json={"job_kind": KIND, "payload": {}},
-    )
+        return queries.preview_archive(conn, limits=tiers, cutoff=queries.database_now(conn))

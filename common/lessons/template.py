@@ -1,16 +1,15 @@
 """The built-in lesson generator: a deterministic template generator, not a language model.
 
 It turns the request into a well-formed, structured lesson with no network access, so the whole
-pipeline runs offline. Replace it with DYLEN_LESSON_GENERATOR=module:callable.
+pipeline runs offline. Replace it with DYLEN_LESSON_GENERATOR=module:callable (the contract: common.lessons.generation).
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from common.handlers.lesson import LessonRequest
+from common.lessons.generation import SECTIONS_BY_DEPTH, LessonRequest
 
 _ANGLES = (
     ("What {t} is", "{T} is best understood by starting from its core idea and the problem it solves."),
@@ -31,8 +30,6 @@ def _fmt(template: str, topic: str) -> str:
 
 
 def generate_lesson(request: LessonRequest) -> dict[str, Any]:
-    from common.handlers.lesson import SECTIONS_BY_DEPTH
-
     topic = request.topic
     count = SECTIONS_BY_DEPTH[request.depth]
     # Same request, same lesson: a stable seed rotates which angles and quiz answers appear.

@@ -2,38 +2,20 @@
 
 from __future__ import annotations
 
-import importlib
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-from common.config import get_settings
-from common.db import Connection
-from common.errors import ConfigError, PermanentJobError, ValidationFailed
-from common.handlers import Completion
-from common.store import Job, complete_job_with_lesson
-from common.validation import FieldErrors, check_text, reject_unknown
+from common.jobs.kinds import Completion
+from common.jobs.model import Job
+from common.lessons.generation import DEPTHS, Generator, LessonRequest, check_generated, load_generator
+from common.lessons.queries import complete_job_with_lesson
+from common.lessons.template import generate_lesson
+from common.platform.config import get_settings
+from common.platform.db import Connection
+from common.platform.errors import PermanentJobError, ValidationFailed
+from common.platform.validation import FieldErrors, check_text, reject_unknown
 
-DEPTHS = ("highlights", "detailed", "training")
-SECTIONS_BY_DEPTH = {"highlights": 2, "detailed": 6, "training": 10}
 LANGUAGE_MAX = 35  # BCP 47 tags are short; this bounds them without a registry lookup
-
-
-@dataclass(frozen=True)
-class LessonRequest:
-    """What a generator receives. `attempt` lets a generator vary (or a test fail) per attempt."""
-
-    topic: str
-    details: str | None
-    depth: str
-    language: str
-    job_id: str
-    user_id: str
-    attempt: int
-
-
-Generator = Callable[[LessonRequest], dict[str, Any]]
 
 
 def validate_lesson_payload(payload: Any) -> dict[str, Any]:
@@ -57,18 +39,6 @@ def validate_lesson_payload(payload: Any) -> dict[str, Any]:
     return {"topic": topic, "details": details or None, "depth": depth, "language": language}
 
 
-def _load_generator(spec: str) -> Generator:
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-        generator = getattr(module, attr)
-    except (ImportError, AttributeError) as error:
-        raise ConfigError(f"DYLEN_LESSON_GENERATOR={spec!r} cannot be loaded: {error}") from error
-    if not callable(generator):
-        raise ConfigError(f"DYLEN_LESSON_GENERATOR={spec!r} is not callable")
-    return generator
-
-
 _generator: Generator | None = None
 
 
@@ -76,28 +46,11 @@ def get_generator() -> Generator:
     global _generator
     if _generator is None:
         spec = get_settings().lesson_generator
-        if spec:
-            _generator = _load_generator(spec)
-        else:
-            from common.lessongen import generate_lesson
-
-            _generator = generate_lesson
+        _generator = load_generator(spec) if spec else generate_lesson
     return _generator
 
 
-def _check_generated(content: Any) -> tuple[str, dict[str, Any]]:
-    # A generator that returns the wrong shape is a bug or a flaky model: retrying may help.
-    if not isinstance(content, dict):
-        raise TypeError(f"lesson generator returned {type(content).__name__}, expected dict")
-    title = content.get("title")
-    if not isinstance(title, str) or not title.strip():
-        raise ValueError("lesson generator returned no title")
-    if not isinstance(content.get("sections"), list):
-        raise ValueError("lesson generator returned no sections list")
-    return title.strip()[:300], content
-
-
-class LessonHandler:
+class LessonKind:
     kind = "lesson"
     user_creatable = True
 
@@ -122,7 +75,7 @@ class LessonHandler:
             user_id=job.user_id,
             attempt=job.attempts,
         )
-        title, content = _check_generated(get_generator()(request))
+        title, content = check_generated(get_generator()(request))
         lesson_id = uuid.uuid4()
         result = {"lesson_id": str(lesson_id)}
 

@@ -7,8 +7,8 @@ import threading
 import time
 from typing import Any, Protocol
 
-from common.config import Settings
-from common.errors import Forbidden, Unauthenticated
+from common.platform.config import Settings
+from common.platform.errors import Forbidden, Unauthenticated
 
 USER_HEADER = "X-Dylen-User"
 TASK_SECRET_HEADER = "X-Dylen-Task-Secret"
@@ -51,6 +51,7 @@ class _CertCache:
             entry = self._entries.get(url)
             if entry and entry[0] > now:
                 return entry[1]
+            # Lazily: dev auth and task secrets never load requests.
             import requests
 
             try:
@@ -67,6 +68,7 @@ _certs = _CertCache()
 
 
 def _decode(token: str, *, certs_url: str, audience: str | None) -> dict[str, Any]:
+    # Lazily: google-auth (and its crypto) loads with the first token, not at cold start.
     from google.auth import exceptions as auth_exceptions
     from google.auth import jwt
 

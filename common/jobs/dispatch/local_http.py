@@ -1,8 +1,5 @@
-"""Hand a job to process_job: Cloud Tasks in production (`gcp`), a direct HTTP POST locally.
-
-A dispatch failure never loses the job: it is already committed as `queued`, the failure is logged
-as `Failed to enqueue task`, and rescue_jobs dispatches it again later.
-"""
+"""The `local-http` dispatcher (dev only): a direct HTTP POST to process_job with the headers Cloud
+Tasks sends, retried with Cloud Tasks-like backoff."""
 
 from __future__ import annotations
 
@@ -11,33 +8,14 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple, Protocol
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
-from common.config import Settings, get_settings
-from common.errors import ConfigError
-from common.log import logger
-from common.store import Job
-
-LOCAL_QUEUE_NAME = "dylen-local"
-
-
-def task_name_for(job: Job) -> str:
-    """One task id per (job, dispatch): re-enqueueing the same dispatch is a no-op (ALREADY_EXISTS),
-    while a rescue, which moves `dispatched_at`, gets a fresh id. Cloud Tasks keeps ids of finished
-    tasks for a while, so a bare job id would block every re-dispatch."""
-    stamp = int(job.dispatched_at.timestamp() * 1000) if job.dispatched_at else 0
-    return f"job-{job.id}-{stamp}"
-
-
-class Dispatcher(Protocol):
-    def dispatch(self, job: Job) -> None:
-        """Hand the job over, or raise; the caller logs and leaves the job queued."""
-
-
-def backoff_seconds(retry: int, *, minimum: float, maximum: float) -> float:
-    """Cloud Tasks-style: min_backoff doubled per retry, capped at max_backoff."""
-    return min(maximum, minimum * (2 ** max(0, retry - 1)))
+from common.jobs.dispatch.base import LOCAL_QUEUE_NAME, backoff_seconds, task_name_for
+from common.jobs.model import Job
+from common.platform.config import Settings
+from common.platform.errors import ConfigError
+from common.platform.log import logger
 
 
 class _Response(NamedTuple):
@@ -169,35 +147,3 @@ class LocalHttpDispatcher:
             "Local delivery gave up; rescue_jobs will re-dispatch the job",
             extra={"job_id": job_id, "attempts": max_attempts},
         )
-
-
-_dispatcher: Dispatcher | None = None
-_lock = threading.Lock()
-
-
-def get_dispatcher() -> Dispatcher:
-    global _dispatcher
-    if _dispatcher is None:
-        with _lock:
-            if _dispatcher is None:
-                settings = get_settings()
-                if settings.task_provider == "gcp":
-                    from common.dispatch_gcp import CloudTasksDispatcher
-
-                    _dispatcher = CloudTasksDispatcher(settings)
-                else:
-                    _dispatcher = LocalHttpDispatcher(settings)
-    return _dispatcher
-
-
-def dispatch_job(job: Job) -> bool:
-    """Dispatch; on failure log `Failed to enqueue task` and return False (the job stays queued)."""
-    try:
-        get_dispatcher().dispatch(job)
-    except Exception as error:
-        logger.error(
-            "Failed to enqueue task",
-            extra={"job_id": str(job.id), "reason": f"{type(error).__name__}: {error}"},
-        )
-        return False
-    return True

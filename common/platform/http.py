@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import flask
+from werkzeug.exceptions import HTTPException
 
-from common.auth import authenticate_task, authenticate_user
-from common.config import Settings, get_settings
-from common.errors import (
+from common.platform.auth import authenticate_task, authenticate_user
+from common.platform.config import Settings, get_settings
+from common.platform.errors import (
     DylenError,
     MalformedRequest,
     MethodNotAllowed,
@@ -25,7 +26,7 @@ from common.errors import (
     PayloadTooLarge,
     UnsupportedMediaType,
 )
-from common.log import logger, reset_trace, set_trace
+from common.platform.log import logger, reset_trace, set_trace
 
 MAX_BODY_BYTES = 64 * 1024
 PROBLEM_TYPE = "application/problem+json"
@@ -127,7 +128,6 @@ def install_problem_handlers() -> None:
     Call at import of a function's main.py, where functions-framework provides the app context."""
     if not flask.has_app_context():
         return
-    from werkzeug.exceptions import HTTPException
 
     def _problem(error: HTTPException) -> flask.Response:
         status = error.code or 500

@@ -1,4 +1,4 @@
-"""All SQL of the product, in one small layer. Callers pass a Connection from db.transaction().
+"""The job system's SQL. Callers pass a Connection from common.platform.db.
 
 Statements that decide correctness (the claim, the conditional finish) are single set-based UPDATEs,
 so concurrent deliveries of one job are serialised by PostgreSQL's row lock, not by the application.
@@ -6,84 +6,13 @@ so concurrent deliveries of one job are serialised by PostgreSQL's row lock, not
 
 from __future__ import annotations
 
-import json
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from common.db import Connection, Statement
-
-JOB_COLUMNS = (
-    "id, user_id, job_kind, status, idempotency_key, request_json, result_json, error_json, "
-    "attempts, max_attempts, lease_expires_at, dispatched_at, created_at, updated_at, "
-    "started_at, completed_at"
-)
-
-
-@dataclass(frozen=True)
-class Job:
-    id: uuid.UUID
-    user_id: str | None
-    job_kind: str
-    status: str
-    idempotency_key: str
-    request_json: dict[str, Any]
-    result_json: dict[str, Any] | None
-    error_json: dict[str, Any] | None
-    attempts: int
-    max_attempts: int
-    lease_expires_at: datetime | None
-    dispatched_at: datetime | None
-    created_at: datetime
-    updated_at: datetime
-    started_at: datetime | None
-    completed_at: datetime | None
-
-    @classmethod
-    def queued(
-        cls,
-        *,
-        id: uuid.UUID,
-        user_id: str | None,
-        job_kind: str,
-        idempotency_key: str,
-        request_json: dict[str, Any],
-        max_attempts: int,
-        now: datetime,
-    ) -> Job:
-        """A job as insert_job stores it: queued, dispatched now, no attempt yet."""
-        return cls(
-            id=id,
-            user_id=user_id,
-            job_kind=job_kind,
-            status="queued",
-            idempotency_key=idempotency_key,
-            request_json=request_json,
-            result_json=None,
-            error_json=None,
-            attempts=0,
-            max_attempts=max_attempts,
-            lease_expires_at=None,
-            dispatched_at=now,
-            created_at=now,
-            updated_at=now,
-            started_at=None,
-            completed_at=None,
-        )
-
-    @classmethod
-    def from_row(cls, row: Any) -> Job:
-        return cls(**{key: getattr(row, key) for key in cls.__dataclass_fields__})
-
-
-# Built once: json.dumps(..., ensure_ascii=False) builds an encoder per call.
-_JSONB = json.JSONEncoder(ensure_ascii=False)
-
-
-def _jsonb(value: Any) -> str | None:
-    return None if value is None else _JSONB.encode(value)
-
+from common.jobs.model import JOB_COLUMNS, Job
+from common.platform.db import Connection, Statement, jsonb
 
 # --- jobs -----------------------------------------------------------------------------------------
 
@@ -123,7 +52,7 @@ def insert_job(
             "user_id": user_id,
             "job_kind": job_kind,
             "idempotency_key": idempotency_key,
-            "request_json": _jsonb(request_json),
+            "request_json": jsonb(request_json),
             "max_attempts": max_attempts,
         },
     ).first()
@@ -203,75 +132,25 @@ def claim_job(conn: Connection, job_id: uuid.UUID, *, lease_seconds: int) -> Cla
     return Claim(claimed=bool(row.claimed), job=Job.from_row(row), now=row.db_now)
 
 
-_FINISH_GUARD = "WHERE id = :id AND status = 'running' AND attempts = :attempt"
+FINISH_GUARD = "WHERE id = :id AND status = 'running' AND attempts = :attempt"
 
 _COMPLETE_JOB = Statement(
     "UPDATE jobs SET status = 'done', result_json = CAST(:result AS jsonb), "
-    "error_json = NULL, lease_expires_at = NULL, completed_at = now(), updated_at = now() " + _FINISH_GUARD,
+    "error_json = NULL, lease_expires_at = NULL, completed_at = now(), updated_at = now() " + FINISH_GUARD,
     prepare=True,
 )
 
 
 def complete_job(conn: Connection, job_id: uuid.UUID, *, attempt: int, result: dict[str, Any]) -> bool:
     """`running` -> `done`, only if this attempt still holds the claim (not canceled, not stolen)."""
-    updated = conn.execute(_COMPLETE_JOB, {"id": job_id, "attempt": attempt, "result": _jsonb(result)})
+    updated = conn.execute(_COMPLETE_JOB, {"id": job_id, "attempt": attempt, "result": jsonb(result)})
     return updated.rowcount == 1
-
-
-_COMPLETE_JOB_WITH_LESSON = Statement(
-    f"""
-    WITH done AS (
-        UPDATE jobs SET status = 'done', result_json = CAST(:result AS jsonb),
-               error_json = NULL, lease_expires_at = NULL, completed_at = now(),
-               updated_at = now()
-        {_FINISH_GUARD}
-        RETURNING id, user_id
-    )
-    INSERT INTO lessons (id, user_id, job_id, topic, title, content)
-    SELECT CAST(:lesson_id AS uuid), user_id, id, CAST(:topic AS text), CAST(:title AS text),
-           CAST(:content AS jsonb)
-      FROM done
-    RETURNING id
-    """,
-    prepare=True,
-)
-
-
-def complete_job_with_lesson(
-    conn: Connection,
-    *,
-    job_id: uuid.UUID,
-    attempt: int,
-    result: dict[str, Any],
-    lesson_id: uuid.UUID,
-    topic: str,
-    title: str,
-    content: dict[str, Any],
-) -> bool:
-    """The guarded `done` transition and the lesson insert as one statement: both or neither.
-
-    If the claim was lost (canceled, or a newer attempt), the UPDATE matches nothing and no lesson
-    is written; lessons.job_id being unique stops a second lesson whatever happens.
-    """
-    row = conn.execute(
-        _COMPLETE_JOB_WITH_LESSON,
-        {
-            "id": job_id,
-            "attempt": attempt,
-            "result": _jsonb(result),
-            "lesson_id": lesson_id,
-            "topic": topic,
-            "title": title,
-            "content": _jsonb(content),
-        },
-    ).first()
-    return row is not None
 
 
 _FAIL_JOB = Statement(
     "UPDATE jobs SET status = CASE WHEN CAST(:final AS boolean) THEN 'error' ELSE 'queued' END, "
     "error_json = CAST(:error AS jsonb), lease_expires_at = NULL, "
-    "completed_at = CASE WHEN CAST(:final AS boolean) THEN now() END, updated_at = now() " + _FINISH_GUARD,
+    "completed_at = CASE WHEN CAST(:final AS boolean) THEN now() END, updated_at = now() " + FINISH_GUARD,
     prepare=True,
 )
 
@@ -286,7 +165,7 @@ def fail_job(
 ) -> bool:
     """Record a failed attempt: back to `queued` (error kept) or, when `final`, `error`."""
     updated = conn.execute(
-        _FAIL_JOB, {"id": job_id, "attempt": attempt, "error": _jsonb(error), "final": final}
+        _FAIL_JOB, {"id": job_id, "attempt": attempt, "error": jsonb(error), "final": final}
     )
     return updated.rowcount == 1
 
@@ -300,7 +179,7 @@ def expire_exhausted_job(conn: Connection, job_id: uuid.UUID, *, error: dict[str
             "WHERE id = :id AND attempts >= max_attempts AND "
             "(status = 'queued' OR (status = 'running' AND lease_expires_at < now()))"
         ),
-        {"id": job_id, "error": _jsonb(error)},
+        {"id": job_id, "error": jsonb(error)},
     )
     return updated.rowcount == 1
 
@@ -374,45 +253,7 @@ def restore_dispatch_stamp(
     return updated.rowcount == 1
 
 
-# --- lessons --------------------------------------------------------------------------------------
-
-LESSON_COLUMNS = "id, user_id, job_id, topic, title, content, created_at, archived_at"
-
-
-def get_lesson(conn: Connection, lesson_id: uuid.UUID) -> Any:
-    return conn.execute(
-        Statement(f"SELECT {LESSON_COLUMNS} FROM lessons WHERE id = :id"), {"id": lesson_id}
-    ).first()
-
-
-def list_visible_lessons(
-    conn: Connection,
-    *,
-    user_id: str,
-    limit: int,
-    after: tuple[datetime, uuid.UUID] | None,
-) -> list[Any]:
-    """Newest first, keyset-paged on (created_at, id); archived lessons never appear."""
-    params: dict[str, Any] = {"user_id": user_id, "limit": limit}
-    keyset = ""
-    if after is not None:
-        keyset = "AND (created_at, id) < (:after_created, :after_id)"
-        params.update(after_created=after[0], after_id=after[1])
-    return list(
-        conn.execute(
-            Statement(
-                "SELECT id, job_id, topic, title, created_at FROM lessons "
-                f"WHERE user_id = :user_id AND archived_at IS NULL {keyset} "
-                "ORDER BY created_at DESC, id DESC LIMIT :limit"
-            ),
-            params,
-        )
-    )
-
-
 # --- operator queries and the cancel / retry transitions ------------------------------------------
-
-RETRYABLE_STATUSES = ("error", "canceled")
 
 
 @dataclass(frozen=True)
@@ -454,7 +295,9 @@ def list_jobs(conn: Connection, job_filter: JobFilter, *, limit: int | None) -> 
         limit_sql = "LIMIT :limit"
         params["limit"] = limit
     rows = conn.execute(
-        Statement(f"SELECT {JOB_COLUMNS} FROM jobs WHERE {where} ORDER BY created_at DESC, id DESC {limit_sql}"),
+        Statement(
+            f"SELECT {JOB_COLUMNS} FROM jobs WHERE {where} ORDER BY created_at DESC, id DESC {limit_sql}"
+        ),
         params,
     )
     return [Job.from_row(row) for row in rows]
@@ -462,7 +305,9 @@ def list_jobs(conn: Connection, job_filter: JobFilter, *, limit: int | None) -> 
 
 def job_kind_exists(conn: Connection, kind: str) -> bool:
     return bool(
-        conn.execute(Statement("SELECT EXISTS (SELECT 1 FROM jobs WHERE job_kind = :k)"), {"k": kind}).scalar()
+        conn.execute(
+            Statement("SELECT EXISTS (SELECT 1 FROM jobs WHERE job_kind = :k)"), {"k": kind}
+        ).scalar()
     )
 
 
@@ -520,7 +365,9 @@ def job_counts(conn: Connection) -> list[Any]:
     """(job_kind, status, n) for every kind and status present."""
     return list(
         conn.execute(
-            Statement("SELECT job_kind, status, count(*) AS n FROM jobs GROUP BY job_kind, status ORDER BY 1, 2")
+            Statement(
+                "SELECT job_kind, status, count(*) AS n FROM jobs GROUP BY job_kind, status ORDER BY 1, 2"
+            )
         )
     )
 
@@ -548,183 +395,7 @@ def finished_counts(conn: Connection, *, within_seconds: float) -> Any:
     ).one()
 
 
-# --- archiving (lesson history limits) ------------------------------------------------------------
-#
-# A run snapshots a cutoff. A user's "boundary" is the newest of their visible lessons created before
-# the cutoff that is beyond their limit: found on the partial index lessons_user_visible_idx, reading
-# N+1 entries of that user, with no ranking of the table. The boundary and every older visible lesson
-# are archived. A run computes every boundary once (an index-only probe per user, into a temporary
-# table of the worker's connection), then batches walk the table in physical (block) order, so each
-# reads and rewrites a compact run of pages, as a sequential scan would, instead of hopping between
-# users' rows scattered over the whole heap. Archiving never moves a boundary (only older lessons go),
-# so a batch can stop anywhere, batches on disjoint block ranges can run concurrently, and the next
-# one (or a re-run after a crash, which computes the boundaries again) finds exactly the rest.
-# The price: every run reads the whole heap once, sequentially, even when little is over the limit.
-
-_LIMITS_CTE = """
-    limits AS (
-        SELECT tier, keep FROM unnest(CAST(:tiers AS text[]), CAST(:keeps AS integer[])) AS t(tier, keep)
-    )"""
-
-
-def _boundaries(users_where: str) -> str:
-    return f"""
-    SELECT u.id AS user_id, u.tier, f.created_at, f.id
-      FROM users u
-      LEFT JOIN limits ON limits.tier = u.tier
-     CROSS JOIN LATERAL (
-           SELECT created_at, id FROM lessons
-            WHERE user_id = u.id AND archived_at IS NULL AND created_at < :cutoff
-            ORDER BY created_at DESC, id DESC
-           OFFSET coalesce(limits.keep, :fallback_keep) LIMIT 1
-     ) f
-     WHERE {users_where}"""
-
-
-# Lesson `l` is archived when it is visible, older than the cutoff, and not newer than its owner's
-# boundary `b`.
-_DOOMED = """
-    l.archived_at IS NULL AND l.created_at < :cutoff AND (l.created_at, l.id) <= (b.created_at, b.id)"""
-
-
-@dataclass(frozen=True)
-class TierLimits:
-    """Visible-history limit per tier; tiers not in `limits` get `fallback` (the free tier's)."""
-
-    limits: dict[str, int]
-    fallback: int
-
-    def params(self) -> dict[str, Any]:
-        return {
-            "tiers": list(self.limits),
-            "keeps": list(self.limits.values()),
-            "fallback_keep": self.fallback,
-        }
-
-
-def database_now(conn: Connection) -> datetime:
-    return conn.execute(Statement("SELECT clock_timestamp()")).value()
-
-
-def lesson_blocks(conn: Connection) -> int:
-    """How many heap blocks lessons has now: the end of the archiver's walk."""
-    return int(
-        conn.execute(
-            Statement("SELECT pg_relation_size('lessons') / current_setting('block_size')::integer")
-        ).value()
-    )
-
-
-# A run computes every boundary once, into a temporary table of the connection that runs its
-# batches (one row per user over the limit), instead of looking them up again in every batch for
-# each user the batch meets: with lessons spread over the heap a batch meets thousands of users, and
-# the repeated lookups cost as much as the batch's writes (1M-lesson bench: a 10,000-row batch met
-# ~7,000 users and spent ~0.4 s of its ~0.9 s probing them; the hash join on the table takes ~25 ms).
-# The boundaries stay right for the whole run: archiving only removes lessons older than a boundary,
-# and lessons created after the cutoff do not count. A crashed run loses the table with its
-# connection; the retry computes it again from the lessons still visible.
-_CREATE_BOUNDARIES = Statement(
-    "CREATE TEMPORARY TABLE archive_boundaries "
-    "(user_id text PRIMARY KEY, created_at timestamptz NOT NULL, id uuid NOT NULL)"
-)
-_FILL_BOUNDARIES = Statement(
-    f"""
-    WITH {_LIMITS_CTE}
-    INSERT INTO archive_boundaries (user_id, created_at, id)
-    SELECT b.user_id, b.created_at, b.id FROM ({_boundaries("true")}) AS b
-    """
-)
-
-
-def create_boundaries(conn: Connection, *, limits: TierLimits, cutoff: datetime) -> int:
-    """Fill this connection's `archive_boundaries`; returns how many users are over their limit."""
-    conn.execute(_CREATE_BOUNDARIES)
-    users = int(conn.execute(_FILL_BOUNDARIES, {**limits.params(), "cutoff": cutoff}).rowcount)
-    conn.execute_simple("ANALYZE archive_boundaries")  # temporary tables get no autovacuum
-    return users
-
-
-def drop_boundaries(conn: Connection) -> None:
-    conn.execute_simple("DROP TABLE IF EXISTS archive_boundaries")
-
-
-# The block range is a TID range scan (PostgreSQL 14+), hash-joined to the boundaries;
-# ctid = ANY(ARRAY(...)) is a TID scan, so the batch rewrites exactly the rows it found, on the pages
-# it just read, with no index lookups.
-_ARCHIVE_BLOCKS = Statement(
-    """
-    UPDATE lessons SET archived_at = now()
-     WHERE ctid = ANY(ARRAY(
-               SELECT l.ctid FROM lessons l JOIN archive_boundaries b ON b.user_id = l.user_id
-                WHERE l.ctid >= CAST(:first AS tid) AND l.ctid < CAST(:last AS tid)
-                  AND l.archived_at IS NULL AND l.created_at < :cutoff
-                  AND (l.created_at, l.id) <= (b.created_at, b.id)
-                LIMIT :batch_size))
-       AND archived_at IS NULL
-    """
-)
-
-
-def archive_blocks(
-    conn: Connection,
-    *,
-    first_block: int,
-    last_block: int,
-    cutoff: datetime,
-    batch_size: int,
-) -> int:
-    """Archive up to `batch_size` doomed lessons stored in blocks [first_block, last_block), by the
-    boundaries `create_boundaries` put on this connection.
-
-    Fewer than `batch_size` means that block range is done.
-    """
-    return int(
-        conn.execute(
-            _ARCHIVE_BLOCKS,
-            {
-                "first": f"({first_block},0)",
-                "last": f"({last_block},0)",
-                "cutoff": cutoff,
-                "batch_size": batch_size,
-            },
-        ).rowcount
-    )
-
-
-@dataclass(frozen=True)
-class TierPreview:
-    tier: str
-    users_over_limit: int
-    lessons: int
-
-
-_PREVIEW_ARCHIVE = Statement(
-    f"""
-    WITH {_LIMITS_CTE},
-    boundaries AS ({_boundaries("true")})
-    SELECT b.tier, count(*) AS users_over_limit, sum(n.lessons) AS lessons
-      FROM boundaries b
-     CROSS JOIN LATERAL (
-           SELECT count(*) AS lessons FROM lessons l WHERE l.user_id = b.user_id AND {_DOOMED}
-     ) n
-     GROUP BY b.tier
-     ORDER BY b.tier
-    """
-)
-
-
-def preview_archive(conn: Connection, *, limits: TierLimits, cutoff: datetime) -> list[TierPreview]:
-    """What a run with this cutoff would archive, per tier (read-only)."""
-    rows = conn.execute(_PREVIEW_ARCHIVE, {**limits.params(), "cutoff": cutoff})
-    return [TierPreview(r.tier, int(r.users_over_limit), int(r.lessons)) for r in rows]
-
-
-def unknown_tiers(conn: Connection, known: list[str]) -> list[str]:
-    rows = conn.execute(
-        Statement("SELECT DISTINCT tier FROM users WHERE NOT (tier = ANY(CAST(:known AS text[]))) ORDER BY tier"),
-        {"known": known},
-    )
-    return [row.tier for row in rows]
+# --- users ----------------------------------------------------------------------------------------
 
 
 def set_user_tier(conn: Connection, *, user_id: str, tier: str) -> bool:

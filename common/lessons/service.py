@@ -9,25 +9,26 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from common import store
-from common.db import connection
-from common.errors import Gone, NotFound, ValidationFailed
+from common.lessons import queries
+from common.platform.db import connection
+from common.platform.errors import Gone, NotFound, ValidationFailed
+from common.platform.validation import parse_uuid
 
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 100
 
 
 def _parse_lesson_id(raw: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(raw)
-    except (ValueError, AttributeError, TypeError):
-        raise NotFound("No such lesson.") from None
+    lesson_id = parse_uuid(raw)
+    if lesson_id is None:
+        raise NotFound("No such lesson.")
+    return lesson_id
 
 
 def get_lesson(user_id: str, raw_id: str) -> dict[str, Any]:
     lesson_id = _parse_lesson_id(raw_id)
     with connection() as conn:
-        row = store.get_lesson(conn, lesson_id)
+        row = queries.get_lesson(conn, lesson_id)
     if row is None or row.user_id != user_id:
         raise NotFound("No such lesson.")
     if row.archived_at is not None:
@@ -80,7 +81,7 @@ def parse_limit(raw: str | None) -> int:
 def list_lessons(user_id: str, *, limit: int, cursor: str | None) -> dict[str, Any]:
     after = decode_cursor(cursor) if cursor else None
     with connection() as conn:
-        rows = store.list_visible_lessons(conn, user_id=user_id, limit=limit + 1, after=after)
+        rows = queries.list_visible_lessons(conn, user_id=user_id, limit=limit + 1, after=after)
     page, more = rows[:limit], len(rows) > limit
     return {
         "lessons": [

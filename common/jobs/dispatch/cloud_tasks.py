@@ -10,10 +10,10 @@ import json
 import threading
 from typing import Any
 
-from common.config import Settings
-from common.dispatch import task_name_for
-from common.log import logger
-from common.store import Job
+from common.jobs.dispatch.base import task_name_for
+from common.jobs.model import Job
+from common.platform.config import Settings
+from common.platform.log import logger
 
 # Cloud Tasks accepts dispatch deadlines from 15 seconds to 30 minutes for HTTP targets.
 MIN_DEADLINE_SECONDS = 15
@@ -28,11 +28,13 @@ def dispatch_deadline_seconds(job_timeout_seconds: int) -> int:
 
 
 def build_client(settings: Settings) -> Any:
+    # Lazily (here and below): google-cloud-tasks loads on the first dispatch, not at cold start.
     from google.cloud import tasks_v2
 
     if settings.cloud_tasks_emulator_host:
         # Emulators speak plain gRPC without credentials; a given channel makes the transport skip
         # Google's credential lookup entirely (nothing here may reach Google's network).
+        # Lazily: the emulator's plain channel, only when one is configured.
         import grpc
         from google.cloud.tasks_v2.services.cloud_tasks.transports import CloudTasksGrpcTransport
 
@@ -58,6 +60,7 @@ class CloudTasksDispatcher:
         return self._client
 
     def build_task(self, job: Job) -> Any:
+        # Lazily: google-cloud-tasks loads on the first dispatch, not at cold start.
         from google.cloud import tasks_v2
         from google.protobuf import duration_pb2
 
@@ -82,6 +85,7 @@ class CloudTasksDispatcher:
         )
 
     def dispatch(self, job: Job) -> None:
+        # Lazily: google-cloud-tasks loads on the first dispatch, not at cold start.
         from google.api_core import exceptions
 
         task = self.build_task(job)

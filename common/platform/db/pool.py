@@ -1,5 +1,5 @@
-"""The database layer: a small pool of pg8000 connections (created lazily, once per process), the
-statement runner, and the `connection()` / `transaction()` helpers.
+"""The pool of pg8000 connections (created lazily, once per process), the statement runner, and the
+`connection()` / `transaction()` helpers.
 
 Why not SQLAlchemy's engine at run time: importing SQLAlchemy costs ~0.3 s of CPU, more than the
 whole bare functions-framework cold start, and its execution path around pg8000 costs more CPU per
@@ -25,33 +25,30 @@ this package's source to keep it so).
 
 from __future__ import annotations
 
-import atexit
 import contextlib
+import json
 import socket
-import ssl
 import threading
 import time
 from collections import deque, namedtuple
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
 
-from common.config import SSL_MODES, Settings, get_settings
-from common.errors import ConfigError, DatabaseUnavailable
+from common.platform.config import Settings, get_settings
+from common.platform.db.connect import Opened, connect_function, driver
+from common.platform.errors import DatabaseUnavailable
+from common.platform.log import logger
 
 _lock = threading.Lock()
 _pool: Pool | None = None
-_connector: Any = None
 
 # A pooled connection idle longer than this is pinged at checkout (one round trip, bounded by the
 # connect timeout). Busy connections skip the ping: a dead one fails its statement, which counts as a
 # disconnect and replaces the whole pool, and a silent one hits the read timeout.
 PING_AFTER_IDLE_SECONDS = 2.0
 RECYCLE_SECONDS = 1800.0
-APPLICATION_NAME = "dylen"
 
 # SQLSTATE classes 08 (connection exception) and 57P (the server is shutting down or terminated the
 # session: restart, failover, pg_terminate_backend).
@@ -63,204 +60,6 @@ _STALE_STATEMENT_SQLSTATES = ("26000", "0A000")
 # server canceled a statement slower than the read timeout.
 _QUERY_CANCELED = "57014"
 _TIMESTAMPTZ_OID = 1184
-
-
-def _driver() -> Any:
-    import pg8000.dbapi
-
-    return pg8000.dbapi
-
-
-# --- where the database is ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Target:
-    host: str | None
-    port: int
-    database: str | None
-    user: str | None
-    password: str | None
-    sslmode: str | None
-    unix_sock: str | None = None
-
-
-def parse_url(url: str) -> Target:
-    """A postgresql:// URL (the `+pg8000` driver suffix is accepted) with libpq's `sslmode`, or
-    pg8000's `unix_sock` for a Unix socket (`postgresql://user@/db?unix_sock=/cloudsql/.../.s.PGSQL.5432`)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("postgresql", "postgresql+pg8000"):
-        raise ConfigError("DYLEN_DATABASE_URL must be a postgresql:// URL")
-    query = parse_qs(parts.query)
-    modes = query.get("sslmode")
-    mode = modes[-1] if modes else None
-    if mode is not None and mode not in SSL_MODES:
-        raise ConfigError(f"DYLEN_DATABASE_URL: sslmode must be one of {', '.join(SSL_MODES)}, got {mode!r}")
-    return Target(
-        host=parts.hostname,
-        port=parts.port or 5432,
-        database=unquote(parts.path.lstrip("/")) or None,
-        user=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password is not None else None,
-        sslmode=mode,
-        unix_sock=query["unix_sock"][-1] if "unix_sock" in query else None,
-    )
-
-
-def is_loopback_host(host: str | None) -> bool:
-    """True for a host on this machine: localhost, 127.0.0.0/8, ::1, or a Unix socket (no host)."""
-    if not host or host == "localhost":
-        return True
-    import ipaddress
-
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-class _Handshake(threading.local):
-    """The TLS socket pg8000 wrapped last on this thread (see _TrackingContext)."""
-
-    sock: ssl.SSLSocket | None = None
-
-
-_handshake = _Handshake()
-
-
-class _TrackingContext(ssl.SSLContext):
-    """An SSLContext that remembers the socket it wraps, so the pool can set that socket's timeouts
-    (pg8000 owns the TLS socket it makes from ours and exposes no public handle on it)."""
-
-    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
-        wrapped = super().wrap_socket(sock, *args, **kwargs)
-        _handshake.sock = wrapped
-        return wrapped
-
-
-def ssl_argument(url: str) -> Any:
-    """pg8000's `ssl_context` for a URL's libpq-style `sslmode`: False for no TLS, else a context.
-
-    No sslmode means no TLS to a loopback server (nothing to protect on this host; pg8000's own
-    default would build a fresh context per connection, ~50 ms of CPU loading the CA store on the
-    cold start's path) and `prefer` elsewhere. `allow` and `prefer` try TLS without verifying and
-    fall back to plain text if the server refuses (see _url_connect); `require` insists on it; the
-    verify modes check the certificate (and, for verify-full, the host name).
-    """
-    target = parse_url(url)
-    mode = target.sslmode
-    if mode is None:
-        mode = "disable" if target.unix_sock or is_loopback_host(target.host) else "prefer"
-    if mode == "disable":
-        return False
-    context = _TrackingContext(ssl.PROTOCOL_TLS_CLIENT)
-    if mode in ("verify-ca", "verify-full"):
-        context.load_default_certs()
-        context.check_hostname = mode == "verify-full"
-    else:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
-
-
-@dataclass
-class Opened:
-    """A new driver connection and the socket it talks over, when that socket is reachable (ours,
-    or the TLS socket made from ours): the pool sets read and ping timeouts on it. None with the
-    Cloud SQL connector, which makes its own socket; there the server's statement_timeout bounds
-    statements instead."""
-
-    con: Any
-    sock: socket.socket | None
-
-
-def _open_socket(target: Target, timeout: float) -> socket.socket:
-    if target.unix_sock:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(timeout)
-            sock.connect(target.unix_sock)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-    sock = socket.create_connection((target.host or "localhost", target.port), timeout)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    return sock
-
-
-def _url_connect(settings: Settings, *, read_timeout: float | None) -> Callable[[], Opened]:
-    if not settings.database_url:
-        raise ConfigError(
-            "DYLEN_DATABASE_URL (or DYLEN_CLOUD_SQL_INSTANCE) is required; "
-            "`make run` and `make test` start an embedded PostgreSQL for you"
-        )
-    target = parse_url(settings.database_url)
-    ssl_context = ssl_argument(settings.database_url)
-    fall_back = target.sslmode in (None, "allow", "prefer") and ssl_context is not False
-    connect_timeout = settings.db_connect_timeout_seconds
-
-    def attempt(context: Any) -> Opened:
-        # Our own socket: the one handle on the connection's reads that pg8000 does not hide.
-        sock = _open_socket(target, connect_timeout)
-        _handshake.sock = None
-        try:
-            con = _driver().connect(
-                user=target.user or "postgres",
-                password=target.password,
-                database=target.database,
-                host=target.host or "localhost",  # the TLS server name; the socket is already ours
-                sock=sock,
-                ssl_context=context,
-                application_name=APPLICATION_NAME,
-            )
-        except BaseException:
-            sock.close()
-            raise
-        used = _handshake.sock if context is not False else sock
-        _handshake.sock = None
-        if used is not None:
-            used.settimeout(read_timeout)
-        return Opened(con, used)
-
-    def connect() -> Opened:
-        try:
-            return attempt(ssl_context)
-        except _driver().InterfaceError as error:
-            # libpq's prefer: a server without TLS answers the SSL request with "N" (pg8000 then says
-            # "Server refuses SSL"); connect again in plain text.
-            if not fall_back or "refuses SSL" not in str(error):
-                raise
-        return attempt(False)
-
-    return connect
-
-
-def _cloud_sql_connect(settings: Settings, *, read_timeout: float | None) -> Callable[[], Opened]:
-    # Imported only here: functions configured with a plain URL never load the connector.
-    global _connector
-    from google.cloud.sql.connector import Connector, IPTypes
-
-    if _connector is None:
-        _connector = Connector(refresh_strategy="lazy", ip_type=IPTypes.PUBLIC)
-        atexit.register(_connector.close)
-    connector = _connector
-    kwargs: dict[str, Any] = {
-        "user": settings.db_user,
-        "db": settings.db_name,
-        "enable_iam_auth": settings.db_iam_auth,
-        "application_name": APPLICATION_NAME,
-    }
-    if not settings.db_iam_auth:
-        kwargs["password"] = settings.db_password
-    if read_timeout is not None:
-        # The connector's socket is out of reach, so the server bounds each statement instead.
-        kwargs["startup_params"] = {"statement_timeout": str(int(read_timeout * 1000))}
-
-    def connect() -> Opened:
-        return Opened(connector.connect(settings.cloud_sql_instance, "pg8000", **kwargs), None)
-
-    return connect
 
 
 # --- statements and results -------------------------------------------------------------------------
@@ -318,6 +117,7 @@ class Statement:
 
     def compiled(self) -> tuple[str, Any]:
         if self._numbered is None:
+            # Lazily, like the driver (connect.driver): nothing of pg8000 loads at cold start.
             from pg8000.native import to_statement
 
             self._numbered, self._make_args = to_statement(self.sql)
@@ -332,6 +132,15 @@ class Statement:
         if row_type is None:
             row_type = self._row_types[names] = namedtuple("Row", names, rename=True)
         return Result([row_type(*row) for row in rows], context.row_count)
+
+
+# Built once: json.dumps(..., ensure_ascii=False) builds an encoder per call.
+_JSONB = json.JSONEncoder(ensure_ascii=False)
+
+
+def jsonb(value: Any) -> str | None:
+    """A value for a `CAST(:x AS jsonb)` parameter."""
+    return None if value is None else _JSONB.encode(value)
 
 
 class QueryError(Exception):
@@ -359,8 +168,7 @@ def _sqlstate(error: BaseException | None) -> str:
 def _is_disconnect(error: BaseException) -> bool:
     if isinstance(error, (ConnectionError, OSError)):
         return True
-    driver = _driver()
-    if isinstance(error, driver.InterfaceError):
+    if isinstance(error, driver().InterfaceError):
         return True
     code = _sqlstate(error)
     return code in _DISCONNECT_SQLSTATES or code.startswith("08")
@@ -382,6 +190,7 @@ class _Record:
     )
 
     def __init__(self, opened: Opened, generation: int) -> None:
+        # Lazily, like the driver (connect.driver): nothing of pg8000 loads at cold start.
         from pg8000.converters import make_params
 
         self.con = opened.con
@@ -457,7 +266,7 @@ class Connection:
         record.clean = False
         try:
             context = run(*args)
-        except _driver().DatabaseError as error:
+        except driver().DatabaseError as error:
             # The server's refusal: pg8000 raises it only after the reply's ReadyForQuery.
             record.clean = True
             translated = self._translate(error, sql)
@@ -479,7 +288,7 @@ class Connection:
         name, columns, input_funcs = entry
         try:
             return con.execute_named(name, params, columns, input_funcs, statement.sql)
-        except _driver().DatabaseError as error:
+        except driver().DatabaseError as error:
             if _sqlstate(error) not in _STALE_STATEMENT_SQLSTATES:
                 raise
             del record.prepared[statement]
@@ -495,7 +304,7 @@ class Connection:
             self._record.clean = False
             self._pool.invalidate_all()
             return DatabaseUnavailable("The database is unreachable; retry shortly.")
-        if isinstance(error, _driver().DatabaseError):
+        if isinstance(error, driver().DatabaseError):
             if _sqlstate(error) == _QUERY_CANCELED:  # statement_timeout: slow, not refused
                 return DatabaseUnavailable("The database did not answer in time; retry shortly.")
             return QueryError(error, sql)
@@ -512,6 +321,7 @@ def _timestamptz_in(data: str) -> Any:
     try:
         return datetime.fromisoformat(data)
     except ValueError:
+        # Lazily, like the driver (connect.driver): nothing of pg8000 loads at cold start.
         from pg8000.converters import timestamptz_in
 
         return timestamptz_in(data)
@@ -580,7 +390,7 @@ class Pool:
                 self._cond.notify()
             if isinstance(error, Exception) and _is_disconnect(error):
                 raise DatabaseUnavailable("The database is unreachable; retry shortly.") from error
-            if isinstance(error, _driver().DatabaseError):  # no such database, wrong password
+            if isinstance(error, driver().DatabaseError):  # no such database, wrong password
                 raise QueryError(error, "(connect)") from error
             raise
         record = _Record(opened, generation)
@@ -601,8 +411,6 @@ class Pool:
                 self._discard(record)
                 continue
             if now - record.idle_since >= PING_AFTER_IDLE_SECONDS and not self._ping(record):
-                from common.log import logger
-
                 logger.warning("A pooled database connection failed its ping; the pool is replaced")
                 self._discard(record)
                 self.invalidate_all()  # what killed this one probably killed its siblings
@@ -658,12 +466,6 @@ def _close(record: _Record) -> None:
             record.sock.close()
 
 
-def connect_function(settings: Settings, *, read_timeout: float | None) -> Callable[[], Opened]:
-    if settings.uses_cloud_sql:
-        return _cloud_sql_connect(settings, read_timeout=read_timeout)
-    return _url_connect(settings, read_timeout=read_timeout)
-
-
 def build_pool(settings: Settings) -> Pool:
     return Pool(
         connect_function(settings, read_timeout=settings.db_read_timeout_seconds),
@@ -710,13 +512,3 @@ def transaction() -> Iterator[Connection]:
     answers 503 when the database is away."""
     with connection() as conn, conn.transaction():
         yield conn
-
-
-def sqlalchemy_engine(settings: Settings | None = None) -> Any:
-    """A SQLAlchemy engine on the same database, for Alembic migrations only (no pool kept, no read
-    timeout: a migration may rightly rebuild an index for a long time)."""
-    import sqlalchemy as sa
-    from sqlalchemy.pool import NullPool
-
-    connect = connect_function(settings or get_settings(), read_timeout=None)
-    return sa.create_engine("postgresql+pg8000://", creator=lambda: connect().con, poolclass=NullPool)

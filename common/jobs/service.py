@@ -1,4 +1,5 @@
-"""create_job, get_job and cancel_job: the user-facing job operations."""
+"""Creating, reading and canceling jobs: the operations behind create_job, get_job and cancel_job
+(and the operators' cancel, and the scheduled maintenance jobs' submit)."""
 
 from __future__ import annotations
 
@@ -7,18 +8,20 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from common import store
-from common.config import get_settings
-from common.db import connection, transaction
-from common.errors import Conflict, IdempotencyConflict, NotFound, ValidationFailed
-from common.handlers import user_handler
-from common.log import logger
-from common.validation import FieldErrors, check_text, reject_unknown
+from common.jobs import queries
+from common.jobs.dispatch import dispatch_job
+from common.jobs.kinds import user_kind
+from common.jobs.model import Job, JobStatus
+from common.platform.config import get_settings
+from common.platform.db import connection, transaction
+from common.platform.errors import Conflict, IdempotencyConflict, NotFound, ValidationFailed
+from common.platform.log import logger
+from common.platform.validation import FieldErrors, check_text, parse_uuid, reject_unknown
 
 
 @dataclass(frozen=True)
 class Created:
-    job: store.Job
+    job: Job
     created: bool  # False: an identical earlier request with the same key
 
 
@@ -36,9 +39,9 @@ def parse_create_request(body: Any) -> tuple[str, str, dict[str, Any]]:
     if kind is None:
         errors.add("job_kind", "is required")
     errors.raise_if_any()
-    handler = user_handler(kind)
+    job_kind = user_kind(kind)
     assert key is not None
-    return handler.kind, key, handler.validate(body.get("payload"))
+    return job_kind.kind, key, job_kind.validate(body.get("payload"))
 
 
 def create_job(user_id: str, body: Any) -> Created:
@@ -61,7 +64,7 @@ def submit_job(
     # Autocommit: the insert (with its user upsert) is one statement; the replay lookup after a
     # conflict needs no atomicity with it because jobs are never deleted.
     with connection() as conn:
-        job = store.insert_job(
+        job = queries.insert_job(
             conn,
             user_id=user_id,
             job_kind=job_kind,
@@ -70,7 +73,7 @@ def submit_job(
             max_attempts=settings.job_max_attempts,
         )
         if job is None:
-            existing = store.find_job_by_key(
+            existing = queries.find_job_by_key(
                 conn, user_id=user_id, job_kind=job_kind, idempotency_key=idempotency_key
             )
             if existing is None:  # the conflicting row vanished; cannot happen without deletes
@@ -81,48 +84,52 @@ def submit_job(
     if logger.isEnabledFor(logging.INFO):  # the hot path: skip building the record when off
         logger.info("Job created", extra={"job_id": str(job.id), "job_kind": job_kind})
     if settings.auto_process:
-        from common.dispatch import dispatch_job
-
         dispatch_job(job)
     return Created(job=job, created=True)
 
 
 def parse_job_id(raw: str) -> uuid.UUID:
     """A malformed id is simply not found: never a 500, and no hint of what exists."""
-    try:
-        return uuid.UUID(raw)
-    except (ValueError, AttributeError, TypeError):
-        raise NotFound("No such job.") from None
+    job_id = parse_uuid(raw)
+    if job_id is None:
+        raise NotFound("No such job.")
+    return job_id
 
 
-def get_job(user_id: str, raw_id: str) -> store.Job:
+def get_job(user_id: str, raw_id: str) -> Job:
     job_id = parse_job_id(raw_id)
     with connection() as conn:
-        job = store.get_job(conn, job_id)
+        job = queries.get_job(conn, job_id)
     if job is None or job.user_id != user_id:
         raise NotFound("No such job.")
     return job
 
 
-def cancel_job(user_id: str, raw_id: str) -> store.Job:
+def cancel_job(user_id: str, raw_id: str) -> Job:
     """The caller's queued or running job -> canceled; 404 if not theirs, 409 if already final."""
-    job_id = parse_job_id(raw_id)
+    return cancel(parse_job_id(raw_id), owner=user_id)
+
+
+def cancel(job_id: uuid.UUID, *, owner: str | None) -> Job:
+    """`queued|running` -> `canceled`: the owner's job when `owner` is given, any job for operators
+    (None). 404 when there is no such job (or it is not the owner's), 409 when it is already final."""
     with transaction() as conn:
-        job = store.cancel_job(conn, job_id, owner=user_id)
-        current = None if job is not None else store.get_job(conn, job_id)
+        job = queries.cancel_job(conn, job_id, owner=owner)
+        current = None if job is not None else queries.get_job(conn, job_id)
     if job is not None:
         logger.info("Job canceled", extra={"job_id": str(job.id)})
         return job
-    if current is None or current.user_id != user_id:
-        raise NotFound("No such job.")
-    raise Conflict(f"The job is already {current.status}; only queued or running jobs can be canceled.")
+    if current is None or (owner is not None and current.user_id != owner):
+        raise NotFound("No such job." if owner is not None else f"No job {job_id}.")
+    subject = "The job" if owner is not None else f"Job {job_id}"
+    raise Conflict(f"{subject} is already {current.status}; only queued or running jobs can be canceled.")
 
 
 def _iso(value: Any) -> str | None:
     return value.isoformat() if value is not None else None
 
 
-def job_view(job: store.Job) -> dict[str, Any]:
+def job_view(job: Job) -> dict[str, Any]:
     error = None
     if job.error_json:
         error = {"code": job.error_json.get("code"), "message": job.error_json.get("message")}
@@ -134,6 +141,6 @@ def job_view(job: store.Job) -> dict[str, Any]:
         "created_at": _iso(job.created_at),
         "started_at": _iso(job.started_at),
         "completed_at": _iso(job.completed_at),
-        "result": job.result_json if job.status == "done" else None,
+        "result": job.result_json if job.status == JobStatus.DONE else None,
         "error": error,
     }

@@ -2,7 +2,7 @@
 
 Inputs arrive as the raw strings an operator typed; every bad one becomes a DylenError with a message
 that says what was wrong, so the CLI prints it and exits non-zero instead of showing a traceback.
-SQL lives in common.store; this module validates, sequences transactions and dispatches.
+SQL lives in common.jobs.queries; this module validates, sequences transactions and dispatches.
 """
 
 from __future__ import annotations
@@ -14,12 +14,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
-from common import store
-from common.config import get_settings
-from common.db import Connection, QueryError, transaction
-from common.errors import Conflict, DatabaseUnavailable, DylenError, NotFound, ValidationFailed
+from common.jobs import queries, service
+from common.jobs.dispatch import dispatch_job
+from common.jobs.kinds import get_kind, known_kinds
+from common.jobs.model import RETRYABLE_STATUSES, Job, JobStatus
+from common.platform.config import get_settings
+from common.platform.db import Connection, QueryError, transaction
+from common.platform.errors import Conflict, DatabaseUnavailable, DylenError, NotFound, ValidationFailed
+from common.platform.validation import parse_uuid
 
-STATUSES = ("queued", "running", "done", "error", "canceled")
+STATUSES = tuple(JobStatus)
 ERROR_RATE_WINDOW_SECONDS = 3600.0
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
@@ -35,15 +39,21 @@ def _reason(error: BaseException | None) -> str:
 
 
 @contextmanager
-def _db() -> Iterator[Connection]:
-    """transaction(), naming the cause when the database is away or refuses us (name, auth)."""
+def _named_db_errors() -> Iterator[None]:
+    """Name the cause when the database is away or refuses us (name, auth)."""
     try:
-        with transaction() as conn:
-            yield conn
+        yield
     except DatabaseUnavailable as error:
         raise DatabaseUnavailable(f"Cannot reach the database: {_reason(error.__cause__)}") from error
     except QueryError as error:
         raise DylenError(f"Database error: {_reason(error)}") from error
+
+
+@contextmanager
+def _db() -> Iterator[Connection]:
+    """transaction(), naming the cause of a database failure."""
+    with _named_db_errors(), transaction() as conn:
+        yield conn
 
 
 # --- input parsing ---------------------------------------------------------------------------------
@@ -61,10 +71,10 @@ def parse_duration(raw: str) -> float:
 
 
 def parse_job_ref(raw: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(raw)
-    except (ValueError, AttributeError, TypeError):
-        raise ValidationFailed(f"Malformed job id {raw!r}: expected a UUID.") from None
+    job_id = parse_uuid(raw)
+    if job_id is None:
+        raise ValidationFailed(f"Malformed job id {raw!r}: expected a UUID.")
+    return job_id
 
 
 def parse_statuses(
@@ -86,13 +96,9 @@ def _check_kinds(conn: Connection, values: Sequence[str] | None) -> tuple[str, .
     """Kinds with a handler, or present in the table (maintenance kinds); a typo is an error."""
     if not values:
         return None
-    from common.handlers import get_handler
-
     kinds = tuple(dict.fromkeys(k.strip() for v in values for k in v.split(",") if k.strip()))
-    unknown = [k for k in kinds if get_handler(k) is None and not store.job_kind_exists(conn, k)]
+    unknown = [k for k in kinds if get_kind(k) is None and not queries.job_kind_exists(conn, k)]
     if unknown or not kinds:
-        from common.handlers import known_kinds
-
         known = ", ".join(known_kinds())
         raise ValidationFailed(
             f"Unknown job kind {', '.join(unknown) or '(empty)'}: known kinds are {known}."
@@ -102,7 +108,7 @@ def _check_kinds(conn: Connection, values: Sequence[str] | None) -> tuple[str, .
 
 @dataclass(frozen=True)
 class Filters:
-    """What the operator typed; validated into a store.JobFilter inside a transaction."""
+    """What the operator typed; validated into a JobFilter inside a transaction."""
 
     statuses: Sequence[str] | None = None
     kinds: Sequence[str] | None = None
@@ -110,8 +116,8 @@ class Filters:
     older_than: str | None = None
     since: str | None = None
 
-    def resolve(self, conn: Connection, *, allowed_statuses: Sequence[str] = STATUSES) -> store.JobFilter:
-        return store.JobFilter(
+    def resolve(self, conn: Connection, *, allowed_statuses: Sequence[str] = STATUSES) -> queries.JobFilter:
+        return queries.JobFilter(
             statuses=parse_statuses(self.statuses, allowed=allowed_statuses),
             kinds=_check_kinds(conn, self.kinds),
             user_id=self.user_id,
@@ -123,39 +129,31 @@ class Filters:
 # --- commands --------------------------------------------------------------------------------------
 
 
-def list_jobs(filters: Filters, *, limit: int = 50) -> list[store.Job]:
+def list_jobs(filters: Filters, *, limit: int = 50) -> list[Job]:
     if limit < 1:
         raise ValidationFailed(f"--limit must be at least 1, got {limit}.")
     with _db() as conn:
-        return store.list_jobs(conn, filters.resolve(conn), limit=limit)
+        return queries.list_jobs(conn, filters.resolve(conn), limit=limit)
 
 
-def show_job(raw_id: str) -> store.Job:
+def show_job(raw_id: str) -> Job:
     job_id = parse_job_ref(raw_id)
     with _db() as conn:
-        job = store.get_job(conn, job_id)
+        job = queries.get_job(conn, job_id)
     if job is None:
         raise NotFound(f"No job {job_id}.")
     return job
 
 
-def cancel_job(raw_id: str) -> store.Job:
+def cancel_job(raw_id: str) -> Job:
     job_id = parse_job_ref(raw_id)
-    current = None
-    with _db() as conn:
-        job = store.cancel_job(conn, job_id, owner=None)
-        if job is None:
-            current = store.get_job(conn, job_id)
-    if job is not None:
-        return job
-    if current is None:
-        raise NotFound(f"No job {job_id}.")
-    raise Conflict(f"Job {job_id} is already {current.status}; only queued or running jobs can be canceled.")
+    with _named_db_errors():
+        return service.cancel(job_id, owner=None)
 
 
 @dataclass(frozen=True)
 class Retried:
-    jobs: list[store.Job]
+    jobs: list[Job]
     dispatched: int  # handed to the dispatcher; the rest stay queued for rescue_jobs
     dispatch_enabled: bool
 
@@ -164,14 +162,14 @@ def retry_job(raw_id: str) -> Retried:
     job_id = parse_job_ref(raw_id)
     current, lesson = None, False
     with _db() as conn:
-        jobs = store.requeue_jobs(conn, [job_id], extra_attempts=get_settings().job_max_attempts)
+        jobs = queries.requeue_jobs(conn, [job_id], extra_attempts=get_settings().job_max_attempts)
         if not jobs:
-            current = store.get_job(conn, job_id)
-            lesson = current is not None and store.has_lesson(conn, job_id)
+            current = queries.get_job(conn, job_id)
+            lesson = current is not None and queries.has_lesson(conn, job_id)
     if not jobs:
         if current is None:
             raise NotFound(f"No job {job_id}.")
-        if current.status not in store.RETRYABLE_STATUSES:
+        if current.status not in RETRYABLE_STATUSES:
             raise Conflict(f"Job {job_id} is {current.status}; only error or canceled jobs can be retried.")
         if lesson:
             raise Conflict(f"Job {job_id} already has a lesson; it cannot be retried.")
@@ -179,15 +177,15 @@ def retry_job(raw_id: str) -> Retried:
     return _dispatch(jobs)
 
 
-def retry_candidates(filters: Filters) -> list[store.Job]:
+def retry_candidates(filters: Filters) -> list[Job]:
     """The jobs a bulk retry would requeue (error or canceled only), for the operator to confirm."""
     if not any((filters.statuses, filters.kinds, filters.user_id, filters.older_than, filters.since)):
         raise ValidationFailed("Give a job id, or at least one filter (--status, --kind, --user, --since).")
     with _db() as conn:
-        job_filter = filters.resolve(conn, allowed_statuses=store.RETRYABLE_STATUSES)
+        job_filter = filters.resolve(conn, allowed_statuses=RETRYABLE_STATUSES)
         if job_filter.statuses is None:
-            job_filter = replace(job_filter, statuses=store.RETRYABLE_STATUSES)
-        return store.list_jobs(conn, job_filter, limit=None)
+            job_filter = replace(job_filter, statuses=RETRYABLE_STATUSES)
+        return queries.list_jobs(conn, job_filter, limit=None)
 
 
 def retry_jobs(job_ids: Sequence[uuid.UUID]) -> Retried:
@@ -195,26 +193,24 @@ def retry_jobs(job_ids: Sequence[uuid.UUID]) -> Retried:
     if not job_ids:
         return Retried(jobs=[], dispatched=0, dispatch_enabled=get_settings().auto_process)
     with _db() as conn:
-        jobs = store.requeue_jobs(conn, list(job_ids), extra_attempts=get_settings().job_max_attempts)
+        jobs = queries.requeue_jobs(conn, list(job_ids), extra_attempts=get_settings().job_max_attempts)
     return _dispatch(jobs)
 
 
-def _dispatch(jobs: list[store.Job]) -> Retried:
+def _dispatch(jobs: list[Job]) -> Retried:
     # Like create_job: committed first, then dispatched; with auto-process off (manual setups) the
     # job waits for a manual delivery or rescue_jobs.
     if not get_settings().auto_process:
         return Retried(jobs=jobs, dispatched=0, dispatch_enabled=False)
-    from common.dispatch import dispatch_job
-
     dispatched = sum(1 for job in jobs if dispatch_job(job))
     return Retried(jobs=jobs, dispatched=dispatched, dispatch_enabled=True)
 
 
 def stats() -> dict[str, Any]:
     with _db() as conn:
-        counts = store.job_counts(conn)
-        oldest = store.oldest_queued(conn)
-        finished = store.finished_counts(conn, within_seconds=ERROR_RATE_WINDOW_SECONDS)
+        counts = queries.job_counts(conn)
+        oldest = queries.oldest_queued(conn)
+        finished = queries.finished_counts(conn, within_seconds=ERROR_RATE_WINDOW_SECONDS)
     by_kind: dict[str, dict[str, int]] = {}
     for row in counts:
         by_kind.setdefault(row.job_kind, dict.fromkeys(STATUSES, 0))[row.status] = int(row.n)
@@ -241,7 +237,7 @@ def _iso(value: Any) -> str | None:
     return value.isoformat() if value is not None else None
 
 
-def job_detail(job: store.Job) -> dict[str, Any]:
+def job_detail(job: Job) -> dict[str, Any]:
     """Everything an operator needs about one job, JSON-ready."""
     return {
         "job_id": str(job.id),

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
-from common.errors import ValidationFailed
+from common.platform.errors import ValidationFailed
 
 
 class FieldErrors:
@@ -55,3 +56,14 @@ def check_text(
 def reject_unknown(errors: FieldErrors, data: dict[str, Any], allowed: set[str], prefix: str = "") -> None:
     for key in sorted(set(data) - allowed):
         errors.add(prefix + key, "unknown field")
+
+
+def parse_uuid(raw: object) -> uuid.UUID | None:
+    """An id from its canonical text, or None: callers answer a malformed id like an unknown one
+    (404) or name it (operators), never with a 500."""
+    if not isinstance(raw, str):
+        return None
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        return None

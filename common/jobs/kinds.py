@@ -1,0 +1,87 @@
+"""The registry of job kinds: the one place that names them. Each entry is an import path (as
+procrastinate's `import_paths` are), loaded on first use, so the job system never imports the
+products that plug kinds into it.
+
+A kind's `run` does the slow work without holding a database transaction and returns a Completion;
+the processor then makes the guarded `done` transition (or the kind's own `finish` statement, which
+stores its outputs in the same statement).
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from common.jobs.model import Job
+from common.platform.db import Connection
+from common.platform.errors import ValidationFailed
+
+KINDS: dict[str, str] = {
+    "lesson": "common.lessons.kind:LessonKind",
+    "maintenance.archive_lessons": "common.lessons.archive.kind:ArchiveLessonsKind",
+}
+
+
+@dataclass(frozen=True)
+class Completion:
+    """What a successful run leaves behind.
+
+    `finish`, when given, is ONE statement that stores the outputs and makes the guarded `done`
+    transition itself (see common.lessons.queries.complete_job_with_lesson) and returns whether this
+    attempt still held the claim; being a single statement it needs no BEGIN/COMMIT.
+    """
+
+    result: dict[str, Any]
+    finish: Callable[[Connection, uuid.UUID, int], bool] | None = None
+
+
+class Kind(Protocol):
+    kind: str
+    user_creatable: bool
+
+    def validate(self, payload: Any) -> dict[str, Any]:
+        """Normalised payload, or ValidationFailed listing every bad field."""
+
+    def run(self, job: Job) -> Completion:
+        """Do the work. PermanentJobError ends the job; any other exception is retried."""
+
+
+_loaded: dict[str, Kind] | None = None
+_lock = threading.Lock()
+
+
+def _load() -> dict[str, Kind]:
+    global _loaded
+    if _loaded is None:
+        with _lock:
+            if _loaded is None:
+                kinds: dict[str, Kind] = {}
+                for name, path in KINDS.items():
+                    module, _, attr = path.partition(":")
+                    kinds[name] = getattr(importlib.import_module(module), attr)()
+                _loaded = kinds
+    return _loaded
+
+
+def get_kind(name: str) -> Kind | None:
+    return _load().get(name)
+
+
+def user_kind(name: Any) -> Kind:
+    """The kind for a name users may create, or a 422 naming the allowed kinds."""
+    kind = get_kind(name) if isinstance(name, str) else None
+    if kind is None or not kind.user_creatable:
+        allowed = sorted(k for k, v in _load().items() if v.user_creatable)
+        raise ValidationFailed(
+            "Unknown job kind.",
+            errors=[{"field": "job_kind", "message": f"must be one of: {', '.join(allowed)}"}],
+        )
+    return kind
+
+
+def known_kinds() -> list[str]:
+    return sorted(KINDS)

@@ -1,0 +1,1 @@
+"""Lesson history limits: the batched archiver (algorithm), its SQL (queries), its job kind (kind)."""

@@ -1,0 +1,49 @@
+"""The `maintenance.archive_lessons` job kind and its daily scheduling: archive_lessons (called by
+Cloud Scheduler) submits one job per UTC day through the job system, and the job runs the archiver."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from common.jobs.kinds import Completion
+from common.jobs.model import Job
+from common.jobs.service import Created, submit_job
+from common.lessons.archive.algorithm import archive_over_limit
+from common.platform.config import get_settings
+from common.platform.errors import ValidationFailed
+
+KIND = "maintenance.archive_lessons"
+
+
+class ArchiveLessonsKind:
+    kind = KIND
+    user_creatable = False  # only the archive_lessons function (task auth) creates these
+
+    def validate(self, payload: Any) -> dict[str, Any]:
+        if payload not in (None, {}):
+            raise ValidationFailed(
+                "This job takes no payload.", errors=[{"field": "payload", "message": "must be empty"}]
+            )
+        return {}
+
+    def run(self, job: Job) -> Completion:
+        report = archive_over_limit(get_settings().tier_history_limits)
+        # The archiver commits its own batches; there is nothing left to write with `done`.
+        return Completion(result=report.as_result())
+
+
+def archive_key(today: datetime | None = None) -> str:
+    """One maintenance job per UTC day: Cloud Scheduler may call twice, only one job runs."""
+    return f"archive-{(today or datetime.now(UTC)).astimezone(UTC).date().isoformat()}"
+
+
+def enqueue_daily_archive(today: datetime | None = None) -> Created:
+    """Create today's maintenance job (owned by no user) and dispatch it; idempotent per UTC day:
+    Cloud Scheduler may call twice, and the second call gets the same job (created=False)."""
+    return submit_job(
+        user_id=None,
+        job_kind=KIND,
+        idempotency_key=archive_key(today),
+        request_json={"job_kind": KIND, "payload": {}},
+    )
