@@ -132,14 +132,6 @@ class DatabaseUnavailable(DylenError):
         super().__init__(detail, **kwargs)
 
 
-class DispatchError(DylenError):
-    """A task could not be handed to the queue; the job stays queued for rescue_jobs."""
-
-    status = 503
-    type_slug = "dispatch-failed"
-    title = "Task dispatch failed"
-
-
 class PermanentJobError(DylenError):
     """Raised by a handler when retrying cannot help (bad payload); the job ends as `error`."""
 
