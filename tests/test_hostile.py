@@ -4,12 +4,16 @@ is stored verbatim (SQL-looking text, any Unicode)."""
 
 from __future__ import annotations
 
+import base64
+import json
 import socket
 import string
 import uuid
 from typing import Any
 
 import pytest
+import requests
+import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -225,3 +229,62 @@ def test_invalid_utf8_anywhere_in_the_request_is_4xx(stack: Stack) -> None:
     assert status == 400, data[:300]
     status, _ = _raw(stack.servers["get_job"].port, _get("/%ff%fe", b"X-Dylen-User: utf-user\r\n"))
     assert status == 404
+
+
+# --- issue 13: hostile input at the edge ------------------------------------------------------------
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _cursor(value: Any) -> str:
+    return _b64(json.dumps(value).encode())
+
+
+def _jobs_of(db: sa.Engine, user: str) -> int:
+    with db.connect() as conn:
+        return int(
+            conn.execute(sa.text("SELECT count(*) FROM jobs WHERE user_id = :u"), {"u": user}).scalar_one()
+        )
+
+
+def _assert_problem(response: requests.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text[:300]
+    assert response.headers["Content-Type"] == PROBLEM
+    problem = response.json()
+    assert problem["status"] == status
+    return dict(problem)
+
+
+STAMP = "2024-01-01T00:00:00+00:00"
+BAD_CURSORS = {
+    "id is an int": _cursor([STAMP, 5]),
+    "id is an object": _cursor([STAMP, {}]),
+    "id is a list": _cursor([STAMP, []]),
+    "id is true": _cursor([STAMP, True]),
+    "id is a float": _cursor([STAMP, 1.5]),
+    "stamp is a number": _cursor([1704067200, str(uuid.uuid4())]),
+    "three items": _cursor([STAMP, str(uuid.uuid4()), 1]),
+    "an object": _cursor({"created_at": STAMP, "id": str(uuid.uuid4())}),
+    "nested brackets": _b64(b"[" * 2400),
+    "naive stamp": _cursor(["2024-01-01T00:00:00", str(uuid.uuid4())]),
+    "before year 1 in UTC": _cursor(["0001-01-01T00:00:00+14:00", str(uuid.uuid4())]),
+    "after 9999 in UTC": _cursor(["9999-12-31T23:59:59-14:00", str(uuid.uuid4())]),
+    "very long": "A" * 5000,
+    "not base64url": "%%%###",
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CURSORS))
+def test_a_malformed_cursor_is_422(stack: Stack, user: str, case: str) -> None:
+    response = stack.list_lessons(user, cursor=BAD_CURSORS[case])
+    problem = _assert_problem(response, 422)
+    assert problem["errors"] == [{"field": "cursor", "message": "is not a cursor from this API"}]
+
+
+def test_a_cursor_at_the_edges_of_the_range_still_pages(stack: Stack, user: str) -> None:
+    for stamp in ("0001-01-02T00:00:00+00:00", "9999-12-30T00:00:00+00:00"):
+        response = stack.list_lessons(user, cursor=_cursor([stamp, str(uuid.uuid4())]))
+        assert response.status_code == 200, response.text
+        assert response.json() == {"lessons": [], "next_cursor": None}
