@@ -26,6 +26,7 @@ from common.errors import (
     UnsupportedMediaType,
 )
 from common.log import logger, reset_trace, set_trace
+from common.validation import check_json_text, escape_text
 
 MAX_BODY_BYTES = 64 * 1024
 PROBLEM_TYPE = "application/problem+json"
@@ -78,11 +79,13 @@ def read_json(request: flask.Request) -> Any:
     if len(raw) > MAX_BODY_BYTES:
         raise PayloadTooLarge(f"The body must be at most {MAX_BODY_BYTES} bytes.")
     try:
-        return _DECODER.decode(raw.decode("utf-8"))
+        body = _DECODER.decode(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise MalformedRequest("The body is not valid UTF-8.") from None
     except (ValueError, RecursionError) as error:
         raise MalformedRequest(f"The body is not valid JSON: {error}") from None
+    check_json_text(body)
+    return body
 
 
 class _Response(flask.Response):
@@ -112,9 +115,29 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
     )
 
 
+def _escaped(value: Any) -> Any:
+    if isinstance(value, str):
+        return escape_text(value)
+    if isinstance(value, dict):
+        return {escape_text(str(k)): _escaped(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_escaped(v) for v in value]
+    return value
+
+
+def problem_body(error: DylenError) -> bytes:
+    """The problem as UTF-8 JSON. A detail may echo request text (a field name, a token's claim)
+    that UTF-8 cannot encode; that is escaped rather than failing the error answer itself."""
+    problem = error.to_problem()
+    try:
+        return json.dumps(problem, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(_escaped(problem), ensure_ascii=False).encode("utf-8")
+
+
 def problem_response(error: DylenError) -> flask.Response:
     return flask.Response(
-        json.dumps(error.to_problem(), ensure_ascii=False),
+        problem_body(error),
         status=error.status,
         mimetype=PROBLEM_TYPE,
         headers=error.headers,

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from common.errors import ValidationFailed
 from common.handlers.lesson import DEPTHS, validate_lesson_payload
 from common.jobs import parse_create_request
-from tests.support import Stack, lesson_body
+from tests.support import TASK_SECRET, Stack, lesson_body
 
 PROBLEM = "application/problem+json"
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -288,3 +288,75 @@ def test_a_cursor_at_the_edges_of_the_range_still_pages(stack: Stack, user: str)
         response = stack.list_lessons(user, cursor=_cursor([stamp, str(uuid.uuid4())]))
         assert response.status_code == 200, response.text
         assert response.json() == {"lessons": [], "next_cursor": None}
+
+
+def _raw_body(**strings: str) -> bytes:
+    """A create_job body; json.dumps writes a lone surrogate as its \\udXXX escape, as a client would."""
+    body = lesson_body(
+        strings.get("topic", "Topic"), key=strings.get("key"), details=strings.get("details", "d")
+    )
+    return json.dumps(body).encode()
+
+
+@pytest.mark.parametrize(
+    ("strings", "field", "message"),
+    [
+        ({"topic": "a\ud800b"}, "payload.topic", "lone surrogates"),
+        ({"details": "\udfff"}, "payload.details", "lone surrogates"),
+        ({"key": "k\ud83d"}, "idempotency_key", "lone surrogates"),
+        ({"topic": "a\x00b"}, "payload.topic", "NUL"),
+        ({"key": "k\x00"}, "idempotency_key", "NUL"),
+    ],
+)
+def test_text_postgresql_cannot_store_is_422_naming_the_field_and_nothing_is_written(
+    stack: Stack, db: sa.Engine, user: str, strings: dict[str, str], field: str, message: str
+) -> None:
+    response = stack.http.post(
+        stack.url("create_job") + "/",
+        data=_raw_body(**strings),
+        headers={"X-Dylen-User": user, "Content-Type": "application/json"},
+        timeout=30,
+    )
+    problem = _assert_problem(response, 422)
+    assert [e["field"] for e in problem["errors"]] == [field]
+    assert message in problem["errors"][0]["message"]
+    assert _jobs_of(db, user) == 0
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        (
+            b'{"job_kind":"lesson","idempotency_key":"s","payload":{"topic":"x","\\ud800":1}}',
+            "payload.\\ud800",
+        ),
+        (b'{"job_kind":"lesson","idempotency_key":"s","\\udc00x":1,"payload":{"topic":"x"}}', "\\udc00x"),
+        (
+            b'{"job_kind":"lesson","idempotency_key":"s","payload":{"topic":"x","a\\u0000":1}}',
+            "payload.a\x00",
+        ),
+        (b'{"job_kind":"lesson","idempotency_key":"s","payload":{"topic":"x","n":1e999}}', "payload.n"),
+    ],
+)
+def test_a_bad_field_name_is_echoed_escaped_in_a_422_problem(
+    stack: Stack, db: sa.Engine, user: str, raw: bytes, field: str
+) -> None:
+    response = stack.http.post(
+        stack.url("create_job") + "/",
+        data=raw,
+        headers={"X-Dylen-User": user, "Content-Type": "application/json"},
+        timeout=30,
+    )
+    problem = _assert_problem(response, 422)
+    assert field in [e["field"] for e in problem["errors"]], problem
+    assert _jobs_of(db, user) == 0
+
+
+def test_a_lone_surrogate_in_a_task_body_is_422(stack: Stack) -> None:
+    response = stack.http.post(
+        stack.url("process_job") + "/",
+        data=b'{"job_id": "\\ud800"}',
+        headers={"X-Dylen-Task-Secret": TASK_SECRET, "Content-Type": "application/json"},
+        timeout=30,
+    )
+    _assert_problem(response, 422)
