@@ -8,8 +8,9 @@ plain 500 problem, never a stack trace.
 from __future__ import annotations
 
 import gc
+import io
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -144,6 +145,49 @@ def problem_response(error: DylenError) -> flask.Response:
     )
 
 
+class BodyLimit:
+    """WSGI middleware: no request body beyond `limit` bytes is ever read, by anyone.
+
+    Our own check in read_json is not enough: functions-framework reads the whole body in its
+    after_request hook (`read_request` -> `request.get_data()`) after we answered, so a 1 GB body
+    would be buffered in memory. Here an over-limit Content-Length is refused before reading, and a
+    chunked body is read up to the limit + 1 byte: over it, 413; else the app gets those bytes.
+    """
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+        self._answer = problem_body(PayloadTooLarge(f"The body must be at most {limit} bytes."))
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        length = environ.get("CONTENT_LENGTH") or ""
+        if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+            data = environ["wsgi.input"].read(self.limit + 1)
+            if len(data) > self.limit:
+                return self._too_large(start_response)
+            environ["wsgi.input"] = io.BytesIO(data)
+            environ["CONTENT_LENGTH"] = str(len(data))
+        elif length.isdigit() and int(length) > self.limit:
+            return self._too_large(start_response)
+        return self.app(environ, start_response)
+
+    def _too_large(self, start_response: Callable[..., Any]) -> Iterable[bytes]:
+        start_response(
+            "413 Payload Too Large",
+            [("Content-Type", PROBLEM_TYPE), ("Content-Length", str(len(self._answer)))],
+        )
+        return [self._answer]
+
+
+def install_body_limit() -> None:
+    """Wrap the functions-framework app in BodyLimit (at import of main.py, in its app context)."""
+    if not flask.has_app_context():
+        return
+    app = flask.current_app
+    if not isinstance(app.wsgi_app, BodyLimit):
+        app.wsgi_app = BodyLimit(app.wsgi_app, MAX_BODY_BYTES)  # type: ignore[method-assign]
+
+
 def install_problem_handlers() -> None:
     """Requests functions-framework answers before our entry point runs (a path its router cannot
     match, such as one with a newline; /robots.txt) get problem+json too, not Flask's HTML page.
@@ -167,12 +211,14 @@ def cold_start() -> None:
 
     - A bad configuration fails the cold start, not the first request.
     - Requests the router answers itself get problem+json (install_problem_handlers).
+    - No request body beyond MAX_BODY_BYTES is read by anything (install_body_limit).
     - What the imports built (~58k objects) moves out of the cyclic GC's sight (gc.freeze). Otherwise
       a full collection walks all of it holding the GIL: a ~60 ms pause for every request in flight
       (bench/gc_pause.py).
     """
     get_settings()
     install_problem_handlers()
+    install_body_limit()
     gc.freeze()
 
 

@@ -5,10 +5,14 @@ is stored verbatim (SQL-looking text, any Unicode)."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import socket
 import string
+import threading
+import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,7 +24,7 @@ from hypothesis import strategies as st
 from common.errors import ValidationFailed
 from common.handlers.lesson import DEPTHS, validate_lesson_payload
 from common.jobs import parse_create_request
-from tests.support import TASK_SECRET, Stack, lesson_body
+from tests.support import TASK_SECRET, FunctionServer, Stack, lesson_body
 
 PROBLEM = "application/problem+json"
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -360,3 +364,104 @@ def test_a_lone_surrogate_in_a_task_body_is_422(stack: Stack) -> None:
         timeout=30,
     )
     _assert_problem(response, 422)
+
+
+# --- the body bound: nothing reads more than 64 KiB ---------------------------------------------------
+
+
+def _worker_rss_kib(server: FunctionServer) -> int:
+    """VmRSS of the gunicorn worker(s) that serve `server`: the children of its master process."""
+    assert server.proc is not None
+    children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text().split()
+    assert children, "functions-framework runs gunicorn: a master and its worker"
+    total = 0
+    for pid in children:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total
+
+
+def _read_status(sock: socket.socket) -> tuple[int, bytes]:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    assert data.startswith(b"HTTP/1.1 "), data[:200]
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        rest += chunk
+    assert b"application/problem+json" in head.lower()
+    return int(head.split(b" ", 2)[1]), rest
+
+
+def test_a_50_mb_chunked_body_is_cut_at_64_kib_fast_and_memory_stays_flat(stack: Stack) -> None:
+    server = stack.servers["create_job"]
+    before = _worker_rss_kib(server)
+    chunk = b"%x\r\n%s\r\n" % (1 << 16, b"x" * (1 << 16))
+    sent = 0
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        started = time.monotonic()
+        sock.sendall(
+            b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+
+        def send() -> None:  # unauthenticated, and it keeps sending: the whole 50 MB if let
+            nonlocal sent
+            with contextlib.suppress(OSError):
+                while sent < 50 * 1024 * 1024:
+                    sock.sendall(chunk)
+                    sent += 1 << 16
+                sock.sendall(b"0\r\n\r\n")
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        status, body = _read_status(sock)
+        elapsed = time.monotonic() - started
+        sock.shutdown(socket.SHUT_RDWR)
+        sender.join(10)
+    assert status == 413, body
+    assert json.loads(body)["type"].endswith("payload-too-large")
+    assert elapsed < 2, elapsed
+    assert sent < 50 * 1024 * 1024, "the server stopped reading long before the end"
+    time.sleep(0.2)
+    grown_mib = (_worker_rss_kib(server) - before) / 1024
+    assert grown_mib < 20, f"worker RSS grew by {grown_mib:.1f} MiB"
+    assert stack.create("after-big", lesson_body()).status_code == 202  # and it still serves
+
+
+@pytest.mark.parametrize("length", [104_857_600, 70_000])
+def test_an_over_limit_content_length_is_413_at_once_without_reading(stack: Stack, length: int) -> None:
+    for name in ("create_job", "process_job", "get_job"):
+        with socket.create_connection(("127.0.0.1", stack.servers[name].port), timeout=5) as sock:
+            started = time.monotonic()
+            sock.sendall(
+                b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"X-Dylen-User: cl-user\r\nContent-Length: %d\r\n\r\n" % length
+            )
+            status, body = _read_status(sock)  # no body sent: an answer only if nothing waits for it
+            assert time.monotonic() - started < 1
+        assert status == 413, body
+
+
+def test_a_small_chunked_body_is_still_served(stack: Stack, db: sa.Engine, user: str) -> None:
+    body = json.dumps(lesson_body("Chunked")).encode()
+    response = stack.http.post(
+        stack.url("create_job") + "/",
+        data=iter([body[:10], body[10:]]),  # a generator: requests sends it chunked
+        headers={"X-Dylen-User": user, "Content-Type": "application/json"},
+        timeout=30,
+    )
+    assert response.status_code == 202, response.text
+    assert _jobs_of(db, user) == 1
