@@ -231,8 +231,10 @@ def serve(
     methods: tuple[str, ...],
     auth: AuthKind,
     action: Callable[[Call], flask.Response],
-    task_audience: Callable[[Settings], str] | None = None,
+    function: str | None = None,
 ) -> flask.Response:
+    """`function` (the function's name) is required for auth="task": it decides the OIDC audience
+    (Settings.task_audience)."""
     token = set_trace(request.headers.get("X-Cloud-Trace-Context"))
     try:
         if request.method not in methods:
@@ -242,7 +244,8 @@ def serve(
         if auth == "user":
             call.user_id = authenticate_user(request.headers, settings)
         elif auth == "task":
-            audience = task_audience(settings) if task_audience else settings.oidc_audience
+            assert function is not None, "auth='task' needs the function's name"
+            audience = settings.task_audience(function)
             call.task_caller = authenticate_task(request.headers, settings, audience=audience)
         return action(call)
     except DylenError as error:

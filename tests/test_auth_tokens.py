@@ -28,7 +28,7 @@ from google.auth import jwt
 
 from common.auth import FETCH_TIMEOUT_SECONDS
 from tests.conftest import StackFactory
-from tests.support import FunctionServer, Stack, base_env, lesson_body, session
+from tests.support import FunctionServer, Stack, base_env, lesson_body, migrated_database, session, stop_all
 from tests.tokens import CertServer, KeyPair
 
 PROJECT = "dylen-test"
@@ -374,3 +374,57 @@ def test_keys_are_kept_as_long_as_max_age_says_then_fetched_again(
         client.close()
         server.stop()
         certs.shutdown()
+
+
+TASK_BASE_URL = "https://functions.example.test"
+TASK_AUDIENCES = {  # Settings.task_audience, as deploy.sh and dispatch_gcp mint them
+    "process_job": AUDIENCE,  # DYLEN_TASKS_OIDC_AUDIENCE: Cloud Tasks tokens are minted for it
+    "rescue_jobs": f"{TASK_BASE_URL}/rescue_jobs",  # Cloud Scheduler: the function's own URL
+    "archive_lessons": f"{TASK_BASE_URL}/archive_lessons",
+}
+
+
+@pytest.fixture(scope="module")
+def task_servers(
+    pg_admin_url: str, logs_dir: Path, issuer: tuple[Issuer, CertServer]
+) -> Iterator[dict[str, FunctionServer]]:
+    """The task functions, with DYLEN_TASKS_OIDC_AUDIENCE set, on a database of their own (the
+    archive trigger creates a job of the day)."""
+    _, certs = issuer
+    with migrated_database(pg_admin_url) as url:
+        env = base_env(
+            url,
+            DYLEN_BASE_URL=TASK_BASE_URL,
+            DYLEN_PROCESS_JOB_URL=f"{TASK_BASE_URL}/process_job",
+            DYLEN_GOOGLE_OIDC_CERTS_URL=certs.url("oidc"),
+            DYLEN_TASKS_INVOKER_SA=INVOKER,
+            DYLEN_TASKS_OIDC_AUDIENCE=AUDIENCE,
+            DYLEN_JOBS_AUTO_PROCESS="false",
+        )
+        servers = {name: FunctionServer(name, env, logs_dir).start(wait=False) for name in TASK_AUDIENCES}
+        try:
+            for server in servers.values():
+                server.wait_ready()
+            yield servers
+        finally:
+            stop_all(servers.values())
+
+
+@pytest.mark.parametrize("name", list(TASK_AUDIENCES))
+def test_each_task_function_accepts_exactly_its_audience(
+    task_servers: dict[str, FunctionServer], issuer: tuple[Issuer, CertServer], name: str
+) -> None:
+    tokens, _ = issuer
+    client = session()
+    url = task_servers[name].url + "/"
+    body = {"job_id": str(uuid.uuid4())} if name == "process_job" else {}
+    try:
+        good = client.post(url, json=body, headers=_bearer(tokens.oidc(aud=TASK_AUDIENCES[name])), timeout=30)
+        assert good.status_code < 400 or (name == "process_job" and good.status_code == 404), good.text
+        others = {TASK_AUDIENCES[n] for n in TASK_AUDIENCES if n != name} | {f"{TASK_BASE_URL}/process_job"}
+        for audience in others - {TASK_AUDIENCES[name]}:
+            bad = client.post(url, json=body, headers=_bearer(tokens.oidc(aud=audience)), timeout=30)
+            assert bad.status_code == 401, (audience, bad.text)
+            assert "audience" in bad.json()["detail"].lower()
+    finally:
+        client.close()

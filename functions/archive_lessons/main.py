@@ -7,15 +7,9 @@ import flask
 import functions_framework
 
 from common import archive, jobs
-from common.config import Settings
 from common.http import Call, cold_start, json_response, serve
 
 cold_start()
-
-
-def _audience(settings: Settings) -> str:
-    # Cloud Scheduler's OIDC token is minted for this function's own URL.
-    return f"{settings.base_url}/archive_lessons"
 
 
 def _trigger(call: Call) -> flask.Response:
@@ -26,4 +20,4 @@ def _trigger(call: Call) -> flask.Response:
 
 @functions_framework.http
 def archive_lessons(request: flask.Request) -> flask.Response:
-    return serve(request, methods=("POST",), auth="task", action=_trigger, task_audience=_audience)
+    return serve(request, methods=("POST",), auth="task", action=_trigger, function="archive_lessons")
