@@ -14,6 +14,7 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import requests
@@ -24,7 +25,7 @@ from hypothesis import strategies as st
 from common.errors import ValidationFailed
 from common.handlers.lesson import DEPTHS, validate_lesson_payload
 from common.jobs import parse_create_request
-from tests.support import TASK_SECRET, FunctionServer, Stack, lesson_body
+from tests.support import TASK_SECRET, USER_FUNCTIONS, FunctionServer, Stack, lesson_body
 
 PROBLEM = "application/problem+json"
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -465,3 +466,92 @@ def test_a_small_chunked_body_is_still_served(stack: Stack, db: sa.Engine, user:
     )
     assert response.status_code == 202, response.text
     assert _jobs_of(db, user) == 1
+
+
+# --- property: arbitrary Unicode in every string field, header and cursor: never a 5xx --------------
+
+any_char = (
+    st.characters(exclude_categories=())
+    | st.characters(categories=["Cs"])
+    | st.sampled_from("\x00\ud800\udfff\U0001f9ec")
+)
+any_text = st.text(any_char, max_size=40)
+EDGE = settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+def create_bodies(value: str) -> st.SearchStrategy[dict[str, Any]]:
+    """create_job bodies with any text in every field, mostly otherwise valid (so the text gets as
+    far as it can), sometimes with an unknown field named by arbitrary text."""
+    no_nul = st.text(any_char.filter(lambda c: c != "\x00"), min_size=1, max_size=40)
+    field = st.just(value) | no_nul | no_nul | any_text
+    payload = st.fixed_dictionaries(
+        {"topic": field},
+        optional={
+            "details": field,
+            "depth": field | st.sampled_from(DEPTHS),
+            "language": field | st.just("en"),
+        },
+    )
+    body = st.fixed_dictionaries(
+        {
+            "job_kind": st.just("lesson") | st.just("lesson") | field,
+            "idempotency_key": field,
+            "payload": payload,
+        }
+    )
+    extra = st.just({}) | st.just({}) | st.dictionaries(any_text, any_text, min_size=1, max_size=1)
+    return st.tuples(body, extra, extra).map(
+        lambda t: {**t[1], **t[0], "payload": {**t[2], **t[0]["payload"]}}
+    )
+
+
+def _header_bytes(text: str) -> bytes:
+    # Headers are bytes on the wire: the text as UTF-8 (a surrogate as its invalid 3-byte form),
+    # minus what would end the header line (that is framing, tested with raw sockets above).
+    raw = text.encode("utf-8", "surrogatepass").replace(b"\r", b"").replace(b"\n", b"")
+    return raw.lstrip(b" \t\f\v") or b"x"
+
+
+def _quoted(text: str) -> str:
+    return quote(text.encode("utf-8", "surrogatepass"), safe="")
+
+
+@pytest.mark.parametrize("name", USER_FUNCTIONS)
+@EDGE
+@given(
+    user=st.just("prop-user") | st.just("prop-user") | any_text,
+    trace=any_text,
+    auth=st.just("") | any_text,
+    value=any_text,
+    data=st.data(),
+)
+def test_arbitrary_unicode_in_every_input_of_every_user_function_is_never_a_5xx(
+    stack: Stack, user: str, trace: str, auth: str, value: str, data: st.DataObject, name: str
+) -> None:
+    headers = {"X-Dylen-User": _header_bytes(user), "X-Cloud-Trace-Context": _header_bytes(trace)}
+    if auth:
+        headers["Authorization"] = _header_bytes(auth)
+    base = stack.url(name)
+    if name == "create_job":
+        body = data.draw(create_bodies(value))
+        response = stack.http.post(
+            base + "/",
+            data=json.dumps(body).encode(),
+            headers={**headers, "Content-Type": "application/json"},
+            timeout=30,
+        )
+    elif name == "list_lessons":
+        query = f"?cursor={_quoted(value)}&limit={_quoted(value[:5])}"
+        response = stack.http.get(base + "/" + query, headers=headers, timeout=30)
+    else:
+        method = stack.http.post if name == "cancel_job" else stack.http.get
+        response = method(f"{base}/{_quoted(value) or 'x'}", headers=headers, timeout=30)
+    assert response.status_code < 500, (name, response.status_code, response.text[:300])
+    if response.status_code >= 400 and not _gunicorn_refused(response):
+        assert response.headers["Content-Type"] == PROBLEM, response.text[:300]
+
+
+def _gunicorn_refused(response: requests.Response) -> bool:
+    # gunicorn answers a header it cannot parse (NUL, control bytes) with its own HTML 400 before
+    # any app code runs; on Cloud Run the Google front end refuses such requests first.
+    return response.status_code == 400 and "Invalid HTTP Header" in response.text
