@@ -8,17 +8,35 @@ point at. Everything after the key fetch is the production code path.
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
+import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
+import sqlalchemy as sa
 from google.auth import jwt
 
-from tests.support import Stack, StackFactory, lesson_body
+from common.platform.auth import FETCH_TIMEOUT_SECONDS
+from tests.support import (
+    FunctionServer,
+    Stack,
+    StackFactory,
+    base_env,
+    lesson_body,
+    migrated_database,
+    session,
+    stop_all,
+)
 from tests.tokens import CertServer, KeyPair
 
 PROJECT = "dylen-test"
@@ -206,3 +224,215 @@ def test_bad_oidc_task_tokens_are_refused(
     assert response.status_code == status, response.text
     assert response.headers["Content-Type"] == "application/problem+json"
     assert hint.lower() in response.json()["detail"].lower(), response.json()
+
+
+# --- issue 13: claim types, and key fetching that fails shut --------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("claims", "hint"),
+    [
+        ({"exp": "9999999999"}, "exp"),
+        ({"exp": float("nan")}, "exp"),
+        ({"iat": True}, "iat"),
+        ({"nbf": "0"}, "nbf"),
+        ({"aud": [PROJECT]}, "aud"),
+        ({"sub": 12345}, "sub"),
+        ({"email_verified": "true"}, "email_verified"),
+    ],
+)
+def test_firebase_claims_of_the_wrong_type_are_401(
+    firebase_stack: Stack, db: Any, issuer: tuple[Issuer, CertServer], claims: dict[str, Any], hint: str
+) -> None:
+    tokens, _ = issuer
+    uid = f"fb-{uuid.uuid4().hex[:10]}"
+    response = _create(firebase_stack, tokens.firebase(uid, **claims))
+    assert response.status_code == 401, response.text
+    assert response.headers["Content-Type"] == "application/problem+json"
+    assert hint in response.json()["detail"], response.json()
+    with db.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM jobs WHERE user_id = :u"), {"u": uid}).scalar() == 0
+
+
+@pytest.mark.parametrize("verified", ["false", "true", 1, None])
+def test_only_a_json_true_email_verified_passes_task_auth(
+    firebase_stack: Stack, issuer: tuple[Issuer, CertServer], verified: Any
+) -> None:
+    tokens, _ = issuer
+    response = _deliver(firebase_stack, str(uuid.uuid4()), tokens.oidc(email_verified=verified))
+    # A string "false" is truthy: only the JSON boolean counts, anything else is a malformed token.
+    # (The boolean false is the 403 of test_bad_oidc_task_tokens_are_refused.)
+    assert response.status_code == 401, response.text
+    assert response.headers["Content-Type"] == "application/problem+json"
+    assert "email_verified" in response.json()["detail"], response.json()
+
+
+class SilentServer:
+    """Accepts connections and never answers: a fake of Google's key endpoint hanging (the real one
+    cannot be reached from here, nor made to hang). Counts the connections it accepted."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self.accepted: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                self.accepted.append(self.sock.accept()[0])
+
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}/certs"
+
+    def close(self) -> None:
+        for conn in self.accepted:
+            conn.close()
+        self.sock.close()
+
+
+class CountingCertServer(CertServer):
+    """CertServer that counts fetches and says how long its keys may be cached."""
+
+    def __init__(self, certs: dict[str, str], max_age: int) -> None:
+        self.fetches = 0
+        body = json.dumps(certs).encode()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                outer.fetches += 1
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Cache-Control", f"public, max-age={max_age}, must-revalidate")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        http.server.ThreadingHTTPServer.__init__(self, ("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+def _firebase_get_job(database_url: str, logs_dir: Path, certs_url: str) -> FunctionServer:
+    env = base_env(
+        database_url,
+        DYLEN_AUTH_MODE="firebase",
+        DYLEN_FIREBASE_PROJECT_ID=PROJECT,
+        DYLEN_FIREBASE_CERTS_URL=certs_url,
+        THREADS="8",
+    )
+    return FunctionServer("get_job", env, logs_dir).start()
+
+
+def test_a_hanging_key_url_costs_one_fetch_and_every_caller_a_prompt_503(
+    database_url: str, logs_dir: Path, issuer: tuple[Issuer, CertServer]
+) -> None:
+    tokens, _ = issuer
+    silent = SilentServer()
+    server = _firebase_get_job(database_url, logs_dir, silent.url())
+    client = session()
+    try:
+        url = f"{server.url}/{uuid.uuid4()}"
+        token = tokens.firebase("stampede-user")
+
+        def call(_: int) -> tuple[requests.Response, float]:
+            started = time.monotonic()
+            response = client.get(url, headers=_bearer(token), timeout=30)
+            return response, time.monotonic() - started
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(call, range(8)))
+        for response, elapsed in answers:
+            assert response.status_code == 503, response.text
+            assert response.headers["Content-Type"] == "application/problem+json"
+            assert response.headers["Retry-After"].isdigit()
+            assert "signing keys" in response.json()["detail"]
+            assert elapsed < FETCH_TIMEOUT_SECONDS + 1.5, elapsed  # one fetch's timeout, not 8 in a row
+        assert len(silent.accepted) == 1, "one fetch in flight, not one per request"
+        # The failure is remembered: the next caller is answered at once, without another fetch.
+        response, elapsed = call(0)
+        assert response.status_code == 503 and elapsed < 0.5, elapsed
+        assert len(silent.accepted) == 1
+    finally:
+        client.close()
+        server.stop()
+        silent.close()
+
+
+def test_keys_are_kept_as_long_as_max_age_says_then_fetched_again(
+    database_url: str, logs_dir: Path, issuer: tuple[Issuer, CertServer]
+) -> None:
+    tokens, _ = issuer
+    certs = CountingCertServer({tokens.good.kid: tokens.good.cert_pem}, max_age=2)
+    server = _firebase_get_job(database_url, logs_dir, certs.url("firebase"))
+    client = session()
+    try:
+        url = f"{server.url}/{uuid.uuid4()}"
+        for _ in range(3):
+            response = client.get(url, headers=_bearer(tokens.firebase("cache-user")), timeout=30)
+            assert response.status_code == 404, response.text  # authenticated; no such job
+        assert certs.fetches == 1
+        time.sleep(2.5)
+        response = client.get(url, headers=_bearer(tokens.firebase("cache-user")), timeout=30)
+        assert response.status_code == 404, response.text
+        assert certs.fetches == 2
+    finally:
+        client.close()
+        server.stop()
+        certs.shutdown()
+
+
+TASK_BASE_URL = "https://functions.example.test"
+TASK_AUDIENCES = {  # Settings.task_audience, as deploy.sh and dispatch_gcp mint them
+    "process_job": AUDIENCE,  # DYLEN_TASKS_OIDC_AUDIENCE: Cloud Tasks tokens are minted for it
+    "rescue_jobs": f"{TASK_BASE_URL}/rescue_jobs",  # Cloud Scheduler: the function's own URL
+    "archive_lessons": f"{TASK_BASE_URL}/archive_lessons",
+}
+
+
+@pytest.fixture(scope="module")
+def task_servers(
+    pg_admin_url: str, logs_dir: Path, issuer: tuple[Issuer, CertServer]
+) -> Iterator[dict[str, FunctionServer]]:
+    """The task functions, with DYLEN_TASKS_OIDC_AUDIENCE set, on a database of their own (the
+    archive trigger creates a job of the day)."""
+    _, certs = issuer
+    with migrated_database(pg_admin_url) as url:
+        env = base_env(
+            url,
+            DYLEN_BASE_URL=TASK_BASE_URL,
+            DYLEN_PROCESS_JOB_URL=f"{TASK_BASE_URL}/process_job",
+            DYLEN_GOOGLE_OIDC_CERTS_URL=certs.url("oidc"),
+            DYLEN_TASKS_INVOKER_SA=INVOKER,
+            DYLEN_TASKS_OIDC_AUDIENCE=AUDIENCE,
+            DYLEN_JOBS_AUTO_PROCESS="false",
+        )
+        servers = {name: FunctionServer(name, env, logs_dir).start(wait=False) for name in TASK_AUDIENCES}
+        try:
+            for server in servers.values():
+                server.wait_ready()
+            yield servers
+        finally:
+            stop_all(servers.values())
+
+
+@pytest.mark.parametrize("name", list(TASK_AUDIENCES))
+def test_each_task_function_accepts_exactly_its_audience(
+    task_servers: dict[str, FunctionServer], issuer: tuple[Issuer, CertServer], name: str
+) -> None:
+    tokens, _ = issuer
+    client = session()
+    url = task_servers[name].url + "/"
+    body = {"job_id": str(uuid.uuid4())} if name == "process_job" else {}
+    try:
+        good = client.post(url, json=body, headers=_bearer(tokens.oidc(aud=TASK_AUDIENCES[name])), timeout=30)
+        assert good.status_code < 400 or (name == "process_job" and good.status_code == 404), good.text
+        others = {TASK_AUDIENCES[n] for n in TASK_AUDIENCES if n != name} | {f"{TASK_BASE_URL}/process_job"}
+        for audience in others - {TASK_AUDIENCES[name]}:
+            bad = client.post(url, json=body, headers=_bearer(tokens.oidc(aud=audience)), timeout=30)
+            assert bad.status_code == 401, (audience, bad.text)
+            assert "audience" in bad.json()["detail"].lower()
+    finally:
+        client.close()

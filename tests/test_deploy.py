@@ -205,6 +205,29 @@ def test_dry_run_schedules_archive_and_rescue_with_oidc(dry_run: dict[str, Any])
         assert _flag(create, "--oidc-token-audience") == f"{BASE_URL}/{name}"
 
 
+@pytest.mark.parametrize("override", [None, "https://tasks-audience.example.test"])
+def test_each_task_function_checks_the_audience_its_caller_is_given(
+    dry_run: dict[str, Any], override: str | None
+) -> None:
+    """Settings.task_audience is the one rule; it must name what deploy.sh gives Cloud Scheduler
+    (--oidc-token-audience) and Cloud Tasks (dispatch_gcp mints for oidc_audience), with or
+    without DYLEN_TASKS_OIDC_AUDIENCE."""
+    commands = dry_run["commands"]
+    for name in ("archive_lessons", "rescue_jobs", "process_job"):
+        (deploy,) = _find(commands, "gcloud", "functions", "deploy", name)
+        env = _env_vars(deploy)
+        if override:
+            env["DYLEN_TASKS_OIDC_AUDIENCE"] = override
+        settings = load_settings({**env, "DYLEN_ENV_FILE": os.devnull})
+        if name == "process_job":
+            minted = settings.oidc_audience  # what dispatch_gcp puts in the Cloud Tasks token
+            assert minted == (override or f"{BASE_URL}/process_job")
+        else:
+            (create,) = _find(commands, "gcloud", "scheduler", "jobs", "create", "http", f"dylen-{name}")
+            minted = _flag(create, "--oidc-token-audience")
+        assert settings.task_audience(name) == minted
+
+
 def test_dry_run_runs_the_migrations_with_the_cloud_sql_settings(dry_run: dict[str, Any]) -> None:
     (migrate,) = [
         c for c in dry_run["commands"] if c[0] == "env" and c[-3:] == ["-m", "common.cli", "migrate"]

@@ -4,12 +4,21 @@ is stored verbatim (SQL-looking text, any Unicode)."""
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import json
 import socket
 import string
+import threading
+import time
 import uuid
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
+import requests
+import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -17,7 +26,7 @@ from common.jobs.service import parse_create_request
 from common.lessons.generation import DEPTHS
 from common.lessons.kind import validate_lesson_payload
 from common.platform.errors import ValidationFailed
-from tests.support import Stack, lesson_body
+from tests.support import TASK_SECRET, USER_FUNCTIONS, FunctionServer, Stack, lesson_body
 
 PROBLEM = "application/problem+json"
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -226,3 +235,324 @@ def test_invalid_utf8_anywhere_in_the_request_is_4xx(stack: Stack) -> None:
     assert status == 400, data[:300]
     status, _ = _raw(stack.servers["get_job"].port, _get("/%ff%fe", b"X-Dylen-User: utf-user\r\n"))
     assert status == 404
+
+
+# --- issue 13: hostile input at the edge ------------------------------------------------------------
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _cursor(value: Any) -> str:
+    return _b64(json.dumps(value).encode())
+
+
+def _jobs_of(db: sa.Engine, user: str) -> int:
+    with db.connect() as conn:
+        return int(
+            conn.execute(sa.text("SELECT count(*) FROM jobs WHERE user_id = :u"), {"u": user}).scalar_one()
+        )
+
+
+def _assert_problem(response: requests.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text[:300]
+    assert response.headers["Content-Type"] == PROBLEM
+    problem = response.json()
+    assert problem["status"] == status
+    return dict(problem)
+
+
+STAMP = "2024-01-01T00:00:00+00:00"
+BAD_CURSORS = {
+    "id is an int": _cursor([STAMP, 5]),
+    "id is an object": _cursor([STAMP, {}]),
+    "id is a list": _cursor([STAMP, []]),
+    "id is true": _cursor([STAMP, True]),
+    "id is a float": _cursor([STAMP, 1.5]),
+    "stamp is a number": _cursor([1704067200, str(uuid.uuid4())]),
+    "three items": _cursor([STAMP, str(uuid.uuid4()), 1]),
+    "an object": _cursor({"created_at": STAMP, "id": str(uuid.uuid4())}),
+    "nested brackets": _b64(b"[" * 2400),
+    "naive stamp": _cursor(["2024-01-01T00:00:00", str(uuid.uuid4())]),
+    "before year 1 in UTC": _cursor(["0001-01-01T00:00:00+14:00", str(uuid.uuid4())]),
+    "after 9999 in UTC": _cursor(["9999-12-31T23:59:59-14:00", str(uuid.uuid4())]),
+    "very long": "A" * 5000,
+    "not base64url": "%%%###",
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CURSORS))
+def test_a_malformed_cursor_is_422(stack: Stack, user: str, case: str) -> None:
+    response = stack.list_lessons(user, cursor=BAD_CURSORS[case])
+    problem = _assert_problem(response, 422)
+    assert problem["errors"] == [{"field": "cursor", "message": "is not a cursor from this API"}]
+
+
+def test_a_cursor_at_the_edges_of_the_range_still_pages(stack: Stack, user: str) -> None:
+    for stamp in ("0001-01-02T00:00:00+00:00", "9999-12-30T00:00:00+00:00"):
+        response = stack.list_lessons(user, cursor=_cursor([stamp, str(uuid.uuid4())]))
+        assert response.status_code == 200, response.text
+        assert response.json() == {"lessons": [], "next_cursor": None}
+
+
+def _raw_body(**strings: str) -> bytes:
+    """A create_job body; json.dumps writes a lone surrogate as its \\udXXX escape, as a client would."""
+    body = lesson_body(
+        strings.get("topic", "Topic"), key=strings.get("key"), details=strings.get("details", "d")
+    )
+    return json.dumps(body).encode()
+
+
+@pytest.mark.parametrize(
+    ("strings", "field", "message"),
+    [
+        ({"topic": "a\ud800b"}, "payload.topic", "lone surrogates"),
+        ({"details": "\udfff"}, "payload.details", "lone surrogates"),
+        ({"key": "k\ud83d"}, "idempotency_key", "lone surrogates"),
+        ({"topic": "a\x00b"}, "payload.topic", "NUL"),
+        ({"key": "k\x00"}, "idempotency_key", "NUL"),
+    ],
+)
+def test_text_postgresql_cannot_store_is_422_naming_the_field_and_nothing_is_written(
+    stack: Stack, db: sa.Engine, user: str, strings: dict[str, str], field: str, message: str
+) -> None:
+    response = stack.http.post(
+        stack.url("create_job") + "/",
+        data=_raw_body(**strings),
+        headers={"X-Dylen-User": user, "Content-Type": "application/json"},
+        timeout=30,
+    )
+    problem = _assert_problem(response, 422)
+    assert [e["field"] for e in problem["errors"]] == [field]
+    assert message in problem["errors"][0]["message"]
+    assert _jobs_of(db, user) == 0
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        (
+            b'{"job_kind":"lesson","idempotency_key":"s","payload":{"topic":"x","\\ud800":1}}',
+            "payload.\\ud800",
+        ),
+        (b'{"job_kind":"lesson","idempotency_key":"s","\\udc00x":1,"payload":{"topic":"x"}}', "\\udc00x"),
+        (
+            b'{"job_kind":"lesson","idempotency_key":"s","payload":{"topic":"x","a\\u0000":1}}',
+            "payload.a\x00",
+        ),
+        (b'{"job_kind":"lesson","idempotency_key":"s","payload":{"topic":"x","n":1e999}}', "payload.n"),
+    ],
+)
+def test_a_bad_field_name_is_echoed_escaped_in_a_422_problem(
+    stack: Stack, db: sa.Engine, user: str, raw: bytes, field: str
+) -> None:
+    response = stack.http.post(
+        stack.url("create_job") + "/",
+        data=raw,
+        headers={"X-Dylen-User": user, "Content-Type": "application/json"},
+        timeout=30,
+    )
+    problem = _assert_problem(response, 422)
+    assert field in [e["field"] for e in problem["errors"]], problem
+    assert _jobs_of(db, user) == 0
+
+
+def test_a_lone_surrogate_in_a_task_body_is_422(stack: Stack) -> None:
+    response = stack.http.post(
+        stack.url("process_job") + "/",
+        data=b'{"job_id": "\\ud800"}',
+        headers={"X-Dylen-Task-Secret": TASK_SECRET, "Content-Type": "application/json"},
+        timeout=30,
+    )
+    _assert_problem(response, 422)
+
+
+# --- the body bound: nothing reads more than 64 KiB ---------------------------------------------------
+
+
+def _worker_rss_kib(server: FunctionServer) -> int:
+    """VmRSS of the gunicorn worker(s) that serve `server`: the children of its master process."""
+    assert server.proc is not None
+    children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text().split()
+    assert children, "functions-framework runs gunicorn: a master and its worker"
+    total = 0
+    for pid in children:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total
+
+
+def _read_status(sock: socket.socket) -> tuple[int, bytes]:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    assert data.startswith(b"HTTP/1.1 "), data[:200]
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        rest += chunk
+    assert b"application/problem+json" in head.lower()
+    return int(head.split(b" ", 2)[1]), rest
+
+
+def test_a_50_mb_chunked_body_is_cut_at_64_kib_fast_and_memory_stays_flat(stack: Stack) -> None:
+    server = stack.servers["create_job"]
+    before = _worker_rss_kib(server)
+    chunk = b"%x\r\n%s\r\n" % (1 << 16, b"x" * (1 << 16))
+    sent = 0
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        started = time.monotonic()
+        sock.sendall(
+            b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+
+        def send() -> None:  # unauthenticated, and it keeps sending: the whole 50 MB if let
+            nonlocal sent
+            with contextlib.suppress(OSError):
+                while sent < 50 * 1024 * 1024:
+                    sock.sendall(chunk)
+                    sent += 1 << 16
+                sock.sendall(b"0\r\n\r\n")
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        status, body = _read_status(sock)
+        elapsed = time.monotonic() - started
+        sock.shutdown(socket.SHUT_RDWR)
+        sender.join(10)
+    assert status == 413, body
+    assert json.loads(body)["type"].endswith("payload-too-large")
+    assert elapsed < 2, elapsed
+    assert sent < 50 * 1024 * 1024, "the server stopped reading long before the end"
+    time.sleep(0.2)
+    grown_mib = (_worker_rss_kib(server) - before) / 1024
+    assert grown_mib < 20, f"worker RSS grew by {grown_mib:.1f} MiB"
+    assert stack.create("after-big", lesson_body()).status_code == 202  # and it still serves
+
+
+@pytest.mark.parametrize("length", [104_857_600, 70_000])
+def test_an_over_limit_content_length_is_413_at_once_without_reading(stack: Stack, length: int) -> None:
+    for name in ("create_job", "process_job", "get_job"):
+        with socket.create_connection(("127.0.0.1", stack.servers[name].port), timeout=5) as sock:
+            started = time.monotonic()
+            sock.sendall(
+                b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"X-Dylen-User: cl-user\r\nContent-Length: %d\r\n\r\n" % length
+            )
+            status, body = _read_status(sock)  # no body sent: an answer only if nothing waits for it
+            assert time.monotonic() - started < 1
+        assert status == 413, body
+
+
+def test_a_small_chunked_body_is_still_served(stack: Stack, db: sa.Engine, user: str) -> None:
+    body = json.dumps(lesson_body("Chunked")).encode()
+    response = stack.http.post(
+        stack.url("create_job") + "/",
+        data=iter([body[:10], body[10:]]),  # a generator: requests sends it chunked
+        headers={"X-Dylen-User": user, "Content-Type": "application/json"},
+        timeout=30,
+    )
+    assert response.status_code == 202, response.text
+    assert _jobs_of(db, user) == 1
+
+
+# --- property: arbitrary Unicode in every string field, header and cursor: never a 5xx --------------
+
+any_char = (
+    st.characters(exclude_categories=())
+    | st.characters(categories=["Cs"])
+    | st.sampled_from("\x00\ud800\udfff\U0001f9ec")
+)
+any_text = st.text(any_char, max_size=40)
+EDGE = settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+def create_bodies(value: str) -> st.SearchStrategy[dict[str, Any]]:
+    """create_job bodies with any text in every field, mostly otherwise valid (so the text gets as
+    far as it can), sometimes with an unknown field named by arbitrary text."""
+    no_nul = st.text(any_char.filter(lambda c: c != "\x00"), min_size=1, max_size=40)
+    field = st.just(value) | no_nul | no_nul | any_text
+    payload = st.fixed_dictionaries(
+        {"topic": field},
+        optional={
+            "details": field,
+            "depth": field | st.sampled_from(DEPTHS),
+            "language": field | st.just("en"),
+        },
+    )
+    body = st.fixed_dictionaries(
+        {
+            "job_kind": st.just("lesson") | st.just("lesson") | field,
+            "idempotency_key": field,
+            "payload": payload,
+        }
+    )
+    extra = st.just({}) | st.just({}) | st.dictionaries(any_text, any_text, min_size=1, max_size=1)
+    return st.tuples(body, extra, extra).map(
+        lambda t: {**t[1], **t[0], "payload": {**t[2], **t[0]["payload"]}}
+    )
+
+
+def _header_bytes(text: str) -> bytes:
+    # Headers are bytes on the wire: the text as UTF-8 (a surrogate as its invalid 3-byte form),
+    # minus what would end the header line (that is framing, tested with raw sockets above).
+    raw = text.encode("utf-8", "surrogatepass").replace(b"\r", b"").replace(b"\n", b"")
+    return raw.lstrip(b" \t\f\v") or b"x"
+
+
+def _quoted(text: str) -> str:
+    return quote(text.encode("utf-8", "surrogatepass"), safe="")
+
+
+@pytest.mark.parametrize("name", USER_FUNCTIONS)
+@EDGE
+@given(
+    user=st.just("prop-user") | st.just("prop-user") | any_text,
+    trace=any_text,
+    auth=st.just("") | any_text,
+    value=any_text,
+    data=st.data(),
+)
+def test_arbitrary_unicode_in_every_input_of_every_user_function_is_never_a_5xx(
+    stack: Stack, user: str, trace: str, auth: str, value: str, data: st.DataObject, name: str
+) -> None:
+    headers = {"X-Dylen-User": _header_bytes(user), "X-Cloud-Trace-Context": _header_bytes(trace)}
+    if auth:
+        headers["Authorization"] = _header_bytes(auth)
+    base = stack.url(name)
+    if name == "create_job":
+        body = data.draw(create_bodies(value))
+        response = stack.http.post(
+            base + "/",
+            data=json.dumps(body).encode(),
+            headers={**headers, "Content-Type": "application/json"},
+            timeout=30,
+        )
+    elif name == "list_lessons":
+        query = f"?cursor={_quoted(value)}&limit={_quoted(value[:5])}"
+        response = stack.http.get(base + "/" + query, headers=headers, timeout=30)
+    else:
+        method = stack.http.post if name == "cancel_job" else stack.http.get
+        response = method(f"{base}/{_quoted(value) or 'x'}", headers=headers, timeout=30)
+    assert response.status_code < 500, (name, response.status_code, response.text[:300])
+    if response.status_code >= 400 and not _gunicorn_refused(response):
+        assert response.headers["Content-Type"] == PROBLEM, response.text[:300]
+
+
+def _gunicorn_refused(response: requests.Response) -> bool:
+    # gunicorn answers a header it cannot parse (NUL, control bytes) with its own HTML 400 before
+    # any app code runs; on Cloud Run the Google front end refuses such requests first.
+    return response.status_code == 400 and "Invalid HTTP Header" in response.text

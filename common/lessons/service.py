@@ -5,8 +5,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import string
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from common.lessons import queries
@@ -49,18 +50,43 @@ def encode_cursor(created_at: datetime, lesson_id: uuid.UUID) -> str:
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
+# A real cursor is ~100 characters (an ISO timestamp with microseconds and offset, and a UUID).
+MAX_CURSOR_LENGTH = 200
+_CURSOR_ALPHABET = frozenset(string.ascii_letters + string.digits + "-_=")
+# What PostgreSQL's timestamptz and Python's datetime can both hold, a day inside Python's range
+# so no conversion on the way (UTC, a session time zone) can overflow.
+_EARLIEST = datetime.min.replace(tzinfo=UTC) + timedelta(days=1)
+_LATEST = datetime.max.replace(tzinfo=UTC) - timedelta(days=1)
+
+
+def _bad_cursor() -> ValidationFailed:
+    return ValidationFailed(
+        "Invalid cursor.", errors=[{"field": "cursor", "message": "is not a cursor from this API"}]
+    )
+
+
 def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    """Strictly `base64url(json([ISO timestamptz, UUID string]))`, else 422. The length is checked
+    before anything is decoded, so no cursor can nest deeply or cost much to parse."""
+    if len(cursor) > MAX_CURSOR_LENGTH or not _CURSOR_ALPHABET.issuperset(cursor):
+        raise _bad_cursor()
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
-        created, lesson_id = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+        decoded = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+        if not (isinstance(decoded, list) and len(decoded) == 2):
+            raise ValueError("not a pair")
+        created, lesson_id = decoded
+        if not (isinstance(created, str) and isinstance(lesson_id, str)):
+            raise ValueError("not two strings")
         parsed = datetime.fromisoformat(created)
         if parsed.tzinfo is None:
             raise ValueError("naive timestamp")
-        return parsed, uuid.UUID(lesson_id)
-    except (ValueError, TypeError, UnicodeError, binascii.Error, json.JSONDecodeError):
-        raise ValidationFailed(
-            "Invalid cursor.", errors=[{"field": "cursor", "message": "is not a cursor from this API"}]
-        ) from None
+        in_utc = parsed.astimezone(UTC)  # OverflowError past year 1 / 9999
+        if not _EARLIEST <= in_utc <= _LATEST:
+            raise ValueError("out of range")
+        return in_utc, uuid.UUID(lesson_id)
+    except (ValueError, TypeError, OverflowError, RecursionError, UnicodeError, binascii.Error):
+        raise _bad_cursor() from None
 
 
 def parse_limit(raw: str | None) -> int:

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import hmac
+import math
 import threading
 import time
 from typing import Any, Protocol
 
 from common.platform.config import Settings
-from common.platform.errors import Forbidden, Unauthenticated
+from common.platform.errors import AuthUnavailable, DylenError, Forbidden, Unauthenticated
 
 USER_HEADER = "X-Dylen-User"
 TASK_SECRET_HEADER = "X-Dylen-Task-Secret"
 MAX_UID_LENGTH = 128
 CLOCK_SKEW_SECONDS = 10
-_CERTS_TTL_SECONDS = 3600
+# One connect (and one read) may take this long; requests waiting on that fetch wait no longer.
+FETCH_TIMEOUT_SECONDS = 3.0
+FAILURE_TTL_SECONDS = 5.0  # how long a failed key fetch is remembered (and Retry-After)
+DEFAULT_KEYS_TTL_SECONDS = 300  # when the key response carries no max-age
+MAX_KEYS_TTL_SECONDS = 24 * 3600
 
 
 class Headers(Protocol):
@@ -35,36 +40,119 @@ def _valid_uid(uid: str) -> bool:
     return 0 < len(uid) <= MAX_UID_LENGTH and uid.isprintable() and not any(c.isspace() for c in uid)
 
 
-class _CertCache:
-    """Google's signing certificates, fetched once per TTL per URL instead of on every request."""
+class _KeyCache:
+    """Google's signing certificates per URL: kept as long as the response's `Cache-Control: max-age`
+    says, one fetch in flight per URL, and a failed fetch remembered for FAILURE_TTL_SECONDS.
+
+    Hand-written because google-auth has no cache of its own: its docs suggest wrapping a requests
+    session in CacheControl, which honours max-age but neither single-flights a fetch nor remembers
+    a failure, so a hanging key URL would still queue every request thread behind its own fetch.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._entries: dict[str, tuple[float, dict[str, str]]] = {}
+        self._keys: dict[str, tuple[float, dict[str, str]]] = {}  # url -> (fresh until, keys)
+        self._failed: dict[str, tuple[float, str]] = {}  # url -> (remembered until, why)
+        self._inflight: dict[str, threading.Event] = {}
+        self._session: Any = None
 
     def get(self, url: str) -> dict[str, str]:
-        now = time.monotonic()
-        entry = self._entries.get(url)
-        if entry and entry[0] > now:
-            return entry[1]
-        with self._lock:
-            entry = self._entries.get(url)
-            if entry and entry[0] > now:
-                return entry[1]
-            # Lazily: dev auth and task secrets never load requests.
-            import requests
+        deadline = time.monotonic() + FETCH_TIMEOUT_SECONDS
+        while True:
+            with self._lock:
+                now = time.monotonic()
+                entry = self._keys.get(url)
+                if entry and entry[0] > now:
+                    return entry[1]
+                failure = self._failed.get(url)
+                if failure and failure[0] > now:
+                    raise self._unavailable(failure[1], failure[0] - now)
+                pending = self._inflight.get(url)
+                if pending is None:
+                    pending = self._inflight[url] = threading.Event()
+                    fetcher = True
+                else:
+                    fetcher = False
+            if fetcher:
+                return self._fetch(url, pending)
+            # Another thread is fetching: wait for it, never longer than one fetch may take.
+            if not pending.wait(max(0.0, deadline - time.monotonic())):
+                raise self._unavailable("the fetch in flight has not finished", FAILURE_TTL_SECONDS)
 
-            try:
-                response = requests.get(url, timeout=5)
-                response.raise_for_status()
-                certs = response.json()
-            except Exception as error:
-                raise Unauthenticated(f"Cannot fetch token signing keys: {type(error).__name__}") from error
-            self._entries[url] = (now + _CERTS_TTL_SECONDS, certs)
-            return certs
+    def _fetch(self, url: str, done: threading.Event) -> dict[str, str]:
+        try:
+            keys, ttl = self._download(url)
+        except Exception as error:
+            why = type(error).__name__
+            with self._lock:
+                self._failed[url] = (time.monotonic() + FAILURE_TTL_SECONDS, why)
+            raise self._unavailable(why, FAILURE_TTL_SECONDS) from error
+        else:
+            with self._lock:
+                self._keys[url] = (time.monotonic() + ttl, keys)
+                self._failed.pop(url, None)
+            return keys
+        finally:
+            with self._lock:
+                self._inflight.pop(url, None)
+            done.set()
+
+    def _download(self, url: str) -> tuple[dict[str, str], float]:
+        # Lazily: dev auth and task secrets never load requests.
+        import requests
+        from werkzeug.datastructures import ResponseCacheControl
+        from werkzeug.http import parse_cache_control_header
+
+        if self._session is None:
+            self._session = requests.Session()
+        response = self._session.get(url, timeout=(FETCH_TIMEOUT_SECONDS, FETCH_TIMEOUT_SECONDS))
+        response.raise_for_status()
+        keys = response.json()
+        if not (
+            isinstance(keys, dict)
+            and keys
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in keys.items())
+        ):
+            raise ValueError("the key set is not an object of PEM strings")
+        control = parse_cache_control_header(response.headers.get("Cache-Control"), cls=ResponseCacheControl)
+        max_age = control.max_age if isinstance(control.max_age, int) else DEFAULT_KEYS_TTL_SECONDS
+        return keys, float(min(max(max_age, 0), MAX_KEYS_TTL_SECONDS))
+
+    @staticmethod
+    def _unavailable(why: str, retry_after: float) -> AuthUnavailable:
+        return AuthUnavailable(
+            f"The token signing keys cannot be fetched ({why}); retry shortly.",
+            headers={"Retry-After": str(max(1, math.ceil(retry_after)))},
+        )
 
 
-_certs = _CertCache()
+_certs = _KeyCache()
+
+_NUMERIC_CLAIMS = ("exp", "iat", "nbf", "auth_time")
+_TEXT_CLAIMS = ("aud", "iss", "sub", "email")
+
+
+def _check_claim_types(token: str) -> None:
+    """Claims of the wrong JSON type are refused before google-auth compares them (a string `exp`
+    makes it raise TypeError; a NaN `exp` would never expire)."""
+    # Lazily: google-auth (and its crypto) loads with the first token, not at cold start.
+    from google.auth import jwt
+
+    claims = jwt.decode(token, verify=False)  # the payload only; verified right after
+    for name in ("exp", "iat"):
+        if name not in claims:
+            raise Unauthenticated(f"Invalid token: no {name} claim.")
+    for name in _NUMERIC_CLAIMS:
+        value = claims.get(name)
+        if name in claims and (
+            isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
+        ):
+            raise Unauthenticated(f"Invalid token: claim {name} must be a number.")
+    for name in _TEXT_CLAIMS:
+        if name in claims and not isinstance(claims[name], str):
+            raise Unauthenticated(f"Invalid token: claim {name} must be a string.")
+    if "email_verified" in claims and not isinstance(claims["email_verified"], bool):
+        raise Unauthenticated("Invalid token: claim email_verified must be a boolean.")
 
 
 def _decode(token: str, *, certs_url: str, audience: str | None) -> dict[str, Any]:
@@ -73,17 +161,22 @@ def _decode(token: str, *, certs_url: str, audience: str | None) -> dict[str, An
     from google.auth import jwt
 
     try:
-        return dict(
-            jwt.decode(
-                token,
-                certs=_certs.get(certs_url),
-                audience=audience,
-                clock_skew_in_seconds=CLOCK_SKEW_SECONDS,
-            )
+        _check_claim_types(token)
+        claims = jwt.decode(
+            token,
+            certs=_certs.get(certs_url),
+            audience=audience,
+            clock_skew_in_seconds=CLOCK_SKEW_SECONDS,
         )
+        return dict(claims)
+    except DylenError:
+        raise
     except (ValueError, auth_exceptions.GoogleAuthError) as error:
         # google-auth's messages name the failed check (expired, audience, signature) and no secret.
         raise Unauthenticated(f"Invalid token: {error}") from None
+    except (TypeError, KeyError, AttributeError, OverflowError) as error:
+        # A token shape the checks above missed: still the caller's token that is bad, never a 500.
+        raise Unauthenticated(f"Invalid token: {type(error).__name__}") from None
 
 
 def authenticate_user(headers: Headers, settings: Settings) -> str:
@@ -133,6 +226,7 @@ def authenticate_task(headers: Headers, settings: Settings, *, audience: str) ->
     if claims.get("iss") not in ("https://accounts.google.com", "accounts.google.com"):
         raise Unauthenticated("Invalid token: wrong issuer.")
     email = claims.get("email")
-    if not claims.get("email_verified") or email not in settings.tasks_allowed_sas:
+    # Only the JSON boolean true: a string "false" is truthy.
+    if claims.get("email_verified") is not True or email not in settings.tasks_allowed_sas:
         raise Forbidden("This service account may not call task endpoints.")
     return str(email)

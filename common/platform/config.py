@@ -220,7 +220,20 @@ class Settings:
 
     @property
     def oidc_audience(self) -> str:
+        """The audience of the Cloud Tasks OIDC tokens we mint (dispatch_gcp) for process_job."""
         return self.tasks_oidc_audience or self.process_job_url
+
+    def task_audience(self, function: str) -> str:
+        """The OIDC audience every task function checks: the one rule for all of them.
+
+        process_job is called by Cloud Tasks with tokens we mint for `oidc_audience`
+        (DYLEN_TASKS_OIDC_AUDIENCE overrides it). The scheduled functions are called by Cloud
+        Scheduler, whose tokens deploy.sh mints for the function's own URL, `{base_url}/<name>`;
+        DYLEN_TASKS_OIDC_AUDIENCE is not theirs, so it does not apply to them.
+        """
+        if function == "process_job":
+            return self.oidc_audience
+        return f"{self.base_url}/{function}"
 
 
 def load_settings(env: Mapping[str, str] | None = None, *, dotenv: Path | None = None) -> Settings:

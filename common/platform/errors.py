@@ -132,6 +132,19 @@ class DatabaseUnavailable(DylenError):
         super().__init__(detail, **kwargs)
 
 
+class AuthUnavailable(DylenError):
+    """The signing keys that tokens are checked against cannot be had right now: the caller did
+    nothing wrong, so not a 401; retry shortly."""
+
+    status = 503
+    type_slug = "auth-unavailable"
+    title = "Authentication unavailable"
+
+    def __init__(self, detail: str | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("headers", {"Retry-After": "5"})
+        super().__init__(detail, **kwargs)
+
+
 class PermanentJobError(DylenError):
     """Raised by a handler when retrying cannot help (bad payload); the job ends as `error`."""
 

@@ -8,8 +8,9 @@ plain 500 problem, never a stack trace.
 from __future__ import annotations
 
 import gc
+import io
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -27,6 +28,7 @@ from common.platform.errors import (
     UnsupportedMediaType,
 )
 from common.platform.log import logger, reset_trace, set_trace
+from common.platform.validation import check_json_text, escape_text
 
 MAX_BODY_BYTES = 64 * 1024
 PROBLEM_TYPE = "application/problem+json"
@@ -79,11 +81,13 @@ def read_json(request: flask.Request) -> Any:
     if len(raw) > MAX_BODY_BYTES:
         raise PayloadTooLarge(f"The body must be at most {MAX_BODY_BYTES} bytes.")
     try:
-        return _DECODER.decode(raw.decode("utf-8"))
+        body = _DECODER.decode(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise MalformedRequest("The body is not valid UTF-8.") from None
     except (ValueError, RecursionError) as error:
         raise MalformedRequest(f"The body is not valid JSON: {error}") from None
+    check_json_text(body)
+    return body
 
 
 class _Response(flask.Response):
@@ -113,13 +117,76 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
     )
 
 
+def _escaped(value: Any) -> Any:
+    if isinstance(value, str):
+        return escape_text(value)
+    if isinstance(value, dict):
+        return {escape_text(str(k)): _escaped(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_escaped(v) for v in value]
+    return value
+
+
+def problem_body(error: DylenError) -> bytes:
+    """The problem as UTF-8 JSON. A detail may echo request text (a field name, a token's claim)
+    that UTF-8 cannot encode; that is escaped rather than failing the error answer itself."""
+    problem = error.to_problem()
+    try:
+        return json.dumps(problem, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(_escaped(problem), ensure_ascii=False).encode("utf-8")
+
+
 def problem_response(error: DylenError) -> flask.Response:
     return flask.Response(
-        json.dumps(error.to_problem(), ensure_ascii=False),
+        problem_body(error),
         status=error.status,
         mimetype=PROBLEM_TYPE,
         headers=error.headers,
     )
+
+
+class BodyLimit:
+    """WSGI middleware: no request body beyond `limit` bytes is ever read, by anyone.
+
+    Our own check in read_json is not enough: functions-framework reads the whole body in its
+    after_request hook (`read_request` -> `request.get_data()`) after we answered, so a 1 GB body
+    would be buffered in memory. Here an over-limit Content-Length is refused before reading, and a
+    chunked body is read up to the limit + 1 byte: over it, 413; else the app gets those bytes.
+    """
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+        self._answer = problem_body(PayloadTooLarge(f"The body must be at most {limit} bytes."))
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        length = environ.get("CONTENT_LENGTH") or ""
+        if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+            data = environ["wsgi.input"].read(self.limit + 1)
+            if len(data) > self.limit:
+                return self._too_large(start_response)
+            environ["wsgi.input"] = io.BytesIO(data)
+            environ["CONTENT_LENGTH"] = str(len(data))
+        elif length.isdigit() and int(length) > self.limit:
+            return self._too_large(start_response)
+        return self.app(environ, start_response)
+
+    def _too_large(self, start_response: Callable[..., Any]) -> Iterable[bytes]:
+        start_response(
+            "413 Payload Too Large",
+            [("Content-Type", PROBLEM_TYPE), ("Content-Length", str(len(self._answer)))],
+        )
+        return [self._answer]
+
+
+def install_body_limit() -> None:
+    """Wrap the functions-framework app in BodyLimit (at import of main.py, in its app context)."""
+    if not flask.has_app_context():
+        return
+    app = flask.current_app
+    if not isinstance(app.wsgi_app, BodyLimit):
+        app.wsgi_app = BodyLimit(app.wsgi_app, MAX_BODY_BYTES)  # type: ignore[method-assign]
 
 
 def install_problem_handlers() -> None:
@@ -144,12 +211,14 @@ def cold_start() -> None:
 
     - A bad configuration fails the cold start, not the first request.
     - Requests the router answers itself get problem+json (install_problem_handlers).
+    - No request body beyond MAX_BODY_BYTES is read by anything (install_body_limit).
     - What the imports built (~58k objects) moves out of the cyclic GC's sight (gc.freeze). Otherwise
       a full collection walks all of it holding the GIL: a ~60 ms pause for every request in flight
       (bench/gc_pause.py).
     """
     get_settings()
     install_problem_handlers()
+    install_body_limit()
     gc.freeze()
 
 
@@ -162,8 +231,10 @@ def serve(
     methods: tuple[str, ...],
     auth: AuthKind,
     action: Callable[[Call], flask.Response],
-    task_audience: Callable[[Settings], str] | None = None,
+    function: str | None = None,
 ) -> flask.Response:
+    """`function` (the function's name) is required for auth="task": it decides the OIDC audience
+    (Settings.task_audience)."""
     token = set_trace(request.headers.get("X-Cloud-Trace-Context"))
     try:
         if request.method not in methods:
@@ -173,7 +244,8 @@ def serve(
         if auth == "user":
             call.user_id = authenticate_user(request.headers, settings)
         elif auth == "task":
-            audience = task_audience(settings) if task_audience else settings.oidc_audience
+            assert function is not None, "auth='task' needs the function's name"
+            audience = settings.task_audience(function)
             call.task_caller = authenticate_task(request.headers, settings, audience=audience)
         return action(call)
     except DylenError as error:

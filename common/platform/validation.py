@@ -1,11 +1,70 @@
-"""Field validation that reports every problem at once, as problem+json `errors` entries."""
+"""Field validation that reports every problem at once, as problem+json `errors` entries.
+
+`check_json_text` is the one pass every parsed body goes through at the edge (common.platform.http.read_json):
+PostgreSQL's text and jsonb refuse NUL and anything that is not UTF-8 (a lone surrogate, which
+JSON's \\ud800 escapes can produce), and jsonb refuses Infinity, so such input is a 422 naming the
+field here instead of an error deep in the driver.
+"""
 
 from __future__ import annotations
 
+import math
 import uuid
 from typing import Any
 
 from common.platform.errors import ValidationFailed
+
+MAX_REPORTED = 20  # a body full of bad strings gets a bounded error list
+
+
+def escape_text(text: str) -> str:
+    """`text` with what UTF-8 cannot encode (lone surrogates) written as `\\udXXX`: safe to echo."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def text_problem(value: str) -> str | None:
+    """Why `value` cannot be stored as PostgreSQL text, or None."""
+    if "\x00" in value:
+        return "must not contain NUL characters"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "must be valid Unicode text (no lone surrogates)"
+    return None
+
+
+def _child(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def check_json_text(value: Any) -> None:
+    """ValidationFailed naming every string (value or field name) PostgreSQL would refuse, and every
+    non-finite number. Iterative: a deeply nested body cannot exhaust the stack."""
+    errors = FieldErrors()
+    pending: list[tuple[str, Any]] = [("", value)]
+    while pending and len(errors.items) < MAX_REPORTED:
+        path, item = pending.pop()
+        if isinstance(item, str):
+            problem = text_problem(item)
+            if problem:
+                errors.add(path, problem)
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                errors.add(path, "must be a finite number")
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                problem = text_problem(key)
+                if problem:
+                    errors.add(_child(path, key), "field name " + problem)
+                else:
+                    pending.append((_child(path, key), child))
+        elif isinstance(item, list):
+            pending.extend((f"{path}[{index}]", child) for index, child in enumerate(item))
+    errors.raise_if_any("Some fields hold text or numbers that cannot be stored.")
 
 
 class FieldErrors:
@@ -13,7 +72,8 @@ class FieldErrors:
         self.items: list[dict[str, str]] = []
 
     def add(self, field: str, message: str) -> None:
-        self.items.append({"field": field, "message": message})
+        # Field names come from the request: escaped, so the problem body can always be encoded.
+        self.items.append({"field": escape_text(field), "message": message})
 
     def raise_if_any(self, detail: str = "Some fields are invalid.") -> None:
         if self.items:

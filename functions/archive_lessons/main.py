@@ -8,15 +8,9 @@ import functions_framework
 
 from common.jobs.service import job_view
 from common.lessons.archive.kind import enqueue_daily_archive
-from common.platform.config import Settings
 from common.platform.http import Call, cold_start, json_response, serve
 
 cold_start()
-
-
-def _audience(settings: Settings) -> str:
-    # Cloud Scheduler's OIDC token is minted for this function's own URL.
-    return f"{settings.base_url}/archive_lessons"
 
 
 def _trigger(call: Call) -> flask.Response:
@@ -27,4 +21,4 @@ def _trigger(call: Call) -> flask.Response:
 
 @functions_framework.http
 def archive_lessons(request: flask.Request) -> flask.Response:
-    return serve(request, methods=("POST",), auth="task", action=_trigger, task_audience=_audience)
+    return serve(request, methods=("POST",), auth="task", action=_trigger, function="archive_lessons")

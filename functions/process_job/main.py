@@ -18,4 +18,4 @@ def _process(call: Call) -> flask.Response:
 
 @functions_framework.http
 def process_job(request: flask.Request) -> flask.Response:
-    return serve(request, methods=("POST",), auth="task", action=_process)
+    return serve(request, methods=("POST",), auth="task", action=_process, function="process_job")

@@ -4,15 +4,9 @@ import flask
 import functions_framework
 
 from common.jobs import rescue
-from common.platform.config import Settings
 from common.platform.http import Call, cold_start, json_response, serve
 
 cold_start()
-
-
-def _audience(settings: Settings) -> str:
-    # Cloud Scheduler's OIDC token names this function's own URL, not process_job's.
-    return settings.tasks_oidc_audience or f"{settings.base_url}/rescue_jobs"
 
 
 def _rescue(call: Call) -> flask.Response:
@@ -22,4 +16,4 @@ def _rescue(call: Call) -> flask.Response:
 
 @functions_framework.http
 def rescue_jobs(request: flask.Request) -> flask.Response:
-    return serve(request, methods=("POST",), auth="task", action=_rescue, task_audience=_audience)
+    return serve(request, methods=("POST",), auth="task", action=_rescue, function="rescue_jobs")
