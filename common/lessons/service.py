@@ -84,7 +84,12 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         in_utc = parsed.astimezone(UTC)  # OverflowError past year 1 / 9999
         if not _EARLIEST <= in_utc <= _LATEST:
             raise ValueError("out of range")
-        return in_utc, uuid.UUID(lesson_id)
+        keyset = in_utc, uuid.UUID(lesson_id)
+        # Only the canonical form encode_cursor writes: fromisoformat also takes odd spellings
+        # (a NUL where the separator goes, say) that no cursor of ours contains.
+        if created != parsed.isoformat() or lesson_id != str(keyset[1]):
+            raise ValueError("not a cursor of ours")
+        return keyset
     except (ValueError, TypeError, OverflowError, RecursionError, UnicodeError, binascii.Error):
         raise _bad_cursor() from None
 
