@@ -21,11 +21,12 @@ from tests.support import ROOT, free_port
 def test_runner_serves_a_job_to_done_and_stops_cleanly() -> None:
     # Outside pytest's basetemp, which pytest re-chmods to 0700 (see tests/conftest.py).
     tmp_path = Path(tempfile.mkdtemp(prefix="dylen-test-run-"))
-    gateway = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DYLEN_") or k == "DYLEN_ENV_FILE"}
     env.update(
         DYLEN_DEV_DIR=str(tmp_path / "dev"),
-        DYLEN_DEV_PORT=str(gateway),
+        # 0: the runner binds every port itself (the OS picks them) and prints them; nothing can take
+        # one between choosing and using it, which a port picked here and handed over could not promise.
+        DYLEN_DEV_PORT="0",
         DYLEN_DEV_PG_PORT=str(free_port()),
         PYTHONPATH=str(ROOT),
     )
@@ -49,6 +50,9 @@ def test_runner_serves_a_job_to_done_and_stops_cleanly() -> None:
             if "Ctrl-C stops everything" in line:
                 break
         text = "".join(output)
+        ports = dict(re.findall(r"^  (\w+) +http://localhost:(\d+)/\1 ", text, re.M))
+        assert set(ports) >= {"create_job", "get_job", "process_job", "get_lesson"}, text
+        (gateway,) = set(ports.values())
         # The printed curl is the one a newcomer copies: run it as printed.
         create = re.search(r"(curl -s -X POST .*?\}\}')", text, re.S)
         assert create, text
