@@ -20,22 +20,31 @@ help:
 	@echo "make bench-load  64 clients creating jobs for 30 s (figures in bench/RESULTS.md)"
 	@echo "make bench-archive  archiver vs naive UPDATE on 1M lessons; writes bench/RESULTS.md"
 
-$(STAMP): requirements.txt requirements-dev.txt
+# The project itself goes in editable (`pip install -e .`): `common` and `devtools` then import from
+# this checkout in any process of the venv, e.g. a bare `.venv/bin/functions-framework`.
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=python3.11)")'
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	@test -x $(BIN)/python || { echo "Creating $(VENV) ..."; $(PYTHON) -m venv $(VENV); }
+	@echo "Installing the dependencies into $(VENV) (requirements-dev.txt; the first time takes a minute or so) ..."
+	@$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	@$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	@echo "Installing this project into $(VENV) in editable mode (pip install -e .) ..."
+	@$(BIN)/python -m pip install --quiet --disable-pip-version-check -e . 2>$(VENV)/editable-install.log \
+	  || { cat $(VENV)/editable-install.log; exit 1; }
 	@touch $@
+	@echo "$(VENV) is ready."
 
 $(EMU_STAMP): requirements-tasks-emulator.txt
 	@test -x $(EMU_VENV)/bin/python || $(PYTHON) -m venv $(EMU_VENV)
-	$(EMU_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-tasks-emulator.txt
+	@echo "Installing gcloud-tasks-emulator into $(EMU_VENV) (requirements-tasks-emulator.txt) ..."
+	@$(EMU_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-tasks-emulator.txt
 	@touch $@
 
 tasks-emulator: $(EMU_STAMP)
 
 run: $(STAMP)
-	$(BIN)/python -m devtools.run
+	@echo "Starting dylen-jobs locally (python -m devtools.run) ..."
+	@$(BIN)/python -m devtools.run
 
 test: $(STAMP) $(EMU_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

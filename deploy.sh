@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # deploy.sh: deploy dylen-jobs to Google Cloud. Creates or updates, in order: APIs, service accounts,
-# IAM bindings, the Cloud SQL IAM user, the Cloud Tasks queue, the schema (migrations), every function
+# IAM bindings, the Cloud SQL database and IAM user, the Cloud Tasks queue, the schema (rights and
+# migrations), every function
 # under functions/ (staged into build/<name>/ with a copy of common/), invoker bindings and the Cloud
 # Scheduler jobs. Every step describes before it creates, so running it twice is safe.
 #
@@ -31,7 +32,8 @@ usage() {
 Usage: ./deploy.sh [options]
 
 Each option can also come from the environment variable named after it. Required: --project,
---region, --sql-instance.
+--region, --sql-instance; the project and region default to gcloud's own configuration
+(`gcloud config get-value project`, `gcloud config get-value functions/region`).
 
   --project ID             DYLEN_GCP_PROJECT          Google Cloud project
   --region REGION          DYLEN_GCP_REGION           region of functions, queue and scheduler jobs
@@ -47,8 +49,13 @@ Each option can also come from the environment variable named after it. Required
   --build-dir DIR          DYLEN_BUILD_DIR            staging folder (default: build)
   --dry-run                print every command, run none
   --stage-only             only stage build/<name>/ folders (no gcloud, no network)
-  --skip-migrations        do not run `python -m common.cli migrate`
+  --skip-migrations        do not grant schema rights or run `python -m common.cli migrate`
   -h, --help               this text
+
+Schema rights (PostgreSQL 15+ gives ordinary users no CREATE on schema public): with
+DYLEN_DB_ADMIN_PASSWORD (the instance's built-in postgres user's password; environment only, never
+printed) the script grants USAGE and CREATE on public to the database user(s) before migrating.
+A new database needs this once; without the variable the step is skipped and says so.
 
 Tuning (environment only): DYLEN_JOB_MAX_ATTEMPTS (5), DYLEN_JOB_TIMEOUT_SECONDS (600),
 DYLEN_QUEUE_MIN_BACKOFF (10s), DYLEN_QUEUE_MAX_BACKOFF (300s), DYLEN_QUEUE_MAX_DOUBLINGS (4),
@@ -218,8 +225,22 @@ if [[ $STAGE_ONLY -eq 1 ]]; then
   exit 0
 fi
 
-[[ -n "$PROJECT" ]] || die "--project (or DYLEN_GCP_PROJECT) is required"
-[[ -n "$REGION" ]] || die "--region (or DYLEN_GCP_REGION) is required"
+# Defaults from gcloud's own configuration, as Google's samples use them. Reading it is local (no
+# API call), so a dry run reads it too.
+gcloud_config() {
+  command -v gcloud >/dev/null 2>&1 || return 0
+  gcloud config get-value "$1" 2>/dev/null || true
+}
+if [[ -z "$PROJECT" ]]; then
+  PROJECT="$(gcloud_config project)"
+  [[ -z "$PROJECT" ]] || echo "(project $PROJECT: from gcloud config)"
+fi
+if [[ -z "$REGION" ]]; then
+  REGION="$(gcloud_config functions/region)"
+  [[ -z "$REGION" ]] || echo "(region $REGION: from gcloud config functions/region)"
+fi
+[[ -n "$PROJECT" ]] || die "--project (or DYLEN_GCP_PROJECT) is required (or set gcloud's: gcloud config set project ID)"
+[[ -n "$REGION" ]] || die "--region (or DYLEN_GCP_REGION) is required (or set gcloud's: gcloud config set functions/region REGION)"
 [[ -n "$SQL_INSTANCE" ]] || die "--sql-instance (or DYLEN_CLOUD_SQL_INSTANCE) is required"
 [[ "$SQL_INSTANCE" =~ ^[^:]+:[^:]+:[^:]+$ ]] \
   || die "--sql-instance must be PROJECT:REGION:INSTANCE, got '$SQL_INSTANCE'"
@@ -249,9 +270,13 @@ G=(--project "$PROJECT")
 echo "== Deploying ${FUNCTIONS[*]} to $PROJECT ($REGION)"
 
 echo "== APIs"
-run gcloud services enable cloudfunctions.googleapis.com run.googleapis.com cloudbuild.googleapis.com \
-  artifactregistry.googleapis.com cloudtasks.googleapis.com cloudscheduler.googleapis.com \
-  sqladmin.googleapis.com iam.googleapis.com "${G[@]}"
+APIS=(
+  cloudfunctions.googleapis.com run.googleapis.com cloudbuild.googleapis.com artifactregistry.googleapis.com
+  cloudtasks.googleapis.com cloudscheduler.googleapis.com sqladmin.googleapis.com iam.googleapis.com
+)
+# Password auth: the functions read the password from Secret Manager (--set-secrets).
+[[ "$DB_IAM_AUTH" == true ]] || APIS+=(secretmanager.googleapis.com)
+run gcloud services enable "${APIS[@]}" "${G[@]}"
 
 echo "== Service accounts"
 for sa_name in "$RUNTIME_SA_NAME" "$INVOKER_SA_NAME" "$SCHEDULER_SA_NAME"; do
@@ -275,6 +300,30 @@ else
 fi
 run gcloud iam service-accounts add-iam-policy-binding "$INVOKER_SA" --member "serviceAccount:$RUNTIME_SA" \
   --role roles/iam.serviceAccountUser "${G[@]}"
+
+echo "== Cloud SQL database $DB_NAME on $SQL_INSTANCE_NAME"
+if [[ "$DB_IAM_AUTH" == true ]]; then
+  # IAM database users can log in only where the instance has this flag on. It is not switched on
+  # here: `gcloud sql instances patch --database-flags` replaces every flag the instance has.
+  DESCRIBE_FLAGS=(
+    gcloud sql instances describe "$SQL_INSTANCE_NAME" --project "$SQL_PROJECT"
+    --flatten settings.databaseFlags --format "value(settings.databaseFlags.name,settings.databaseFlags.value)"
+  )
+  if [[ $DRY_RUN -eq 1 ]]; then
+    printf '+'
+    printf ' %q' "${DESCRIBE_FLAGS[@]}"
+    printf '  # dry run: assumed cloudsql.iam_authentication=on\n'
+  else
+    FLAGS="$("${DESCRIBE_FLAGS[@]}")" || die "cannot describe Cloud SQL instance $SQL_INSTANCE_NAME in $SQL_PROJECT"
+    grep -Eiq '^cloudsql\.iam_authentication[[:space:]]+on$' <<<"$FLAGS" || die \
+      "Cloud SQL instance $SQL_INSTANCE_NAME does not have cloudsql.iam_authentication=on, which IAM database" \
+      "auth needs. Add it to the instance's flags (gcloud sql instances patch $SQL_INSTANCE_NAME --database-flags" \
+      "cloudsql.iam_authentication=on,<every flag it already has>), or use --db-password-secret"
+  fi
+fi
+if ! exists gcloud sql databases describe "$DB_NAME" --instance "$SQL_INSTANCE_NAME" --project "$SQL_PROJECT"; then
+  run gcloud sql databases create "$DB_NAME" --instance "$SQL_INSTANCE_NAME" --project "$SQL_PROJECT"
+fi
 
 echo "== Cloud SQL user"
 if [[ "$DB_IAM_AUTH" == true ]]; then
@@ -310,6 +359,18 @@ else
   PY="${PYTHON:-}"
   if [[ -z "$PY" ]]; then
     if [[ -x "$ROOT/.venv/bin/python" ]]; then PY="$ROOT/.venv/bin/python"; else PY=python3; fi
+  fi
+  GRANT_USERS=("$DB_USER")
+  [[ "$MIGRATE_DB_USER" == "$DB_USER" ]] || GRANT_USERS+=("$MIGRATE_DB_USER")
+  if [[ $DRY_RUN -eq 1 || -n "${DYLEN_DB_ADMIN_PASSWORD:-}" ]]; then
+    # As the built-in postgres user; the password goes through the environment, never printed.
+    export DYLEN_DB_ADMIN_PASSWORD="${DYLEN_DB_ADMIN_PASSWORD:-}"
+    run env "PYTHONPATH=$ROOT" "DYLEN_CLOUD_SQL_INSTANCE=$SQL_INSTANCE" "DYLEN_DB_NAME=$DB_NAME" \
+      "$PY" -m devtools.grant_schema "${GRANT_USERS[@]}"
+  else
+    echo "(schema rights skipped: DYLEN_DB_ADMIN_PASSWORD is not set. A new database needs them once, or the"
+    echo " migrations fail with 'permission denied for schema public': set it to the built-in postgres"
+    echo " user's password and run again, or as that user: GRANT USAGE, CREATE ON SCHEMA public TO \"${GRANT_USERS[0]}\")"
   fi
   MIGRATE_ENV=(
     "PYTHONPATH=$ROOT"

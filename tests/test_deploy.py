@@ -253,10 +253,14 @@ def test_dry_run_runs_the_migrations_with_the_cloud_sql_settings(dry_run: dict[s
         ([], {"DYLEN_JOB_MAX_ATTEMPTS": "many"}, "DYLEN_JOB_MAX_ATTEMPTS"),
     ],
 )
-def test_missing_or_bad_settings_fail_clearly(args: list[str], env: dict[str, str], message: str) -> None:
+def test_missing_or_bad_settings_fail_clearly(
+    tmp_path: Path, args: list[str], env: dict[str, str], message: str
+) -> None:
+    # A gcloud with nothing configured, so the developer's own `gcloud config` cannot fill the gaps.
+    fake_bin = _fake_gcloud(tmp_path, config={})
     result = subprocess.run(
         ["bash", str(ROOT / "deploy.sh"), "--dry-run", *args],
-        env={"PATH": os.environ["PATH"], **env},
+        env={"PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}", **env},
         capture_output=True,
         text=True,
         timeout=30,
@@ -381,15 +385,7 @@ def test_a_real_run_creates_what_is_missing_and_updates_what_exists(tmp_path: Pa
     """Run for real against a recording stand-in `gcloud` (Google cannot be reached here) whose
     `describe` answers "absent" on a first deployment and "present" on the second."""
     calls = tmp_path / "calls"
-    fake_bin = tmp_path / "bin"
-    fake_bin.mkdir()
-    (fake_bin / "gcloud").write_text(
-        "#!/bin/sh\n"
-        f'echo "$*" >> {calls}\n'
-        'for arg in "$@"; do [ "$arg" = describe ] && exit ' + ("0" if existing else "1") + "; done\n"
-        "exit 0\n"
-    )
-    (fake_bin / "gcloud").chmod(0o755)
+    fake_bin = _fake_gcloud(tmp_path, existing=existing)
     build = tmp_path / "build"
     result = subprocess.run(
         [
@@ -423,6 +419,8 @@ def test_a_real_run_creates_what_is_missing_and_updates_what_exists(tmp_path: Pa
         assert sum(c.startswith("iam service-accounts create") for c in creates) == 3
     deployed = sorted(c.split()[2] for c in ran if c.startswith("functions deploy "))
     assert deployed == _functions(ROOT)
+    assert any(c.startswith("sql instances describe dylen --project dylen-prod") for c in ran)
+    assert (f"sql databases create dylen --instance dylen --project {PROJECT}" in ran) is not existing
     assert sorted(p.name for p in build.iterdir()) == _functions(ROOT)  # staged for real this time
 
 
@@ -454,3 +452,192 @@ def test_dry_run_applies_the_readmes_instance_settings(
     assert (_flag(deploy, "--concurrency"), _flag(deploy, "--max-instances")) == (concurrency, max_instances)
     assert _flag(deploy, "--cpu") == "1"  # Cloud Run refuses a concurrency above 1 with less
     load_settings({**env, "DYLEN_ENV_FILE": os.devnull})  # the pool settings pass the start-up guards
+
+
+def _fake_gcloud(
+    tmp_path: Path,
+    *,
+    existing: bool = False,
+    iam_flag: str = "on",
+    config: dict[str, str] | None = None,
+) -> Path:
+    """A recording stand-in for gcloud (Google cannot be reached here), appending each call to
+    tmp_path/calls: `describe` answers "absent" or "present" (`existing`), except the Cloud SQL
+    instance, which deploy.sh never creates and which reports `cloudsql.iam_authentication` as
+    `iam_flag`; `config get-value KEY` prints `config[KEY]` (nothing when unset, as gcloud does)."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir(exist_ok=True)
+    config = {} if config is None else config
+    lines = ["#!/bin/sh", f'echo "$*" >> {tmp_path / "calls"}']
+    lines.append('if [ "$1 $2" = "config get-value" ]; then')
+    lines.append('  case "$3" in')
+    for key, value in config.items():
+        lines.append(f"    {shlex.quote(key)}) echo {shlex.quote(value)} ;;")
+    lines.append("    *) echo '(unset)' >&2 ;;")
+    lines.append("  esac")
+    lines.append("  exit 0")
+    lines.append("fi")
+    lines.append('if [ "$1 $2 $3" = "sql instances describe" ]; then')
+    lines.append(
+        f"  printf 'max_connections\\t150\\ncloudsql.iam_authentication\\t%s\\n' {shlex.quote(iam_flag)}"
+    )
+    lines.append("  exit 0")
+    lines.append("fi")
+    lines.append('for arg in "$@"; do [ "$arg" = describe ] && exit ' + ("0" if existing else "1") + "; done")
+    lines.append("exit 0")
+    (fake_bin / "gcloud").write_text("\n".join(lines) + "\n")
+    (fake_bin / "gcloud").chmod(0o755)
+    return fake_bin
+
+
+def _deploy(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", str(ROOT / "deploy.sh"), "--build-dir", str(tmp_path / "build"), *args],
+        env={"HOME": str(tmp_path), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_dry_run_creates_the_database_and_grants_schema_rights(dry_run: dict[str, Any]) -> None:
+    commands = dry_run["commands"]
+    assert _find(commands, "gcloud", "sql", "databases", "describe", "dylen", "--instance", "dylen")
+    (create,) = _find(commands, "gcloud", "sql", "databases", "create", "dylen")
+    assert _flag(create, "--instance") == "dylen" and _flag(create, "--project") == PROJECT
+    (flags,) = _find(commands, "gcloud", "sql", "instances", "describe", "dylen")
+    assert "settings.databaseFlags" in _flag(flags, "--flatten")
+    (grant,) = [c for c in commands if c[0] == "env" and c[-3:-1] == ["-m", "devtools.grant_schema"]]
+    assert grant[-1] == f"dylen-runtime@{PROJECT}.iam"
+    assert f"DYLEN_CLOUD_SQL_INSTANCE={INSTANCE}" in grant
+    # The database exists (and the IAM user has rights) before anything migrates.
+    order = [" ".join(c[:4]) for c in commands]
+    assert order.index("gcloud sql databases create") < order.index("gcloud sql users create")
+    assert commands.index(grant) < next(i for i, c in enumerate(commands) if c[-1] == "migrate")
+    (enable,) = _find(commands, "gcloud", "services", "enable")
+    assert "secretmanager.googleapis.com" not in enable  # IAM database auth: no secret to read
+
+
+def test_password_mode_enables_secret_manager_and_never_prints_the_admin_password(tmp_path: Path) -> None:
+    fake_bin = _fake_gcloud(tmp_path)
+    result = _deploy(
+        tmp_path,
+        "--dry-run",
+        "--project",
+        PROJECT,
+        "--region",
+        REGION,
+        "--sql-instance",
+        INSTANCE,
+        "--db-password-secret",
+        "dylen-db-password",
+        PATH=f"{fake_bin}{os.pathsep}{os.environ['PATH']}",
+        DYLEN_DB_ADMIN_PASSWORD="admin-s3cret",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "admin-s3cret" not in result.stdout + result.stderr
+    commands = [shlex.split(line[2:]) for line in result.stdout.splitlines() if line.startswith("+ ")]
+    (enable,) = _find(commands, "gcloud", "services", "enable")
+    assert "secretmanager.googleapis.com" in enable
+    assert not _find(commands, "gcloud", "sql", "instances", "describe")  # no IAM auth, no flag needed
+    (grant,) = [c for c in commands if c[0] == "env" and c[-3:-1] == ["-m", "devtools.grant_schema"]]
+    assert grant[-1] == "dylen"
+    assert not (tmp_path / "calls").exists(), "the dry run called gcloud"
+
+
+def test_project_and_region_default_to_gclouds_configuration(tmp_path: Path) -> None:
+    fake_bin = _fake_gcloud(tmp_path, config={"project": "cfg-project", "functions/region": "asia-east1"})
+    result = _deploy(
+        tmp_path,
+        "--dry-run",
+        "--sql-instance",
+        "cfg-project:asia-east1:dylen",
+        PATH=f"{fake_bin}{os.pathsep}{os.environ['PATH']}",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "(project cfg-project: from gcloud config)" in result.stdout
+    commands = [shlex.split(line[2:]) for line in result.stdout.splitlines() if line.startswith("+ ")]
+    (deploy,) = _find(commands, "gcloud", "functions", "deploy", "create_job")
+    assert _flag(deploy, "--project") == "cfg-project" and _flag(deploy, "--region") == "asia-east1"
+    # Reading gcloud's local configuration is all the dry run did.
+    assert (tmp_path / "calls").read_text().splitlines() == [
+        "config get-value project",
+        "config get-value functions/region",
+    ]
+    # A flag or variable still wins over gcloud's configuration, which is then not read at all.
+    (tmp_path / "calls").unlink()
+    result = _deploy(
+        tmp_path,
+        "--dry-run",
+        "--project",
+        PROJECT,
+        "--sql-instance",
+        INSTANCE,
+        PATH=f"{fake_bin}{os.pathsep}{os.environ['PATH']}",
+        DYLEN_GCP_REGION=REGION,
+    )
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "calls").exists()
+
+
+def test_a_real_run_stops_when_the_instance_lacks_iam_authentication(tmp_path: Path) -> None:
+    fake_bin = _fake_gcloud(tmp_path, existing=True, iam_flag="off")
+    result = _deploy(
+        tmp_path,
+        "--project",
+        PROJECT,
+        "--region",
+        REGION,
+        "--sql-instance",
+        INSTANCE,
+        "--skip-migrations",
+        PATH=f"{fake_bin}{os.pathsep}{os.environ['PATH']}",
+    )
+    assert result.returncode == 2
+    assert "does not have cloudsql.iam_authentication=on" in result.stderr, result.stderr
+    ran = (tmp_path / "calls").read_text().splitlines()
+    assert not [
+        c for c in ran if c.startswith(("functions deploy", "sql databases create", "sql users create"))
+    ]
+
+
+def test_grant_schema_lets_an_ordinary_user_migrate(pg_admin_url: str) -> None:
+    """The grant deploy.sh runs as the built-in postgres user, on a real server: without it an
+    ordinary user (as Cloud SQL IAM users are) cannot create a table in public on PostgreSQL 15+."""
+    import sqlalchemy as sa
+
+    name = f"grant_{uuid.uuid4().hex[:8]}"
+    role = f"{name}@proj.iam"  # Cloud SQL IAM user names need quoting
+    admin_url = sa.engine.make_url(pg_admin_url).set(drivername="postgresql+pg8000")
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        conn.execute(sa.text(f'CREATE ROLE "{role}" LOGIN'))
+    db_url = admin_url.set(database=name)
+    try:
+        with sa.create_engine(db_url, isolation_level="AUTOCOMMIT").connect() as conn:
+            conn.execute(sa.text("REVOKE CREATE ON SCHEMA public FROM PUBLIC"))  # PostgreSQL 15's default
+        user_engine = sa.create_engine(db_url.set(username=role), isolation_level="AUTOCOMMIT")
+        with user_engine.connect() as conn, pytest.raises(sa.exc.DBAPIError, match="permission denied"):
+            conn.execute(sa.text("CREATE TABLE t (id int)"))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DYLEN_")}
+        env["DYLEN_DATABASE_URL"] = db_url.render_as_string(hide_password=False).replace("+pg8000", "")
+        for _ in range(2):  # running it again is harmless
+            result = subprocess.run(
+                [sys.executable, "-m", "devtools.grant_schema", role],
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert result.returncode == 0, result.stderr
+        assert f'GRANT USAGE, CREATE ON SCHEMA public TO "{role}"' in result.stdout
+        with user_engine.connect() as conn:
+            conn.execute(sa.text("CREATE TABLE t (id int)"))
+        user_engine.dispose()
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            conn.execute(sa.text(f'DROP ROLE IF EXISTS "{role}"'))
+        admin.dispose()

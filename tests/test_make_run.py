@@ -21,11 +21,12 @@ from tests.support import ROOT, free_port
 def test_runner_serves_a_job_to_done_and_stops_cleanly() -> None:
     # Outside pytest's basetemp, which pytest re-chmods to 0700 (see tests/conftest.py).
     tmp_path = Path(tempfile.mkdtemp(prefix="dylen-test-run-"))
-    gateway = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DYLEN_") or k == "DYLEN_ENV_FILE"}
     env.update(
         DYLEN_DEV_DIR=str(tmp_path / "dev"),
-        DYLEN_DEV_PORT=str(gateway),
+        # 0: the runner binds every port itself (the OS picks them) and prints them; nothing can take
+        # one between choosing and using it, which a port picked here and handed over could not promise.
+        DYLEN_DEV_PORT="0",
         DYLEN_DEV_PG_PORT=str(free_port()),
         PYTHONPATH=str(ROOT),
     )
@@ -49,6 +50,9 @@ def test_runner_serves_a_job_to_done_and_stops_cleanly() -> None:
             if "Ctrl-C stops everything" in line:
                 break
         text = "".join(output)
+        ports = dict(re.findall(r"^  (\w+) +http://localhost:(\d+)/\1 ", text, re.M))
+        assert set(ports) >= {"create_job", "get_job", "process_job", "get_lesson"}, text
+        (gateway,) = set(ports.values())
         # The printed curl is the one a newcomer copies: run it as printed.
         create = re.search(r"(curl -s -X POST .*?\}\}')", text, re.S)
         assert create, text
@@ -93,3 +97,54 @@ def test_runner_serves_a_job_to_done_and_stops_cleanly() -> None:
     pg_log = tmp_path / "dev" / "pgdata.log"
     assert leftovers.strip() == "", rest + (pg_log.read_text()[-3000:] if pg_log.exists() else "")
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_one_function_runs_under_a_bare_functions_framework_without_pythonpath(database_url: str) -> None:
+    """The README's way to run one function: the venv's `functions-framework` script, no PYTHONPATH
+    (the Makefile installs the project in editable mode), from the repository root."""
+    script = Path(sys.executable).parent / "functions-framework"
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DYLEN_") and k != "PYTHONPATH"}
+    env.update(
+        DYLEN_ENV_FILE=os.devnull,
+        DYLEN_AUTH_MODE="dev",
+        DYLEN_DATABASE_URL=database_url,
+        DYLEN_JOBS_AUTO_PROCESS="false",
+    )
+    proc = subprocess.Popen(
+        [
+            str(script),
+            "--target",
+            "create_job",
+            "--source",
+            "functions/create_job/main.py",
+            "--port",
+            str(port),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        http = requests.Session()
+        http.trust_env = False
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, proc.communicate()[0].decode(errors="replace")[-3000:]
+            try:
+                created = http.post(
+                    f"http://127.0.0.1:{port}/",
+                    json={"job_kind": "lesson", "idempotency_key": "bare-ff", "payload": {"topic": "Tides"}},
+                    headers={"X-Dylen-User": "bare-ff"},
+                    timeout=5,
+                )
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline, "functions-framework did not listen within 30 s"
+                time.sleep(0.1)
+        assert created.status_code in (200, 202), created.text
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.communicate(timeout=30)

@@ -49,12 +49,12 @@ CHECKS = [
 
 @pytest.fixture(scope="module")
 def gateway(stack: Stack) -> Iterator[str]:
-    from devtools.run import _gateway
+    from devtools.run import Gateway
 
-    routes = {name: stack.servers[name].port for name in USER_FUNCTIONS}
-    server = _gateway(0, routes)
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    server = Gateway(0)
+    server.start({name: stack.servers[name].port for name in USER_FUNCTIONS})
+    yield f"http://127.0.0.1:{server.port}"
+    server.stop()
 
 
 @pytest.fixture(scope="module")
