@@ -15,7 +15,7 @@ from typing import Any
 from common.jobs import ops, queries
 from common.jobs.ops import STATUSES
 from common.lessons.archive import algorithm as archive
-from common.platform.config import get_settings
+from common.platform.config import for_tools, get_settings
 from common.platform.db import transaction
 from common.platform.errors import DylenError, ValidationFailed
 from common.platform.log import logger
@@ -90,6 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_jobs_parser(sub)
     add_archive_commands(sub)
     args = parser.parse_args(argv)
+    for_tools()  # operator commands never authenticate users or tasks: no auth settings needed
     try:
         if args.command == "migrate":
             migrate(args.revision)
@@ -107,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 # --- jobs: list | show | retry | cancel | stats ----------------------------------------------------
 
 EXIT_ABORTED = 1
+EXIT_DISPATCH_FAILED = 3
 
 
 def add_jobs_parser(sub: Any) -> None:
@@ -204,15 +206,23 @@ def _retry(args: argparse.Namespace) -> int:
             print(f"{len(candidates) - len(outcome.jobs)} job(s) were no longer error or canceled; skipped")
     for job in outcome.jobs:
         print(f"requeued {job.id} (attempts {job.attempts}, now up to {job.max_attempts})")
+    for job, delivery in zip(outcome.jobs, outcome.deliveries, strict=False):
+        print(f"{'dispatched' if delivery.ok else 'NOT dispatched'} {job.id}: {delivery.detail}")
     print(f"retried {len(outcome.jobs)} job(s)", end="")
     if not outcome.dispatch_enabled:
         print("; not dispatched (DYLEN_JOBS_AUTO_PROCESS=false): rescue_jobs or a delivery runs them")
-    else:
-        failed = len(outcome.jobs) - outcome.dispatched
+        return 0
+    failed = len(outcome.jobs) - outcome.dispatched
+    print(
+        f"; dispatched {outcome.dispatched}" + (f", {failed} left queued for rescue_jobs" if failed else "")
+    )
+    if failed:
         print(
-            f"; dispatched {outcome.dispatched}"
-            + (f", {failed} left queued for rescue_jobs" if failed else "")
+            "error: some dispatches failed (see above); check DYLEN_PROCESS_JOB_URL and DYLEN_TASK_SECRET "
+            "(make run prints both), or let rescue_jobs retry them",
+            file=sys.stderr,
         )
+        return EXIT_DISPATCH_FAILED
     return 0
 
 

@@ -292,7 +292,7 @@ def _warm_up(ports: dict[str, int], secret: str) -> None:
 
     http = requests.Session()
     http.trust_env = False
-    probe = str(uuid.uuid4())
+    probe = str(uuid.UUID(int=0))  # the nil id: process_job answers it as a probe, without a warning
     try:
         http.post(
             f"http://127.0.0.1:{ports['process_job']}/",
@@ -452,6 +452,11 @@ def main() -> int:
         print("Run a scheduled function now (Cloud Scheduler calls them in production):")
         for name in scheduled:
             print(f"  curl -s -X POST {base}/{name} -H 'X-Dylen-Task-Secret: {env['DYLEN_TASK_SECRET']}'")
+    print("Operator commands (python -m common.cli jobs retry, ...) reach this run with:")
+    print(
+        f"  export DYLEN_DATABASE_URL={env['DYLEN_DATABASE_URL']} "
+        f"DYLEN_PROCESS_JOB_URL={base}/process_job DYLEN_TASK_SECRET={env['DYLEN_TASK_SECRET']}"
+    )
     print("\nCtrl-C stops everything.", flush=True)
 
     while not stop.wait(0.5):

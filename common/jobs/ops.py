@@ -10,12 +10,14 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
 from common.jobs import queries, service
-from common.jobs.dispatch import dispatch_job
+from common.jobs.dispatch import deliver_job
+from common.jobs.dispatch.base import Delivery
 from common.jobs.kinds import get_kind, known_kinds
 from common.jobs.model import RETRYABLE_STATUSES, Job, JobStatus
 from common.platform.config import get_settings
@@ -154,8 +156,12 @@ def cancel_job(raw_id: str) -> Job:
 @dataclass(frozen=True)
 class Retried:
     jobs: list[Job]
-    dispatched: int  # handed to the dispatcher; the rest stay queued for rescue_jobs
+    deliveries: list[Delivery]  # one per job when dispatch is enabled; failed ones stay queued
     dispatch_enabled: bool
+
+    @property
+    def dispatched(self) -> int:
+        return sum(1 for delivery in self.deliveries if delivery.ok)
 
 
 def retry_job(raw_id: str) -> Retried:
@@ -191,7 +197,7 @@ def retry_candidates(filters: Filters) -> list[Job]:
 def retry_jobs(job_ids: Sequence[uuid.UUID]) -> Retried:
     """Requeue exactly these jobs (those still error or canceled) and dispatch them."""
     if not job_ids:
-        return Retried(jobs=[], dispatched=0, dispatch_enabled=get_settings().auto_process)
+        return Retried(jobs=[], deliveries=[], dispatch_enabled=get_settings().auto_process)
     with _db() as conn:
         jobs = queries.requeue_jobs(conn, list(job_ids), extra_attempts=get_settings().job_max_attempts)
     return _dispatch(jobs)
@@ -199,11 +205,12 @@ def retry_jobs(job_ids: Sequence[uuid.UUID]) -> Retried:
 
 def _dispatch(jobs: list[Job]) -> Retried:
     # Like create_job: committed first, then dispatched; with auto-process off (manual setups) the
-    # job waits for a manual delivery or rescue_jobs.
+    # job waits for a manual delivery or rescue_jobs. The operator waits for each outcome.
     if not get_settings().auto_process:
-        return Retried(jobs=jobs, dispatched=0, dispatch_enabled=False)
-    dispatched = sum(1 for job in jobs if dispatch_job(job))
-    return Retried(jobs=jobs, dispatched=dispatched, dispatch_enabled=True)
+        return Retried(jobs=jobs, deliveries=[], dispatch_enabled=False)
+    with ThreadPoolExecutor(max_workers=min(8, len(jobs) or 1)) as pool:
+        deliveries = list(pool.map(deliver_job, jobs))
+    return Retried(jobs=jobs, deliveries=deliveries, dispatch_enabled=True)
 
 
 def stats() -> dict[str, Any]:

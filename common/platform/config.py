@@ -205,6 +205,7 @@ class Settings:
     task_secret: str | None = field(repr=False)
     auth_mode: str
     firebase_project_id: str | None
+    firebase_auth_emulator_host: str | None
     job_max_attempts: int
     job_timeout_seconds: int
     rescue_after_seconds: int
@@ -236,8 +237,13 @@ class Settings:
         return f"{self.base_url}/{function}"
 
 
-def load_settings(env: Mapping[str, str] | None = None, *, dotenv: Path | None = None) -> Settings:
-    """Build Settings from `env` (default: os.environ) with `.env` filling unset variables."""
+def load_settings(
+    env: Mapping[str, str] | None = None, *, dotenv: Path | None = None, serving: bool = True
+) -> Settings:
+    """Build Settings from `env` (default: os.environ) with `.env` filling unset variables.
+
+    `serving=False` (operator tools: migrate, jobs, users) skips the checks of who may call the
+    functions (user and task auth), which those tools never use."""
     source = dict(os.environ if env is None else env)
     # DYLEN_ENV_FILE lets tests and tools point away from a developer's .env (e.g. /dev/null).
     dotenv_path = dotenv or Path(source.get("DYLEN_ENV_FILE") or Path.cwd() / ".env")
@@ -281,6 +287,8 @@ def load_settings(env: Mapping[str, str] | None = None, *, dotenv: Path | None =
         task_secret=r.text("DYLEN_TASK_SECRET"),
         auth_mode=r.choice("DYLEN_AUTH_MODE", "firebase", AUTH_MODES),
         firebase_project_id=r.text("DYLEN_FIREBASE_PROJECT_ID"),
+        # The Firebase Admin SDK's variable: accept the Auth emulator's unsigned tokens (local only).
+        firebase_auth_emulator_host=r.text("FIREBASE_AUTH_EMULATOR_HOST"),
         job_max_attempts=r.integer("DYLEN_JOB_MAX_ATTEMPTS", 5, minimum=1, maximum=100),
         job_timeout_seconds=r.integer("DYLEN_JOB_TIMEOUT_SECONDS", 600, minimum=1, maximum=86400),
         rescue_after_seconds=r.integer("DYLEN_RESCUE_AFTER_SECONDS", 300, minimum=1),
@@ -297,6 +305,8 @@ def load_settings(env: Mapping[str, str] | None = None, *, dotenv: Path | None =
         local_dispatch_workers=r.integer("DYLEN_LOCAL_DISPATCH_WORKERS", 8, minimum=1, maximum=256),
     )
     _check_combinations(settings)
+    if serving:
+        _check_serving(settings)
     return settings
 
 
@@ -353,23 +363,42 @@ def _check_combinations(s: Settings) -> None:
                 "DYLEN_TASKS_INVOKER_SA is required when DYLEN_TASK_SERVICE_PROVIDER=gcp targets real "
                 "Cloud Tasks (process_job accepts only OIDC tokens of that service account)"
             )
-        if s.auth_mode == "dev" and not s.cloud_tasks_emulator_host:
-            raise ConfigError(
-                "DYLEN_AUTH_MODE=dev is refused with real Cloud Tasks "
-                "(DYLEN_TASK_SERVICE_PROVIDER=gcp without CLOUD_TASKS_EMULATOR_HOST)"
-            )
-    if s.auth_mode == "firebase" and not s.firebase_project_id:
-        raise ConfigError("DYLEN_FIREBASE_PROJECT_ID is required when DYLEN_AUTH_MODE=firebase")
     if s.local_dispatch_max_backoff_seconds < s.local_dispatch_min_backoff_seconds:
         raise ConfigError(
             "DYLEN_LOCAL_DISPATCH_MAX_BACKOFF_SECONDS must be >= DYLEN_LOCAL_DISPATCH_MIN_BACKOFF_SECONDS"
         )
 
 
+def _check_serving(s: Settings) -> None:
+    real_cloud_tasks = s.task_provider == "gcp" and not s.cloud_tasks_emulator_host
+    if s.auth_mode == "dev" and real_cloud_tasks:
+        raise ConfigError(
+            "DYLEN_AUTH_MODE=dev is refused with real Cloud Tasks "
+            "(DYLEN_TASK_SERVICE_PROVIDER=gcp without CLOUD_TASKS_EMULATOR_HOST)"
+        )
+    if s.firebase_auth_emulator_host and real_cloud_tasks:
+        raise ConfigError(
+            "FIREBASE_AUTH_EMULATOR_HOST is refused with real Cloud Tasks: the emulator's tokens are "
+            "unsigned (DYLEN_TASK_SERVICE_PROVIDER=gcp without CLOUD_TASKS_EMULATOR_HOST)"
+        )
+    if s.auth_mode == "firebase" and not s.firebase_project_id:
+        raise ConfigError("DYLEN_FIREBASE_PROJECT_ID is required when DYLEN_AUTH_MODE=firebase")
+
+
+_serving = True
+
+
+def for_tools() -> None:
+    """Operator tools call this before anything reads the settings: they need no auth settings."""
+    global _serving
+    _serving = False
+    reset_settings()
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """The process-wide settings, loaded on first use."""
-    return load_settings()
+    return load_settings(serving=_serving)
 
 
 def reset_settings() -> None:

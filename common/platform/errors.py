@@ -20,11 +20,14 @@ class DylenError(Exception):
         *,
         errors: list[dict[str, Any]] | None = None,
         headers: dict[str, str] | None = None,
+        log_detail: str | None = None,
     ) -> None:
         super().__init__(detail or self.title)
         self.detail = detail or self.title
         self.errors = errors
         self.headers = headers or {}
+        # What the log says instead of `detail` (hosts, causes): never sent to the caller.
+        self.log_detail = log_detail
 
     @property
     def type_uri(self) -> str:

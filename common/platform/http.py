@@ -10,6 +10,9 @@ from __future__ import annotations
 import gc
 import io
 import json
+import logging
+import sys
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -19,7 +22,10 @@ from werkzeug.exceptions import HTTPException
 
 from common.platform.auth import authenticate_task, authenticate_user
 from common.platform.config import Settings, get_settings
+from common.platform.db import QueryError
 from common.platform.errors import (
+    ConfigError,
+    DatabaseUnavailable,
     DylenError,
     MalformedRequest,
     MethodNotAllowed,
@@ -27,7 +33,7 @@ from common.platform.errors import (
     PayloadTooLarge,
     UnsupportedMediaType,
 )
-from common.platform.log import logger, reset_trace, set_trace
+from common.platform.log import RateLimit, logger, reset_trace, set_trace
 from common.platform.validation import check_json_text, escape_text
 
 MAX_BODY_BYTES = 64 * 1024
@@ -209,20 +215,43 @@ def install_problem_handlers() -> None:
 def cold_start() -> None:
     """Call once at import of every function's main.py.
 
-    - A bad configuration fails the cold start, not the first request.
+    - A bad configuration (or none for the database) fails the cold start with one line naming the
+      variable and exit status 1, not the first request.
     - Requests the router answers itself get problem+json (install_problem_handlers).
     - No request body beyond MAX_BODY_BYTES is read by anything (install_body_limit).
     - What the imports built (~58k objects) moves out of the cyclic GC's sight (gc.freeze). Otherwise
       a full collection walks all of it holding the GIL: a ~60 ms pause for every request in flight
       (bench/gc_pause.py).
     """
-    get_settings()
+    try:
+        settings = get_settings()
+        if not settings.database_url and not settings.cloud_sql_instance:
+            raise ConfigError(
+                "DYLEN_DATABASE_URL (or DYLEN_CLOUD_SQL_INSTANCE) is required: every function reads "
+                "or writes PostgreSQL (`make run` starts an embedded one for you)"
+            )
+    except ConfigError as error:
+        # One line that names the variable, not a traceback, and the instance refuses to start.
+        print(f"dylen: configuration error: {error.detail}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     install_problem_handlers()
     install_body_limit()
     gc.freeze()
 
 
 AuthKind = Literal["user", "task", None]
+
+
+# SQLSTATEs that mean the database is not (yet) set up for us: an operator must act, and every
+# request fails alike, so it is a 503 with the cause in the log, not an "internal error".
+_SETUP_SQLSTATES = {
+    "3D000": "the database does not exist",
+    "28P01": "the password was refused",
+    "28000": "the role may not log in",
+    "42P01": "a table is missing: run `python -m common.cli migrate` against this database",
+    "42501": "the role lacks a privilege on the schema",
+}
+_refusals = RateLimit(10.0)
 
 
 def serve(
@@ -232,10 +261,15 @@ def serve(
     auth: AuthKind,
     action: Callable[[Call], flask.Response],
     function: str | None = None,
+    log_request: bool = False,
 ) -> flask.Response:
     """`function` (the function's name) is required for auth="task": it decides the OIDC audience
-    (Settings.task_audience)."""
+    (Settings.task_audience), and it names the function in logs. `log_request` writes one
+    request line (method, path, status, latency, user, trace) for functions that log nothing else."""
     token = set_trace(request.headers.get("X-Cloud-Trace-Context"))
+    started = time.perf_counter()
+    call: Call | None = None
+    response: flask.Response | None = None
     try:
         if request.method not in methods:
             raise MethodNotAllowed(list(methods))
@@ -246,14 +280,72 @@ def serve(
         elif auth == "task":
             assert function is not None, "auth='task' needs the function's name"
             audience = settings.task_audience(function)
-            call.task_caller = authenticate_task(request.headers, settings, audience=audience)
-        return action(call)
+            try:
+                call.task_caller = authenticate_task(request.headers, settings, audience=audience)
+            except DylenError as refused:
+                _log_refused_task(function, refused)
+                raise
+        response = action(call)
     except DylenError as error:
         if error.status >= 500:
-            logger.error(error.detail, extra={"problem": error.type_slug, "path": request.path})
-        return problem_response(error)
+            logger.error(
+                error.log_detail or error.detail, extra={"problem": error.type_slug, "path": request.path}
+            )
+        response = problem_response(error)
+    except QueryError as error:
+        response = problem_response(_database_problem(error, request.path))
     except Exception:
         logger.exception("Unhandled error", extra={"path": request.path, "method": request.method})
-        return problem_response(DylenError("An unexpected error occurred; it has been logged."))
+        response = problem_response(DylenError("An unexpected error occurred; it has been logged."))
     finally:
+        if log_request and response is not None:
+            _log_request(request, response, started, call)
         reset_trace(token)
+    return response
+
+
+def _log_refused_task(function: str, refused: DylenError) -> None:
+    # Cloud Tasks and the emulator retry a refused task for a long time: say why, not every time.
+    held = _refusals.allow(f"{function}:{refused.status}:{refused.detail}")
+    if held is not None:
+        logger.warning(
+            "Task request refused",
+            extra={
+                "function": function,
+                "status": refused.status,
+                "reason": refused.detail,
+                "held_back": held,
+            },
+        )
+
+
+def _database_problem(error: QueryError, path: str) -> DylenError:
+    cause = _SETUP_SQLSTATES.get(error.sqlstate)
+    if cause is None:
+        logger.error("Unhandled database error", exc_info=error, extra={"path": path})
+        return DylenError("An unexpected error occurred; it has been logged.")
+    where = f" ({error.where})" if error.where else ""
+    logger.error(
+        f"The database is not set up for this function{where}: {cause}",
+        extra={"sqlstate": error.sqlstate, "reason": str(error.orig)},
+    )
+    return DatabaseUnavailable("The database is not set up for this service yet; retry later.")
+
+
+def _log_request(request: flask.Request, response: flask.Response, started: float, call: Call | None) -> None:
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    logger.info(
+        "Request served",
+        extra={
+            # Cloud Logging reads this structure as the entry's HTTP request.
+            "httpRequest": {
+                "requestMethod": request.method,
+                "requestUrl": request.path,
+                "status": response.status_code,
+                "latency": f"{time.perf_counter() - started:.6f}s",
+                "userAgent": request.headers.get("User-Agent", ""),
+            },
+            "user_id": call.user_id if call is not None else None,
+        },
+    )

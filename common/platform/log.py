@@ -7,6 +7,8 @@ import json
 import logging
 import os
 import sys
+import threading
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -45,6 +47,27 @@ def _configure() -> logging.Logger:
 
 
 logger = _configure()
+
+
+class RateLimit:
+    """At most one log line per key per `seconds`, counting what it held back (a queue retrying a
+    refused task ten times a second, a database away for minutes)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._lock = threading.Lock()
+        self._state: dict[str, tuple[float, int]] = {}  # key -> (next allowed, held back since)
+
+    def allow(self, key: str) -> int | None:
+        """None: hold this one back; else how many were held back since the last line."""
+        now = time.monotonic()
+        with self._lock:
+            allowed_at, held = self._state.get(key, (0.0, 0))
+            if now < allowed_at:
+                self._state[key] = (allowed_at, held + 1)
+                return None
+            self._state[key] = (now + self.seconds, 0)
+            return held
 
 
 def set_trace(header: str | None) -> contextvars.Token[str | None]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 
-from common.jobs.dispatch.base import Dispatcher
+from common.jobs.dispatch.base import Delivery, Dispatcher
 from common.jobs.dispatch.local_http import LocalHttpDispatcher
 from common.jobs.model import Job
 from common.platform.config import get_settings
@@ -46,3 +46,14 @@ def dispatch_job(job: Job) -> bool:
         )
         return False
     return True
+
+
+def deliver_job(job: Job) -> Delivery:
+    """Dispatch and wait for the outcome (operators' retries); never raises."""
+    try:
+        delivery = get_dispatcher().deliver(job)
+    except Exception as error:
+        delivery = Delivery(False, f"{type(error).__name__}: {error}")
+    if not delivery.ok:
+        logger.error("Failed to enqueue task", extra={"job_id": str(job.id), "reason": delivery.detail})
+    return delivery

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 from common.jobs.model import Job
@@ -17,9 +18,20 @@ def task_name_for(job: Job) -> str:
     return f"job-{job.id}-{stamp}"
 
 
+@dataclass(frozen=True)
+class Delivery:
+    """What became of one hand-over, for an operator who waits for it."""
+
+    ok: bool
+    detail: str
+
+
 class Dispatcher(Protocol):
     def dispatch(self, job: Job) -> None:
         """Hand the job over, or raise; the caller logs and leaves the job queued."""
+
+    def deliver(self, job: Job) -> Delivery:
+        """Hand the job over and wait until it is known whether that worked."""
 
 
 def backoff_seconds(retry: int, *, minimum: float, maximum: float) -> float:

@@ -10,7 +10,7 @@ import json
 import threading
 from typing import Any
 
-from common.jobs.dispatch.base import task_name_for
+from common.jobs.dispatch.base import Delivery, task_name_for
 from common.jobs.model import Job
 from common.platform.config import Settings
 from common.platform.log import logger
@@ -98,3 +98,8 @@ class CloudTasksDispatcher:
             logger.info("Task already exists; treating as dispatched", extra={"job_id": str(job.id)})
             return
         logger.info("Task enqueued", extra={"job_id": str(job.id), "task": task.name})
+
+    def deliver(self, job: Job) -> Delivery:
+        """Cloud Tasks takes over delivery once the task exists: that is the outcome to report."""
+        self.dispatch(job)
+        return Delivery(True, f"Cloud Tasks task {task_name_for(job)} is in {self.queue_path}")

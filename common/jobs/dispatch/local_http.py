@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
-from common.jobs.dispatch.base import LOCAL_QUEUE_NAME, backoff_seconds, task_name_for
+from common.jobs.dispatch.base import LOCAL_QUEUE_NAME, Delivery, backoff_seconds, task_name_for
 from common.jobs.model import Job
 from common.platform.config import Settings
 from common.platform.errors import ConfigError
@@ -94,7 +94,11 @@ class LocalHttpDispatcher:
         logger.info(f"Dispatching task locally to {self.url}", extra={"job_id": str(job.id)})
         self._executor.submit(self._deliver, str(job.id), task_name_for(job), job.max_attempts)
 
-    def _deliver(self, job_id: str, task_name: str, max_attempts: int) -> None:
+    def deliver(self, job: Job) -> Delivery:
+        """Deliver in the caller's thread, with the same retries, and say how it ended."""
+        return self._deliver(str(job.id), task_name_for(job), job.max_attempts)
+
+    def _deliver(self, job_id: str, task_name: str, max_attempts: int) -> Delivery:
         s = self.settings
         headers = {
             "Content-Type": "application/json",
@@ -132,7 +136,7 @@ class LocalHttpDispatcher:
             else:
                 executions += 1
                 if 200 <= response.status_code < 300:
-                    return
+                    return Delivery(True, f"process_job answered {response.status_code}")
                 previous = str(response.status_code)
                 retry_after = response.retry_after
                 if retry_after.isdigit():
@@ -147,3 +151,5 @@ class LocalHttpDispatcher:
             "Local delivery gave up; rescue_jobs will re-dispatch the job",
             extra={"job_id": job_id, "attempts": max_attempts},
         )
+        last = "unreachable" if previous == "UNAVAILABLE" else f"answered {previous}"
+        return Delivery(False, f"process_job at {self.url} {last} on each of {max_attempts} tries")

@@ -185,3 +185,16 @@ def connect_function(settings: Settings, *, read_timeout: float | None) -> Calla
     if settings.uses_cloud_sql:
         return _cloud_sql_connect(settings, read_timeout=read_timeout)
     return _url_connect(settings, read_timeout=read_timeout)
+
+
+def describe(settings: Settings) -> str:
+    """Where connections go, for logs: never the password."""
+    if settings.uses_cloud_sql:
+        return f"Cloud SQL instance {settings.cloud_sql_instance} (database {settings.db_name}, user {settings.db_user})"
+    if not settings.database_url:
+        return "no database configured"
+    target = parse_database_url(settings.database_url)
+    where = target.unix_sock or f"{target.host or 'localhost'}:{target.port}"
+    return (
+        f"{where} (database {target.database or target.user or 'postgres'}, user {target.user or 'postgres'})"
+    )

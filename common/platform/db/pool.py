@@ -37,7 +37,7 @@ from datetime import datetime
 from typing import Any
 
 from common.platform.config import Settings, get_settings
-from common.platform.db.connect import Opened, connect_function, driver
+from common.platform.db.connect import Opened, connect_function, describe, driver
 from common.platform.errors import DatabaseUnavailable
 from common.platform.log import logger
 
@@ -146,8 +146,9 @@ def jsonb(value: Any) -> str | None:
 class QueryError(Exception):
     """The database refused a statement (not a lost connection: that is DatabaseUnavailable)."""
 
-    def __init__(self, error: Exception, sql: str) -> None:
+    def __init__(self, error: Exception, sql: str, *, where: str | None = None) -> None:
         self.orig = error
+        self.where = where  # set when connecting failed: which server refused us
         detail = error.args[0] if error.args else {}
         self.sqlstate = str(detail.get("C", "")) if isinstance(detail, dict) else ""
         message = detail.get("M", str(error)) if isinstance(detail, dict) else str(error)
@@ -342,8 +343,10 @@ class Pool:
         timeout: float,
         read_timeout: float | None,
         ping_timeout: float,
+        where: str = "the database",
     ) -> None:
         self._connect = connect
+        self.where = where
         self.size = size
         self.limit = size + overflow
         self.timeout = timeout
@@ -389,9 +392,13 @@ class Pool:
                 self._open -= 1
                 self._cond.notify()
             if isinstance(error, Exception) and _is_disconnect(error):
-                raise DatabaseUnavailable("The database is unreachable; retry shortly.") from error
+                cause = error.__cause__ or error
+                raise DatabaseUnavailable(
+                    "The database is unreachable; retry shortly.",
+                    log_detail=f"Cannot connect to {self.where}: {type(cause).__name__}: {cause}",
+                ) from error
             if isinstance(error, driver().DatabaseError):  # no such database, wrong password
-                raise QueryError(error, "(connect)") from error
+                raise QueryError(error, "(connect)", where=self.where) from error
             raise
         record = _Record(opened, generation)
         try:
@@ -474,6 +481,7 @@ def build_pool(settings: Settings) -> Pool:
         timeout=settings.db_connect_timeout_seconds,
         read_timeout=settings.db_read_timeout_seconds,
         ping_timeout=settings.db_connect_timeout_seconds,
+        where=describe(settings),
     )
 
 
