@@ -8,7 +8,7 @@ EMU_VENV  := .venv-tasks-emulator
 EMU_STAMP := $(EMU_VENV)/.installed-stamp
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run test soak lint fmt clean help bench bench-load bench-archive tasks-emulator
+.PHONY: run test soak lint fmt clean help bench bench-load bench-archive tasks-emulator auth-emulator
 
 help:
 	@echo "make run    start embedded PostgreSQL and every function locally (Ctrl-C stops)"
@@ -16,6 +16,7 @@ help:
 	@echo "make lint   ruff + mypy"
 	@echo "make bench  performance against baselines -> bench/RESULTS.md (needs wrk)"
 	@echo "make tasks-emulator   install gcloud-tasks-emulator into .venv-tasks-emulator/ (make test does)"
+	@echo "make auth-emulator    install the Firebase Auth emulator into .tools/firebase (needs npm; CI does)"
 	@echo "make soak   the full fault soak (2,000 jobs while process_job is killed at random)"
 	@echo "make bench-load  64 clients creating jobs for 30 s (figures in bench/RESULTS.md)"
 	@echo "make bench-archive  archiver vs naive UPDATE on 1M lessons; writes bench/RESULTS.md"
@@ -41,6 +42,21 @@ $(EMU_STAMP): requirements-tasks-emulator.txt
 	@touch $@
 
 tasks-emulator: $(EMU_STAMP)
+
+# The Firebase Auth emulator (npm firebase-tools; needs Node.js) for the emulator sign-in test and
+# for signing in locally; tests/test_auth_emulator.py skips without it.
+AUTH_EMU_DIR   := .tools/firebase
+AUTH_EMU_STAMP := $(AUTH_EMU_DIR)/.installed-stamp
+FIREBASE_TOOLS_VERSION := 15.34.2
+
+$(AUTH_EMU_STAMP):
+	@command -v npm >/dev/null || { echo "make auth-emulator needs Node.js and npm (e.g. apt-get install nodejs npm)"; exit 2; }
+	@echo "Installing firebase-tools $(FIREBASE_TOOLS_VERSION) into $(AUTH_EMU_DIR) (npm; a minute or two) ..."
+	@mkdir -p $(AUTH_EMU_DIR)
+	@npm install --prefix $(AUTH_EMU_DIR) --no-audit --no-fund --loglevel=error firebase-tools@$(FIREBASE_TOOLS_VERSION) >/dev/null
+	@touch $@
+
+auth-emulator: $(AUTH_EMU_STAMP)
 
 run: $(STAMP)
 	@echo "Starting dylen-jobs locally (python -m devtools.run) ..."
@@ -75,4 +91,4 @@ bench-archive: $(STAMP)
 	$(BIN)/python -m bench.archive_bench $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) $(EMU_VENV) .dev .pytest_cache .mypy_cache .ruff_cache build
+	rm -rf $(VENV) $(EMU_VENV) .tools .dev .pytest_cache .mypy_cache .ruff_cache build
