@@ -116,6 +116,20 @@ TAG_AND_DATE = common_db.Statement(
     "SELECT CAST(:tag AS text) AS tag, CAST(:d AS timestamptz) AS d", prepare=True
 )
 FAR_EAST = timezone(timedelta(hours=14))
+# Requests that fail, each in its own way (Run.run_fault); every one must happen in the run.
+FAULT_KINDS = (
+    "overflowing date",
+    "overflowing date, prepared",
+    "lone surrogate",
+    "lone surrogate, prepared",
+    "int beyond int8",
+    "unique violation",
+    "division by zero",
+    "statement_timeout",
+    "backend terminated",
+    "our bug mid-reply",
+    "interrupt mid-reply",
+)
 
 
 class Run:
@@ -194,19 +208,7 @@ class Run:
     # --- requests that fail, each in its own way ---------------------------------------------------
 
     def fault(self, rng: random.Random) -> None:
-        kinds = [
-            "overflowing date",
-            "overflowing date, prepared",
-            "lone surrogate",
-            "lone surrogate, prepared",
-            "int beyond int8",
-            "unique violation",
-            "division by zero",
-            "statement_timeout",
-            "backend terminated",
-            "our bug mid-reply",
-            "interrupt mid-reply",
-        ]
+        kinds = list(FAULT_KINDS)
         with self.lock:
             if self.read_timeouts_left > 0 and rng.random() < 0.02:
                 self.read_timeouts_left -= 1
@@ -329,19 +331,7 @@ def test_no_reply_ever_reaches_another_request_whatever_fails_on_a_shared_pool(
     assert run.normal_failures == [], f"seed {seed}: {run.normal_failures[:5]}"
     assert run.statements == STATEMENTS
     # Every kind of fault happened, and each failed the request that caused it.
-    assert set(run.faults) >= {
-        "overflowing date",
-        "overflowing date, prepared",
-        "lone surrogate",
-        "lone surrogate, prepared",
-        "int beyond int8",
-        "unique violation",
-        "division by zero",
-        "statement_timeout",
-        "backend terminated",
-        "our bug mid-reply",
-        "interrupt mid-reply",
-    }, run.faults
+    assert set(run.faults) >= set(FAULT_KINDS), run.faults
     assert sum(run.fault_errors.values()) == sum(run.faults.values()), (run.faults, run.fault_errors)
     assert most_open["pool"] <= shared.limit and most_open["sockets"] <= shared.limit, most_open
     with run.connection() as conn:
