@@ -317,3 +317,13 @@ def test_maintenance_jobs_are_not_limited(in_process: None, user: str) -> None:
     )
     assert created.created
     service.cancel(created.job.id, owner=None)  # out of the way of other tests' rescue runs
+
+
+def test_the_429_is_as_openapi_documents_it(active_stack: Stack, user: str) -> None:
+    import schemathesis
+
+    operation = schemathesis.openapi.from_path(str(ROOT / "openapi.yaml"))["/create_job"]["POST"]
+    for k in ("a", "b", "c"):
+        response = active_stack.create(user, lesson_body(key=k))
+    assert response.status_code == 429
+    operation.validate_response(response)
