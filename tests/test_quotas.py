@@ -96,7 +96,11 @@ def parallel_creates(urls: list[str], user: str, n: int) -> list[requests.Respon
             )
 
     with ThreadPoolExecutor(n) as pool:
-        return list(pool.map(one, range(n)))
+        responses = list(pool.map(one, range(n)))
+    # Every answer is an acceptance or a refusal; anything else is shown, not just counted.
+    others = [(r.status_code, r.text[:200]) for r in responses if r.status_code not in (202, 429)]
+    assert not others, others
+    return responses
 
 
 # --- the daily quota --------------------------------------------------------------------------------
