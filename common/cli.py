@@ -1,5 +1,5 @@
 """Operator commands: `python -m common.cli migrate`, `jobs list|show|retry|cancel|stats` (logic in
-common.jobs.ops), `users set-tier` and `archive [--dry-run]` (logic in common.lessons.archive).
+common.jobs.ops), `users show|set-tier` and `archive [--dry-run]` (logic in common.lessons.archive).
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ from typing import Any
 
 from common.jobs import ops, queries
 from common.jobs.ops import STATUSES
+from common.jobs.service import usage_view
 from common.lessons.archive import algorithm as archive
+from common.lessons.kind import LessonKind
 from common.platform.config import for_tools, get_settings
-from common.platform.db import transaction
+from common.platform.db import connection, transaction
 from common.platform.errors import DylenError, ValidationFailed
 from common.platform.log import logger
 
@@ -49,6 +51,23 @@ def set_tier(args: argparse.Namespace) -> int:
     return 0
 
 
+def show_user(args: argparse.Namespace) -> int:
+    with connection() as conn:
+        usage = queries.job_usage(conn, user_id=args.uid, job_kind=LessonKind.kind)
+    if usage.tier is None:
+        print(f"error: no user {args.uid!r} (users appear on their first request)", file=sys.stderr)
+        return 1
+    view = usage_view(usage)
+    history = get_settings().tier_history_limits
+    daily, active = view["daily"], view["active"]
+    print(f"user     {args.uid}")
+    print(f"tier     {view['tier']}")
+    print(f"history  keeps the newest {history.get(view['tier'], history['free'])} lessons")
+    print(f"daily    {daily['used']} of {daily['limit']} lesson jobs (resets {daily['resets_at']})")
+    print(f"active   {active['used']} of {active['limit']} lesson jobs queued or running")
+    return 0
+
+
 def archive_lessons(args: argparse.Namespace) -> int:
 
     limits = get_settings().tier_history_limits
@@ -77,6 +96,9 @@ def add_archive_commands(sub: Any) -> None:
     p_tier.add_argument("uid")
     p_tier.add_argument("tier")
     p_tier.set_defaults(run=set_tier)
+    p_show = users_sub.add_parser("show", help="a user's tier, lesson quota usage and limits")
+    p_show.add_argument("uid")
+    p_show.set_defaults(run=show_user)
     p_archive = sub.add_parser("archive", help="archive lessons beyond each user's tier limit now")
     p_archive.add_argument("--dry-run", action="store_true", help="print what would be archived per tier")
     p_archive.set_defaults(run=archive_lessons)

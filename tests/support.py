@@ -156,6 +156,10 @@ def base_env(database_url: str, **overrides: str) -> dict[str, str]:
         DYLEN_LOCAL_DISPATCH_MAX_BACKOFF_SECONDS="1",
         DYLEN_DB_POOL_SIZE="5",
         DYLEN_DB_MAX_OVERFLOW="5",
+        # Quotas stay on (every create runs the limited insert) but out of reach, except in the
+        # tests about them, which set the limits they test.
+        DYLEN_TIER_DAILY_JOBS="free=1000000",
+        DYLEN_TIER_ACTIVE_JOBS="free=1000000",
     )
     env.update(overrides)
     return env

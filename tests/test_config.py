@@ -21,6 +21,8 @@ def test_defaults_match_the_design() -> None:
     assert s.process_job_url == "http://localhost:8080/process_job"
     assert (s.job_max_attempts, s.job_timeout_seconds, s.rescue_after_seconds) == (5, 600, 300)
     assert s.tier_history_limits == {"free": 3, "starter": 20, "plus": 50, "pro": 80}
+    assert s.tier_daily_jobs == {"free": 10, "starter": 50, "plus": 200, "pro": 500}
+    assert s.tier_active_jobs == {"free": 2, "starter": 5, "plus": 10, "pro": 20}
     assert s.lesson_generator is None
 
 
@@ -40,6 +42,10 @@ def test_defaults_match_the_design() -> None:
         ({"DYLEN_JOB_MAX_ATTEMPTS": "0"}, "DYLEN_JOB_MAX_ATTEMPTS"),
         ({"DYLEN_TIER_HISTORY_LIMITS": "pro=80"}, "DYLEN_TIER_HISTORY_LIMITS"),
         ({"DYLEN_TIER_HISTORY_LIMITS": "free=x"}, "DYLEN_TIER_HISTORY_LIMITS"),
+        ({"DYLEN_TIER_DAILY_JOBS": "free=ten"}, "DYLEN_TIER_DAILY_JOBS"),
+        ({"DYLEN_TIER_DAILY_JOBS": "pro=500"}, "DYLEN_TIER_DAILY_JOBS"),
+        ({"DYLEN_TIER_ACTIVE_JOBS": "free=-1"}, "DYLEN_TIER_ACTIVE_JOBS"),
+        ({"DYLEN_TIER_ACTIVE_JOBS": "free"}, "DYLEN_TIER_ACTIVE_JOBS"),
         ({"DYLEN_LESSON_GENERATOR": "just_a_module"}, "DYLEN_LESSON_GENERATOR"),
         ({"DYLEN_DATABASE_URL": "mysql://x"}, "DYLEN_DATABASE_URL"),
         ({"DYLEN_DATABASE_URL": "postgresql://db/x?sslmode=on"}, "DYLEN_DATABASE_URL"),

@@ -293,7 +293,8 @@ def test_a_cursor_at_the_edges_of_the_range_still_pages(stack: Stack, user: str)
     for stamp in ("0001-01-02T00:00:00+00:00", "9999-12-30T00:00:00+00:00"):
         response = stack.list_lessons(user, cursor=_cursor([stamp, str(uuid.uuid4())]))
         assert response.status_code == 200, response.text
-        assert response.json() == {"lessons": [], "next_cursor": None}
+        page = response.json()
+        assert (page["lessons"], page["next_cursor"]) == ([], None)
 
 
 def _raw_body(**strings: str) -> bytes:

@@ -42,6 +42,8 @@ class Completion:
 class Kind(Protocol):
     kind: str
     user_creatable: bool
+    # Counted against the tier's daily quota and active-job limit when a user creates one.
+    quota_limited: bool
 
     def validate(self, payload: Any) -> dict[str, Any]:
         """Normalised payload, or ValidationFailed listing every bad field."""

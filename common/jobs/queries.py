@@ -69,6 +69,101 @@ def insert_job(
     )
 
 
+# A user's job of a quota-limited kind: the per-user lock, the usage count and the conditional insert
+# run inside the database function insert_limited_job (migrations/versions/0002_job_quotas.py), whose
+# statements each take a fresh snapshot after the lock; one statement in one round trip for us.
+_INSERT_LIMITED_JOB = Statement(
+    """
+    SELECT outcome, id, created_at, tier, quota_limit, used, resets_at, db_now
+      FROM insert_limited_job(CAST(:user_id AS text), CAST(:job_kind AS text),
+                              CAST(:idempotency_key AS text), CAST(:request_json AS jsonb),
+                              CAST(:max_attempts AS integer), CAST(:daily_limits AS jsonb),
+                              CAST(:active_limits AS jsonb), CAST(:now AS timestamptz))
+    """,
+    prepare=True,
+)
+
+
+@dataclass(frozen=True)
+class Refused:
+    """Why insert_limited_job wrote nothing: `outcome` is 'quota-exceeded' or 'too-many-active-jobs'."""
+
+    outcome: str
+    tier: str
+    limit: int
+    used: int
+    resets_at: datetime | None  # the daily quota's reset (the next UTC midnight)
+    now: datetime  # the database's clock (or the injected one)
+
+
+def insert_limited_job(
+    conn: Connection,
+    *,
+    user_id: str,
+    job_kind: str,
+    idempotency_key: str,
+    request_json: dict[str, Any],
+    max_attempts: int,
+    daily_limits: dict[str, int],
+    active_limits: dict[str, int],
+    now: datetime | None = None,
+) -> Job | Refused | None:
+    """Insert a queued job unless the user's tier limits refuse it (Refused); None if the key exists.
+    `now` None is the database's clock; tests inject one to cross a UTC midnight."""
+    row = conn.execute(
+        _INSERT_LIMITED_JOB,
+        {
+            "user_id": user_id,
+            "job_kind": job_kind,
+            "idempotency_key": idempotency_key,
+            "request_json": jsonb(request_json),
+            "max_attempts": max_attempts,
+            "daily_limits": jsonb(daily_limits),
+            "active_limits": jsonb(active_limits),
+            "now": now,
+        },
+    ).first()
+    if row is None or row.outcome == "exists":
+        return None
+    if row.outcome != "created":
+        return Refused(row.outcome, row.tier, row.quota_limit, row.used, row.resets_at, row.db_now)
+    return Job.queued(
+        id=row.id,
+        user_id=user_id,
+        job_kind=job_kind,
+        idempotency_key=idempotency_key,
+        request_json=request_json,
+        max_attempts=max_attempts,
+        now=row.created_at,
+    )
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What a user's jobs of one kind count against their tier now (see job_usage in 0002)."""
+
+    tier: str | None  # None: no such user yet (users appear with their first job)
+    day_start: datetime
+    daily_used: int
+    active_used: int
+
+
+_USAGE = Statement(
+    """
+    SELECT (SELECT tier FROM users WHERE id = CAST(:user_id AS text)) AS tier,
+           day_start, daily_used, active_used
+      FROM job_usage(CAST(:user_id AS text), CAST(:job_kind AS text),
+                     coalesce(CAST(:now AS timestamptz), now()))
+    """,
+    prepare=True,
+)
+
+
+def job_usage(conn: Connection, *, user_id: str, job_kind: str, now: datetime | None = None) -> Usage:
+    row = conn.execute(_USAGE, {"user_id": user_id, "job_kind": job_kind, "now": now}).one()
+    return Usage(row.tier, row.day_start, row.daily_used, row.active_used)
+
+
 _FIND_JOB_BY_KEY = Statement(
     f"SELECT {JOB_COLUMNS} FROM jobs WHERE user_id IS NOT DISTINCT FROM CAST(:user_id AS text) "
     "AND job_kind = :job_kind AND idempotency_key = :key",

@@ -4,17 +4,26 @@
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from common.jobs import queries
 from common.jobs.dispatch import dispatch_job
-from common.jobs.kinds import user_kind
+from common.jobs.kinds import get_kind, user_kind
 from common.jobs.model import Job, JobStatus
-from common.platform.config import get_settings
+from common.platform.config import Settings, get_settings
 from common.platform.db import connection, transaction
-from common.platform.errors import Conflict, IdempotencyConflict, NotFound, ValidationFailed
+from common.platform.errors import (
+    Conflict,
+    IdempotencyConflict,
+    NotFound,
+    QuotaExceeded,
+    TooManyActiveJobs,
+    ValidationFailed,
+)
 from common.platform.log import logger
 from common.platform.validation import FieldErrors, check_text, parse_uuid, reject_unknown
 
@@ -61,17 +70,34 @@ def submit_job(
     (409 if the key was used with a different request). Shared by create_job and the scheduled
     maintenance jobs (user_id None)."""
     settings = get_settings()
-    # Autocommit: the insert (with its user upsert) is one statement; the replay lookup after a
-    # conflict needs no atomicity with it because jobs are never deleted.
+    kind = get_kind(job_kind)
+    # Autocommit: the insert (with its user upsert, and for a limited kind the lock and the count)
+    # is one statement; the replay lookup after a conflict needs no atomicity with it because jobs
+    # are never deleted.
     with connection() as conn:
-        job = queries.insert_job(
-            conn,
-            user_id=user_id,
-            job_kind=job_kind,
-            idempotency_key=idempotency_key,
-            request_json=request_json,
-            max_attempts=settings.job_max_attempts,
-        )
+        job: Job | queries.Refused | None
+        if user_id is not None and kind is not None and kind.quota_limited:
+            job = queries.insert_limited_job(
+                conn,
+                user_id=user_id,
+                job_kind=job_kind,
+                idempotency_key=idempotency_key,
+                request_json=request_json,
+                max_attempts=settings.job_max_attempts,
+                daily_limits=settings.tier_daily_jobs,
+                active_limits=settings.tier_active_jobs,
+            )
+        else:  # maintenance jobs (no user) and kinds without a quota
+            job = queries.insert_job(
+                conn,
+                user_id=user_id,
+                job_kind=job_kind,
+                idempotency_key=idempotency_key,
+                request_json=request_json,
+                max_attempts=settings.job_max_attempts,
+            )
+        if isinstance(job, queries.Refused):
+            raise limit_error(job, settings)
         if job is None:
             existing = queries.find_job_by_key(
                 conn, user_id=user_id, job_kind=job_kind, idempotency_key=idempotency_key
@@ -86,6 +112,65 @@ def submit_job(
     if settings.auto_process:
         dispatch_job(job)
     return Created(job=job, created=True)
+
+
+# The active limit frees up as soon as one of the user's jobs finishes: seconds, not hours.
+ACTIVE_RETRY_AFTER_SECONDS = 5
+_unknown_tiers_logged: set[str] = set()
+
+
+def note_unknown_tier(tier: str | None, settings: Settings) -> None:
+    """A tier missing from the limit maps gets free's limits; say so once per process and tier."""
+    if tier is None or tier in _unknown_tiers_logged:
+        return
+    if tier not in settings.tier_daily_jobs or tier not in settings.tier_active_jobs:
+        _unknown_tiers_logged.add(tier)
+        logger.warning(
+            "A user's tier is missing from DYLEN_TIER_DAILY_JOBS or DYLEN_TIER_ACTIVE_JOBS; "
+            "it gets the free tier's limits",
+            extra={"tier": tier},
+        )
+
+
+def limit_error(refused: queries.Refused, settings: Settings) -> QuotaExceeded | TooManyActiveJobs:
+    note_unknown_tier(refused.tier, settings)
+    if refused.outcome == "quota-exceeded":
+        assert refused.resets_at is not None
+        retry_after = max(1, math.ceil((refused.resets_at - refused.now).total_seconds()))
+        return QuotaExceeded(
+            f"The {refused.tier} tier allows {refused.limit} lesson jobs per UTC day; "
+            f"the quota resets at {refused.resets_at.isoformat()}.",
+            limit=refused.limit,
+            used=refused.used,
+            tier=refused.tier,
+            retry_after=retry_after,
+        )
+    return TooManyActiveJobs(
+        f"The {refused.tier} tier allows {refused.limit} jobs queued or running at once; "
+        "retry when one has finished.",
+        limit=refused.limit,
+        used=refused.used,
+        tier=refused.tier,
+        retry_after=ACTIVE_RETRY_AFTER_SECONDS,
+    )
+
+
+def usage_view(usage: queries.Usage) -> dict[str, Any]:
+    """`{"tier", "daily": {"limit", "used", "resets_at"}, "active": {"limit", "used"}}` of a
+    quota-limited kind (a user with no job yet is on the free tier)."""
+    settings = get_settings()
+    tier = usage.tier or "free"
+    note_unknown_tier(tier, settings)
+    daily, active = settings.tier_daily_jobs, settings.tier_active_jobs
+    return {
+        "tier": tier,
+        "daily": {
+            "limit": daily.get(tier, daily["free"]),
+            "used": usage.daily_used,
+            "resets_at": (usage.day_start + timedelta(days=1)).isoformat(),
+        },
+        "active": {"limit": active.get(tier, active["free"]), "used": usage.active_used},
+    }
 
 
 def parse_job_id(raw: str) -> uuid.UUID:

@@ -53,6 +53,7 @@ def get_generator() -> Generator:
 class LessonKind:
     kind = "lesson"
     user_creatable = True
+    quota_limited = True  # every lesson costs model calls
 
     def validate(self, payload: Any) -> dict[str, Any]:
         return validate_lesson_payload(payload)

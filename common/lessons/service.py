@@ -10,7 +10,10 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from common.jobs import queries as job_queries
+from common.jobs.service import usage_view
 from common.lessons import queries
+from common.lessons.kind import LessonKind
 from common.platform.db import connection
 from common.platform.errors import Gone, NotFound, ValidationFailed
 from common.platform.validation import parse_uuid
@@ -113,8 +116,10 @@ def list_lessons(user_id: str, *, limit: int, cursor: str | None) -> dict[str, A
     after = decode_cursor(cursor) if cursor else None
     with connection() as conn:
         rows = queries.list_visible_lessons(conn, user_id=user_id, limit=limit + 1, after=after)
+        usage = job_queries.job_usage(conn, user_id=user_id, job_kind=LessonKind.kind)
     page, more = rows[:limit], len(rows) > limit
     return {
+        "usage": usage_view(usage),
         "lessons": [
             {
                 "lesson_id": str(r.id),

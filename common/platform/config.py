@@ -18,6 +18,8 @@ from common.platform.errors import ConfigError
 PROVIDERS = ("local-http", "gcp")
 AUTH_MODES = ("firebase", "dev")
 DEFAULT_TIER_LIMITS = "free=3,starter=20,plus=50,pro=80"
+DEFAULT_TIER_DAILY_JOBS = "free=10,starter=50,plus=200,pro=500"
+DEFAULT_TIER_ACTIVE_JOBS = "free=2,starter=5,plus=10,pro=20"
 FIREBASE_CERTS_URL = (
     "https://www.googleapis.com/robot/v1/metadata/x509/securetoken@system.gserviceaccount.com"
 )
@@ -210,6 +212,8 @@ class Settings:
     job_timeout_seconds: int
     rescue_after_seconds: int
     tier_history_limits: dict[str, int]
+    tier_daily_jobs: dict[str, int]  # lesson jobs a user may create per UTC day
+    tier_active_jobs: dict[str, int]  # lesson jobs a user may have queued or running at once
     lesson_generator: str | None
     local_dispatch_min_backoff_seconds: float
     local_dispatch_max_backoff_seconds: float
@@ -294,6 +298,12 @@ def load_settings(
         rescue_after_seconds=r.integer("DYLEN_RESCUE_AFTER_SECONDS", 300, minimum=1),
         tier_history_limits=parse_tier_limits(
             r.text("DYLEN_TIER_HISTORY_LIMITS", DEFAULT_TIER_LIMITS) or DEFAULT_TIER_LIMITS
+        ),
+        tier_daily_jobs=parse_tier_limits(
+            r.text("DYLEN_TIER_DAILY_JOBS") or DEFAULT_TIER_DAILY_JOBS, "DYLEN_TIER_DAILY_JOBS"
+        ),
+        tier_active_jobs=parse_tier_limits(
+            r.text("DYLEN_TIER_ACTIVE_JOBS") or DEFAULT_TIER_ACTIVE_JOBS, "DYLEN_TIER_ACTIVE_JOBS"
         ),
         lesson_generator=r.text("DYLEN_LESSON_GENERATOR"),
         local_dispatch_min_backoff_seconds=r.number(

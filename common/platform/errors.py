@@ -125,6 +125,38 @@ class ValidationFailed(DylenError):
     title = "Invalid request fields"
 
 
+class LimitExceeded(DylenError):
+    """A tier limit refused the request; nothing was written. The problem carries `limit`, `used`
+    and `tier` as extension members."""
+
+    status = 429
+    type_slug = "limit-exceeded"
+    title = "Limit exceeded"
+
+    def __init__(self, detail: str, *, limit: int, used: int, tier: str, retry_after: int) -> None:
+        super().__init__(detail, headers={"Retry-After": str(retry_after)})
+        self.limit = limit
+        self.used = used
+        self.tier = tier
+
+    def to_problem(self) -> dict[str, Any]:
+        return {**super().to_problem(), "limit": self.limit, "used": self.used, "tier": self.tier}
+
+
+class QuotaExceeded(LimitExceeded):
+    """The daily quota of the user's tier is spent; Retry-After is the next UTC midnight."""
+
+    type_slug = "quota-exceeded"
+    title = "Daily quota exceeded"
+
+
+class TooManyActiveJobs(LimitExceeded):
+    """The user already has as many jobs queued or running as the tier allows."""
+
+    type_slug = "too-many-active-jobs"
+    title = "Too many active jobs"
+
+
 class DatabaseUnavailable(DylenError):
     status = 503
     type_slug = "database-unavailable"

@@ -19,6 +19,7 @@ KIND = "maintenance.archive_lessons"
 class ArchiveLessonsKind:
     kind = KIND
     user_creatable = False  # only the archive_lessons function (task auth) creates these
+    quota_limited = False  # maintenance: no user, no tier
 
     def validate(self, payload: Any) -> dict[str, Any]:
         if payload not in (None, {}):
