@@ -292,3 +292,26 @@ def common_db_env(url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         yield
     finally:
         common_db.dispose_pool()
+
+
+def test_a_server_out_of_connections_is_database_unavailable_not_a_query_error(
+    database_url: str, db: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from common.platform.errors import DatabaseUnavailable
+
+    # Given a role the server may not give another connection (as with max_connections reached)
+    role = f"full_{uuid.uuid4().hex[:8]}"
+    with db.begin() as conn:
+        conn.execute(sa.text(f'CREATE ROLE "{role}" LOGIN CONNECTION LIMIT 0'))
+    try:
+        url = sa.engine.make_url(database_url).set(username=role).render_as_string(hide_password=False)
+        # Then a checkout is a retryable 503, not an internal error
+        with (
+            common_db_env(url, monkeypatch),
+            pytest.raises(DatabaseUnavailable, match="busy"),
+            common_db.connection(),
+        ):
+            pass
+    finally:
+        with db.begin() as conn:
+            conn.execute(sa.text(f'DROP ROLE "{role}"'))

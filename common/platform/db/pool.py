@@ -60,6 +60,9 @@ _STALE_STATEMENT_SQLSTATES = ("26000", "0A000")
 # server canceled a statement slower than the read timeout.
 _QUERY_CANCELED = "57014"
 _TIMESTAMPTZ_OID = 1184
+# Class 53, insufficient resources (53300 too_many_connections, out of memory, disk full): the server
+# is there but cannot take us now, so retrying later can help.
+_BUSY_SQLSTATE_CLASS = "53"
 
 
 # --- statements and results -------------------------------------------------------------------------
@@ -164,6 +167,13 @@ def _sqlstate(error: BaseException | None) -> str:
     if args and isinstance(args[0], dict):
         return str(args[0].get("C", ""))
     return ""
+
+
+def _message(error: BaseException) -> str:
+    args = getattr(error, "args", ())
+    if args and isinstance(args[0], dict):
+        return str(args[0].get("M", ""))
+    return str(error)
 
 
 def _is_disconnect(error: BaseException) -> bool:
@@ -397,8 +407,13 @@ class Pool:
                     "The database is unreachable; retry shortly.",
                     log_detail=f"Cannot connect to {self.where}: {type(cause).__name__}: {cause}",
                 ) from error
-            if isinstance(error, driver().DatabaseError):  # no such database, wrong password
-                raise QueryError(error, "(connect)", where=self.where) from error
+            if isinstance(error, driver().DatabaseError):
+                if _sqlstate(error).startswith(_BUSY_SQLSTATE_CLASS):  # too many clients: transient
+                    raise DatabaseUnavailable(
+                        "The database is busy; retry shortly.",
+                        log_detail=f"{self.where} refused a connection: {_message(error)}",
+                    ) from error
+                raise QueryError(error, "(connect)", where=self.where) from error  # no such database, ...
             raise
         record = _Record(opened, generation)
         try:
