@@ -17,7 +17,7 @@ from typing import Any, Literal
 import flask
 from werkzeug.exceptions import HTTPException
 
-from common.platform.auth import authenticate_task, authenticate_user
+from common.platform.auth import authenticate_operator, authenticate_task, authenticate_user
 from common.platform.config import Settings, get_settings
 from common.platform.errors import (
     DylenError,
@@ -40,6 +40,7 @@ class Call:
     settings: Settings
     user_id: str | None = None
     task_caller: str | None = None
+    operator: str | None = None  # the dashboard's caller (auth="operator"), an e-mail
 
     @property
     def uid(self) -> str:
@@ -222,7 +223,8 @@ def cold_start() -> None:
     gc.freeze()
 
 
-AuthKind = Literal["user", "task", None]
+AuthKind = Literal["user", "task", "operator", None]
+ErrorRenderer = Callable[[flask.Request, DylenError], flask.Response]
 
 
 def serve(
@@ -232,9 +234,12 @@ def serve(
     auth: AuthKind,
     action: Callable[[Call], flask.Response],
     function: str | None = None,
+    render_error: ErrorRenderer | None = None,
 ) -> flask.Response:
     """`function` (the function's name) is required for auth="task": it decides the OIDC audience
-    (Settings.task_audience)."""
+    (Settings.task_audience). `render_error` answers errors instead of problem+json (the dashboard's
+    HTML pages); the status and headers stay the error's."""
+    answer = problem_response if render_error is None else (lambda error: render_error(request, error))
     token = set_trace(request.headers.get("X-Cloud-Trace-Context"))
     try:
         if request.method not in methods:
@@ -247,13 +252,15 @@ def serve(
             assert function is not None, "auth='task' needs the function's name"
             audience = settings.task_audience(function)
             call.task_caller = authenticate_task(request.headers, settings, audience=audience)
+        elif auth == "operator":
+            call.operator = authenticate_operator(request.headers, settings)
         return action(call)
     except DylenError as error:
         if error.status >= 500:
             logger.error(error.detail, extra={"problem": error.type_slug, "path": request.path})
-        return problem_response(error)
+        return answer(error)
     except Exception:
         logger.exception("Unhandled error", extra={"path": request.path, "method": request.method})
-        return problem_response(DylenError("An unexpected error occurred; it has been logged."))
+        return answer(DylenError("An unexpected error occurred; it has been logged."))
     finally:
         reset_trace(token)
