@@ -37,7 +37,12 @@ HERE = Path(__file__).resolve().parent
 PAGE_SIZE = 50
 REFRESH_SECONDS = 5
 CSRF_WINDOW_SECONDS = 2 * 3600  # a token is good for its window and the next: 2-4 h
-STATIC = {"dashboard.css": "text/css; charset=utf-8", "dashboard.js": "text/javascript; charset=utf-8"}
+# functions-framework answers /favicon.ico itself (404): the pages link assets/favicon.svg instead.
+STATIC = {
+    "dashboard.css": "text/css; charset=utf-8",
+    "dashboard.js": "text/javascript; charset=utf-8",
+    "favicon.svg": "image/svg+xml",
+}
 SECURITY_HEADERS = {
     # No inline script or style anywhere: the CSS and JS are files of this function.
     "Content-Security-Policy": (
