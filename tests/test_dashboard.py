@@ -364,3 +364,16 @@ def test_csrf_is_refused(
 def test_methods_other_than_get_and_post_are_405(op: requests.Session, dashboard: str) -> None:
     answer = op.request("PATCH", dashboard + "/", timeout=10)
     assert answer.status_code == 405 and answer.headers["Allow"] == "GET, HEAD, POST"
+
+
+def test_a_bad_operator_list_fails_the_cold_start_naming_the_variable() -> None:
+    import os
+
+    from common.platform.config import load_settings
+    from common.platform.errors import ConfigError
+
+    env = {"DYLEN_ENV_FILE": os.devnull, "DYLEN_AUTH_MODE": "dev"}
+    with pytest.raises(ConfigError, match="DYLEN_DASHBOARD_OPERATORS"):
+        load_settings({**env, "DYLEN_DASHBOARD_OPERATORS": "ops@example.test, not-an-email"})
+    ok = load_settings({**env, "DYLEN_DASHBOARD_OPERATORS": " A@Example.test,b@example.test "})
+    assert ok.dashboard_operators == ("a@example.test", "b@example.test")
