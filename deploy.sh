@@ -13,12 +13,14 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 # Who calls each function. Functions not listed are user-facing: deployed public
 # (--allow-unauthenticated) because they verify Firebase ID tokens themselves. Listed ones are
-# --no-allow-unauthenticated and only their caller's service account gets roles/run.invoker.
+# --no-allow-unauthenticated and only their caller's service account gets roles/run.invoker; the
+# dashboard's callers are the people on DYLEN_DASHBOARD_OPERATORS (it checks that list itself too).
 #   function          caller
 TASK_FUNCTIONS=(
   "process_job       tasks"
   "archive_lessons   scheduler"
   "rescue_jobs       scheduler"
+  "dashboard         operators"
 )
 # Cloud Scheduler jobs (time zone Etc/UTC), created only for functions whose folder exists.
 #   function          schedule
@@ -63,7 +65,10 @@ DYLEN_QUEUE_MAX_DISPATCHES_PER_SECOND (10), DYLEN_QUEUE_MAX_CONCURRENT_DISPATCHE
 DYLEN_RUNTIME_SA_NAME (dylen-runtime), DYLEN_INVOKER_SA_NAME (dylen-tasks),
 DYLEN_SCHEDULER_SA_NAME (dylen-scheduler), PYTHON (.venv/bin/python, for migrations).
 Passed through to the functions when set: DYLEN_TIER_HISTORY_LIMITS, DYLEN_TIER_DAILY_JOBS,
-DYLEN_TIER_ACTIVE_JOBS, DYLEN_RESCUE_AFTER_SECONDS, DYLEN_LESSON_GENERATOR, DYLEN_LOG_LEVEL.
+DYLEN_TIER_ACTIVE_JOBS, DYLEN_RESCUE_AFTER_SECONDS, DYLEN_LESSON_GENERATOR, DYLEN_LOG_LEVEL,
+DYLEN_DASHBOARD_AUDIENCE.
+Dashboard: DYLEN_DASHBOARD_OPERATORS (comma-separated Google accounts) get roles/run.invoker on the
+dashboard function and are the only e-mails it lets in; without it the dashboard refuses everyone.
 EOF
 }
 
@@ -150,6 +155,7 @@ RUNTIME_SETTINGS=(
   "process_job       4 4 2 4 5"
   "archive_lessons   1 1 1 1 1"
   "rescue_jobs       1 1 1 1 1"
+  "dashboard         4 2 1 4 2"
   "*                 2 2 2 8 3"
 )
 
@@ -406,8 +412,10 @@ add_env DYLEN_DB_USER "$DB_USER"
 add_env DYLEN_DB_IAM_AUTH "$DB_IAM_AUTH"
 add_env DYLEN_JOB_MAX_ATTEMPTS "$MAX_ATTEMPTS"
 add_env DYLEN_JOB_TIMEOUT_SECONDS "$JOB_TIMEOUT"
+OPERATORS="${DYLEN_DASHBOARD_OPERATORS:-}"
+[[ -z "$OPERATORS" ]] || add_env DYLEN_DASHBOARD_OPERATORS "$OPERATORS"
 for passthrough in DYLEN_TIER_HISTORY_LIMITS DYLEN_TIER_DAILY_JOBS DYLEN_TIER_ACTIVE_JOBS \
-  DYLEN_RESCUE_AFTER_SECONDS DYLEN_LESSON_GENERATOR DYLEN_LOG_LEVEL; do
+  DYLEN_RESCUE_AFTER_SECONDS DYLEN_LESSON_GENERATOR DYLEN_LOG_LEVEL DYLEN_DASHBOARD_AUDIENCE; do
   if [[ -n "${!passthrough:-}" ]]; then add_env "$passthrough" "${!passthrough}"; fi
 done
 
@@ -427,6 +435,7 @@ for name in "${FUNCTIONS[@]}"; do
   case "$(caller_of "$name")" in
     tasks) DEPLOY+=(--no-allow-unauthenticated --timeout "${DEADLINE}s") ;;
     scheduler) DEPLOY+=(--no-allow-unauthenticated --timeout 540s) ;;
+    operators) DEPLOY+=(--no-allow-unauthenticated --timeout 60s) ;;
     *) DEPLOY+=(--allow-unauthenticated --timeout 60s) ;;
   esac
   run "${DEPLOY[@]}"
@@ -437,6 +446,16 @@ for name in "${FUNCTIONS[@]}"; do
   case "$(caller_of "$name")" in
     tasks) member="$INVOKER_SA" ;;
     scheduler) member="$SCHEDULER_SA" ;;
+    operators)
+      [[ -n "$OPERATORS" ]] || echo "(no DYLEN_DASHBOARD_OPERATORS: nobody may invoke $name)"
+      IFS=',' read -r -a emails <<<"$OPERATORS"
+      for email in "${emails[@]}"; do
+        email="${email// /}"
+        [[ -z "$email" ]] || run gcloud functions add-invoker-policy-binding "$name" --region "$REGION" \
+          --member "user:$email" "${G[@]}"
+      done
+      continue
+      ;;
     *) continue ;;
   esac
   run gcloud functions add-invoker-policy-binding "$name" --region "$REGION" \

@@ -18,7 +18,7 @@ from common.jobs.service import usage_view
 from common.lessons.archive import algorithm as archive
 from common.lessons.kind import LessonKind
 from common.platform.config import for_tools, get_settings
-from common.platform.db import connection, transaction
+from common.platform.db import connection
 from common.platform.errors import DylenError, ValidationFailed
 from common.platform.log import logger
 
@@ -34,20 +34,8 @@ def migrate(revision: str = "head") -> None:
 
 
 def set_tier(args: argparse.Namespace) -> int:
-
-    tiers = get_settings().tier_history_limits
-    if args.tier not in tiers:
-        print(
-            f"error: unknown tier {args.tier!r}; DYLEN_TIER_HISTORY_LIMITS defines: {', '.join(tiers)}",
-            file=sys.stderr,
-        )
-        return 2
-    with transaction() as conn:
-        found = queries.set_user_tier(conn, user_id=args.uid, tier=args.tier)
-    if not found:
-        print(f"error: no user {args.uid!r} (users appear on their first request)", file=sys.stderr)
-        return 1
-    print(f"{args.uid}: tier {args.tier} (keeps the newest {tiers[args.tier]} lessons)")
+    limit = ops.set_tier(args.uid, args.tier)  # the dashboard's "set tier" runs the same
+    print(f"{args.uid}: tier {args.tier} (keeps the newest {limit} lessons)")
     return 0
 
 
@@ -69,7 +57,6 @@ def show_user(args: argparse.Namespace) -> int:
 
 
 def archive_lessons(args: argparse.Namespace) -> int:
-
     limits = get_settings().tier_history_limits
     if args.dry_run:
         rows = archive.preview(limits)

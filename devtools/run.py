@@ -434,6 +434,8 @@ def main() -> int:
     for name in FUNCTIONS:
         print(f"  {name:<15} {base}/{name}   (direct: http://127.0.0.1:{ports[name]}/)")
     print(f"\nAPI docs (Swagger UI, try it out): {base}/docs   Functions: {base}/")
+    if "dashboard" in ports:
+        print(f"Operator dashboard (dev auth: you are dev-operator@localhost): {base}/dashboard/")
     print(f"Logs: {DEV_DIR}/<function>.log   Database: {env['DYLEN_DATABASE_URL']}\n")
     print("Create a lesson job:")
     print(

@@ -29,6 +29,7 @@ INVOKER_SA = f"dylen-tasks@{PROJECT}.iam.gserviceaccount.com"
 SCHEDULER_SA = f"dylen-scheduler@{PROJECT}.iam.gserviceaccount.com"
 BASE_URL = f"https://{REGION}-{PROJECT}.cloudfunctions.net"
 TASK_CALLED = {"process_job": INVOKER_SA, "archive_lessons": SCHEDULER_SA, "rescue_jobs": SCHEDULER_SA}
+OPERATORS = ("ops@example.com", "oncall@example.com")  # the dashboard's invokers (IAM) and allow list
 
 
 def _functions(root: Path) -> list[str]:
@@ -67,6 +68,7 @@ def dry_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "DYLEN_JOB_MAX_ATTEMPTS": "7",
         "DYLEN_JOB_TIMEOUT_SECONDS": "900",
         "DYLEN_TIER_HISTORY_LIMITS": "free=3,pro=80",
+        "DYLEN_DASHBOARD_OPERATORS": ", ".join(OPERATORS),
     }
     result = subprocess.run(
         # ... and from flags
@@ -109,7 +111,7 @@ def test_dry_run_deploys_every_function_folder(dry_run: dict[str, Any]) -> None:
         assert _flag(deploy, "--source") == f"build/{name}"
         assert _flag(deploy, "--service-account") == RUNTIME_SA
         assert _flag(deploy, "--region") == REGION and _flag(deploy, "--project") == PROJECT
-        if name in TASK_CALLED:
+        if name in TASK_CALLED or name == "dashboard":
             assert "--no-allow-unauthenticated" in deploy and "--allow-unauthenticated" not in deploy
         else:
             assert "--allow-unauthenticated" in deploy and "--no-allow-unauthenticated" not in deploy
@@ -183,10 +185,16 @@ def test_dry_run_creates_service_accounts_and_iam_bindings(dry_run: dict[str, An
     assert _flag(act_as, "--member") == f"serviceAccount:{RUNTIME_SA}"
     assert _flag(act_as, "--role") == "roles/iam.serviceAccountUser"
     invokers = {
-        c[3]: _flag(c, "--member")
+        (c[3], _flag(c, "--member"))
         for c in _find(commands, "gcloud", "functions", "add-invoker-policy-binding")
     }
-    assert invokers == {name: f"serviceAccount:{sa}" for name, sa in TASK_CALLED.items()}
+    assert invokers == {(name, f"serviceAccount:{sa}") for name, sa in TASK_CALLED.items()} | {
+        ("dashboard", f"user:{email}") for email in OPERATORS
+    }
+    (dashboard,) = _find(commands, "gcloud", "functions", "deploy", "dashboard")
+    settings = load_settings({**_env_vars(dashboard), "DYLEN_ENV_FILE": os.devnull})
+    assert settings.dashboard_operators == OPERATORS
+    assert settings.dashboard_audiences == (f"{BASE_URL}/dashboard",)
     (sql_user,) = _find(commands, "gcloud", "sql", "users", "create", f"dylen-runtime@{PROJECT}.iam")
     assert _flag(sql_user, "--type") == "cloud_iam_service_account"
 

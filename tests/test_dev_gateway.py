@@ -267,3 +267,11 @@ def test_ctrl_c_during_start_up_stops_everything_promptly(database_url: str, aft
     while (left := _processes_with(marker)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert left == [], text
+
+
+def test_the_dashboard_is_served_under_its_name_with_relative_links(gateway: str) -> None:
+    http = session()
+    page = http.get(gateway + "/dashboard/", headers={"Accept": "text/html"}, timeout=10)
+    assert page.status_code == 200 and "Overview" in page.text and "dev-operator@localhost" in page.text
+    assert 'href="jobs"' in page.text  # relative: the same pages work at / behind the gcloud proxy
+    assert http.get(gateway + "/dashboard/jobs", timeout=10).status_code == 200

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tests.support import ROOT
 
-LAYERS = {"common.platform": 0, "common.jobs": 1, "common.lessons": 2, "common.cli": 3}
+LAYERS = {"common.platform": 0, "common.jobs": 1, "common.lessons": 2, "common.cli": 3, "common.dashboard": 3}
 
 
 def _module_name(path: Path) -> str:

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import Any
 
 from common.jobs import queries, service
@@ -117,9 +118,13 @@ class Filters:
     user_id: str | None = None
     older_than: str | None = None
     since: str | None = None
+    error_code: str | None = None
+    before: tuple[datetime, uuid.UUID] | None = None  # a page's cursor (the last row's created_at, id)
 
     def resolve(self, conn: Connection, *, allowed_statuses: Sequence[str] = STATUSES) -> queries.JobFilter:
         return queries.JobFilter(
+            error_code=self.error_code,
+            before=self.before,
             statuses=parse_statuses(self.statuses, allowed=allowed_statuses),
             kinds=_check_kinds(conn, self.kinds),
             user_id=self.user_id,
@@ -185,7 +190,16 @@ def retry_job(raw_id: str) -> Retried:
 
 def retry_candidates(filters: Filters) -> list[Job]:
     """The jobs a bulk retry would requeue (error or canceled only), for the operator to confirm."""
-    if not any((filters.statuses, filters.kinds, filters.user_id, filters.older_than, filters.since)):
+    if not any(
+        (
+            filters.statuses,
+            filters.kinds,
+            filters.user_id,
+            filters.older_than,
+            filters.since,
+            filters.error_code,
+        )
+    ):
         raise ValidationFailed("Give a job id, or at least one filter (--status, --kind, --user, --since).")
     with _db() as conn:
         job_filter = filters.resolve(conn, allowed_statuses=RETRYABLE_STATUSES)
@@ -211,6 +225,20 @@ def _dispatch(jobs: list[Job]) -> Retried:
     with ThreadPoolExecutor(max_workers=min(8, len(jobs) or 1)) as pool:
         deliveries = list(pool.map(deliver_job, jobs))
     return Retried(jobs=jobs, deliveries=deliveries, dispatch_enabled=True)
+
+
+def set_tier(user_id: str, tier: str) -> int:
+    """Set a user's tier, one of DYLEN_TIER_HISTORY_LIMITS; returns that tier's lesson limit."""
+    tiers = get_settings().tier_history_limits
+    if tier not in tiers:
+        raise ValidationFailed(
+            f"Unknown tier {tier!r}; DYLEN_TIER_HISTORY_LIMITS defines: {', '.join(tiers)}."
+        )
+    with _db() as conn:
+        found = queries.set_user_tier(conn, user_id=user_id, tier=tier)
+    if not found:
+        raise NotFound(f"No user {user_id!r} (users appear on their first request).")
+    return tiers[tier]
 
 
 def stats() -> dict[str, Any]:

@@ -360,6 +360,8 @@ class JobFilter:
     user_id: str | None = None
     created_before_seconds: float | None = None  # created more than this long ago
     finished_within_seconds: float | None = None  # completed_at within this window
+    error_code: str | None = None  # error_json's code (the dashboard's failure groups)
+    before: tuple[datetime, uuid.UUID] | None = None  # keyset cursor: older than this (created_at, id)
 
     def where(self) -> tuple[str, dict[str, Any]]:
         clauses: list[str] = []
@@ -379,6 +381,12 @@ class JobFilter:
         if self.finished_within_seconds is not None:
             clauses.append("completed_at >= now() - make_interval(secs => CAST(:finished_within AS float8))")
             params["finished_within"] = self.finished_within_seconds
+        if self.error_code is not None:
+            clauses.append("error_json ->> 'code' = :error_code")
+            params["error_code"] = self.error_code
+        if self.before is not None:
+            clauses.append("(created_at, id) < (CAST(:before_at AS timestamptz), CAST(:before_id AS uuid))")
+            params["before_at"], params["before_id"] = self.before[0], str(self.before[1])
         return (" AND ".join(clauses) or "true"), params
 
 

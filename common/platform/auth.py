@@ -12,6 +12,9 @@ from common.platform.config import Settings
 from common.platform.errors import AuthUnavailable, DylenError, Forbidden, Unauthenticated
 
 USER_HEADER = "X-Dylen-User"
+OPERATOR_HEADER = "X-Dylen-Operator"
+DEV_OPERATOR = "dev-operator@localhost"
+GOOGLE_ISSUERS = ("https://accounts.google.com", "accounts.google.com")
 TASK_SECRET_HEADER = "X-Dylen-Task-Secret"
 MAX_UID_LENGTH = 128
 CLOCK_SKEW_SECONDS = 10
@@ -155,7 +158,7 @@ def _check_claim_types(token: str) -> None:
         raise Unauthenticated("Invalid token: claim email_verified must be a boolean.")
 
 
-def _decode(token: str, *, certs_url: str, audience: str | None) -> dict[str, Any]:
+def _decode(token: str, *, certs_url: str, audience: str | list[str] | None) -> dict[str, Any]:
     # Lazily: google-auth (and its crypto) loads with the first token, not at cold start.
     from google.auth import exceptions as auth_exceptions
     from google.auth import jwt
@@ -248,10 +251,60 @@ def authenticate_task(headers: Headers, settings: Settings, *, audience: str) ->
     if not settings.tasks_allowed_sas:
         raise Forbidden("OIDC task tokens are not accepted: no service account is configured.")
     claims = _decode(token, certs_url=settings.google_oidc_certs_url, audience=audience)
-    if claims.get("iss") not in ("https://accounts.google.com", "accounts.google.com"):
+    if claims.get("iss") not in GOOGLE_ISSUERS:
         raise Unauthenticated("Invalid token: wrong issuer.")
     email = claims.get("email")
     # Only the JSON boolean true: a string "false" is truthy.
     if claims.get("email_verified") is not True or email not in settings.tasks_allowed_sas:
         raise Forbidden("This service account may not call task endpoints.")
     return str(email)
+
+
+def _is_user_token(token: str) -> bool:
+    """A Firebase ID token by its (unverified) issuer: read only to answer 403 instead of 401."""
+    # Lazily: google-auth (and its crypto) loads with the first token, not at cold start.
+    from google.auth import jwt
+
+    try:
+        issuer = jwt.decode(token, verify=False).get("iss")
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return False
+    return isinstance(issuer, str) and issuer.startswith("https://securetoken.google.com/")
+
+
+def authenticate_operator(headers: Headers, settings: Settings) -> str:
+    """The operator's e-mail (lower case), or Unauthenticated (401) / Forbidden (403).
+
+    Production: the Google ID token Cloud Run's IAM check let through (it passes Authorization on),
+    verified again here against Google's keys and DYLEN_DASHBOARD_AUDIENCE, its verified e-mail on
+    DYLEN_DASHBOARD_OPERATORS. Dev auth (refused at start-up with real Cloud Tasks, like the users'):
+    X-Dylen-Operator names the operator, default DEV_OPERATOR; a dev user is still no operator.
+    """
+    if settings.auth_mode == "dev":
+        if headers.get(USER_HEADER) and not headers.get(OPERATOR_HEADER):
+            raise Forbidden("Users cannot open the operator dashboard.")
+        email = (headers.get(OPERATOR_HEADER) or DEV_OPERATOR).strip().lower()
+        if not email.isprintable() or " " in email or len(email) > 254:
+            raise Unauthenticated(f"{OPERATOR_HEADER} must be an e-mail address.")
+        return email
+    token = _bearer(headers)
+    if token is None:
+        raise Unauthenticated(
+            "Send 'Authorization: Bearer <Google ID token>' (gcloud run services proxy does)."
+        )
+    if _is_user_token(token):
+        authenticate_user(headers, settings)  # a bad user token is still a 401
+        raise Forbidden("Users cannot open the operator dashboard.")
+    claims = _decode(
+        token, certs_url=settings.google_oidc_certs_url, audience=list(settings.dashboard_audiences)
+    )
+    if claims.get("iss") not in GOOGLE_ISSUERS:
+        raise Unauthenticated("Invalid token: wrong issuer.")
+    claimed = claims.get("email")
+    if claims.get("email_verified") is not True or not isinstance(claimed, str):
+        raise Forbidden("The token carries no verified e-mail address.")
+    if not settings.dashboard_operators:
+        raise Forbidden("No operators are configured: set DYLEN_DASHBOARD_OPERATORS.")
+    if claimed.lower() not in settings.dashboard_operators:
+        raise Forbidden(f"{claimed} is not on DYLEN_DASHBOARD_OPERATORS.")
+    return claimed.lower()

@@ -135,6 +135,22 @@ def parse_tier_limits(raw: str, name: str = "DYLEN_TIER_HISTORY_LIMITS") -> dict
     return limits
 
 
+def parse_operators(raw: str, name: str = "DYLEN_DASHBOARD_OPERATORS") -> tuple[str, ...]:
+    """Comma-separated e-mails, compared case-insensitively (Google spells an address as typed)."""
+    emails = []
+    for part in raw.split(","):
+        email = part.strip()
+        if not email:
+            continue
+        local, at, domain = email.partition("@")
+        if not (
+            at and local and "." in domain and "@" not in domain and email.isprintable() and " " not in email
+        ):
+            raise ConfigError(f"{name}: expected comma-separated e-mail addresses, got {email!r}")
+        emails.append(email.lower())
+    return tuple(dict.fromkeys(emails))
+
+
 # libpq's sslmode values, accepted in DYLEN_DATABASE_URL (common.platform.db maps them to pg8000).
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
@@ -218,6 +234,8 @@ class Settings:
     local_dispatch_min_backoff_seconds: float
     local_dispatch_max_backoff_seconds: float
     local_dispatch_workers: int
+    dashboard_operators: tuple[str, ...] = ()
+    dashboard_audiences: tuple[str, ...] = ()
 
     @property
     def uses_cloud_sql(self) -> bool:
@@ -313,6 +331,12 @@ def load_settings(
             "DYLEN_LOCAL_DISPATCH_MAX_BACKOFF_SECONDS", 10.0, minimum=0.0
         ),
         local_dispatch_workers=r.integer("DYLEN_LOCAL_DISPATCH_WORKERS", 8, minimum=1, maximum=256),
+        dashboard_operators=parse_operators(r.text("DYLEN_DASHBOARD_OPERATORS") or ""),
+        dashboard_audiences=tuple(
+            a.strip()
+            for a in (r.text("DYLEN_DASHBOARD_AUDIENCE") or f"{base_url}/dashboard").split(",")
+            if a.strip()
+        ),
     )
     _check_combinations(settings)
     if serving:

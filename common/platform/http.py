@@ -20,7 +20,7 @@ from typing import Any, Literal
 import flask
 from werkzeug.exceptions import HTTPException
 
-from common.platform.auth import authenticate_task, authenticate_user
+from common.platform.auth import authenticate_operator, authenticate_task, authenticate_user
 from common.platform.config import Settings, get_settings
 from common.platform.db import QueryError
 from common.platform.errors import (
@@ -46,6 +46,7 @@ class Call:
     settings: Settings
     user_id: str | None = None
     task_caller: str | None = None
+    operator: str | None = None  # the dashboard's caller (auth="operator"), an e-mail
 
     @property
     def uid(self) -> str:
@@ -239,7 +240,8 @@ def cold_start() -> None:
     gc.freeze()
 
 
-AuthKind = Literal["user", "task", None]
+AuthKind = Literal["user", "task", "operator", None]
+ErrorRenderer = Callable[[flask.Request, DylenError], flask.Response]
 
 
 # SQLSTATEs that mean the database is not (yet) set up for us: an operator must act, and every
@@ -262,10 +264,14 @@ def serve(
     action: Callable[[Call], flask.Response],
     function: str | None = None,
     log_request: bool = False,
+    render_error: ErrorRenderer | None = None,
 ) -> flask.Response:
     """`function` (the function's name) is required for auth="task": it decides the OIDC audience
     (Settings.task_audience), and it names the function in logs. `log_request` writes one
-    request line (method, path, status, latency, user, trace) for functions that log nothing else."""
+    request line (method, path, status, latency, user, trace) for functions that log nothing else.
+    `render_error` answers errors instead of problem+json (the dashboard's HTML pages); the status
+    and headers stay the error's."""
+    answer = problem_response if render_error is None else (lambda error: render_error(request, error))
     token = set_trace(request.headers.get("X-Cloud-Trace-Context"))
     started = time.perf_counter()
     call: Call | None = None
@@ -285,18 +291,20 @@ def serve(
             except DylenError as refused:
                 _log_refused_task(function, refused)
                 raise
+        elif auth == "operator":
+            call.operator = authenticate_operator(request.headers, settings)
         response = action(call)
     except DylenError as error:
         if error.status >= 500:
             logger.error(
                 error.log_detail or error.detail, extra={"problem": error.type_slug, "path": request.path}
             )
-        response = problem_response(error)
+        response = answer(error)
     except QueryError as error:
-        response = problem_response(_database_problem(error, request.path))
+        response = answer(_database_problem(error, request.path))
     except Exception:
         logger.exception("Unhandled error", extra={"path": request.path, "method": request.method})
-        response = problem_response(DylenError("An unexpected error occurred; it has been logged."))
+        response = answer(DylenError("An unexpected error occurred; it has been logged."))
     finally:
         if log_request and response is not None:
             _log_request(request, response, started, call)

@@ -1,0 +1,192 @@
+"""The dashboard's own SQL: the overview's counts and chart, failure groups, users, the CSRF key.
+
+Everything the overview runs is an index range or a small partial index (migration 0003_dashboard);
+bench/dashboard_bench.py times it over 1,000,000 jobs. Job lists and operator actions are not here:
+they are common.jobs.ops, the CLI's implementation.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from common.platform.db import Connection, Statement
+
+# The done total moves forward once `through` is two hours old, to an hour before now: an hour's
+# margin over any done transition still in flight, and at most two hours of done jobs per move.
+# SKIP LOCKED: while one instance moves it, the others' overviews read the old mark and go on.
+_LOCK_STALE_MARK = Statement(
+    "SELECT through FROM job_done_mark WHERE through < now() - interval '2 hours' FOR UPDATE SKIP LOCKED"
+)
+_ADD_DONE = Statement(
+    """
+    WITH added AS (
+        SELECT job_kind, count(*) AS n FROM jobs
+         WHERE status = 'done' AND completed_at >= CAST(:through AS timestamptz)
+           AND completed_at < now() - interval '1 hour'
+         GROUP BY job_kind
+    ), totals AS (
+        INSERT INTO job_done_totals (job_kind, n) SELECT job_kind, n FROM added
+        ON CONFLICT (job_kind) DO UPDATE SET n = job_done_totals.n + EXCLUDED.n
+    )
+    UPDATE job_done_mark SET through = now() - interval '1 hour'
+    """
+)
+
+# (job_kind, status, n) over every job ever, from three cheap parts: the live jobs (jobs_live_idx),
+# error / canceled (jobs_failed_idx) and done = the stored total + its index tail from `through`.
+# `through` is bound as a value, read in the same snapshot (all_time_counts): as a subquery the
+# planner cannot see how short the tail is and plans a parallel scan of the whole index.
+_ALL_TIME = Statement(
+    """
+    SELECT job_kind, status, sum(n)::bigint AS n FROM (
+        SELECT job_kind, status, count(*) AS n FROM jobs
+         WHERE status IN ('queued', 'running') GROUP BY job_kind, status
+        UNION ALL
+        SELECT job_kind, status, count(*) FROM jobs
+         WHERE status IN ('error', 'canceled') GROUP BY job_kind, status
+        UNION ALL
+        SELECT job_kind, 'done', n FROM job_done_totals
+        UNION ALL
+        SELECT job_kind, 'done', count(*) FROM jobs
+         WHERE status = 'done' AND completed_at >= CAST(:through AS timestamptz)
+         GROUP BY job_kind
+    ) parts GROUP BY job_kind, status ORDER BY job_kind, status
+    """
+)
+
+_LAST_DAY = Statement(
+    "SELECT job_kind, status, count(*) AS n FROM jobs WHERE created_at >= now() - interval '24 hours' "
+    "GROUP BY job_kind, status ORDER BY job_kind, status"
+)
+
+# One row per minute of the last 60 (the current one last), zeros included.
+_PER_MINUTE = Statement(
+    """
+    WITH minutes AS (
+        SELECT generate_series(date_trunc('minute', now()) - interval '59 minutes',
+                               date_trunc('minute', now()), interval '1 minute') AS minute
+    ), created AS (
+        SELECT date_trunc('minute', created_at) AS minute, count(*) AS n FROM jobs
+         WHERE created_at >= date_trunc('minute', now()) - interval '59 minutes' GROUP BY 1
+    ), finished AS (
+        SELECT date_trunc('minute', completed_at) AS minute,
+               count(*) FILTER (WHERE status = 'done') AS done,
+               count(*) FILTER (WHERE status = 'error') AS failed
+          FROM jobs
+         WHERE completed_at >= date_trunc('minute', now()) - interval '59 minutes'
+           AND status IN ('done', 'error')
+         GROUP BY 1
+    )
+    SELECT minutes.minute, coalesce(created.n, 0) AS created, coalesce(finished.done, 0) AS done,
+           coalesce(finished.failed, 0) AS failed
+      FROM minutes LEFT JOIN created USING (minute) LEFT JOIN finished USING (minute)
+     ORDER BY minutes.minute
+    """
+)
+
+
+def advance_done_total(conn: Connection) -> None:
+    with conn.transaction():
+        through = conn.execute(_LOCK_STALE_MARK).scalar()
+        if through is not None:
+            conn.execute(_ADD_DONE, {"through": through})
+
+
+def all_time_counts(conn: Connection) -> list[Any]:
+    # One snapshot for the mark and the counts: a job moving between parts is never counted twice.
+    with conn.transaction():
+        conn.execute_simple("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        through = conn.execute(Statement("SELECT through FROM job_done_mark")).scalar()
+        return conn.execute(_ALL_TIME, {"through": through}).all()
+
+
+def last_day_counts(conn: Connection) -> list[Any]:
+    return conn.execute(_LAST_DAY).all()
+
+
+def per_minute(conn: Connection) -> list[Any]:
+    return conn.execute(_PER_MINUTE).all()
+
+
+# --- failures --------------------------------------------------------------------------------------
+
+FAILURE_WINDOW = "24h"  # "recent" failures: what the Failures page groups and a group retry takes
+
+
+def failure_groups(conn: Connection) -> list[Any]:
+    """(code, n, last_at, message) of `error` jobs finished in the last 24 h, biggest group first."""
+    return conn.execute(
+        Statement(
+            """
+            SELECT coalesce(error_json ->> 'code', '') AS code, count(*) AS n, max(completed_at) AS last_at,
+                   (array_agg(error_json ->> 'message' ORDER BY completed_at DESC))[1] AS message
+              FROM jobs
+             WHERE status = 'error' AND completed_at >= now() - interval '24 hours'
+             GROUP BY 1 ORDER BY n DESC, code
+            """
+        )
+    ).all()
+
+
+# --- job detail ------------------------------------------------------------------------------------
+
+
+def lesson_of(conn: Connection, job_id: uuid.UUID) -> Any:
+    """(id, title, created_at, archived_at) of the job's lesson, or None."""
+    return conn.execute(
+        Statement("SELECT id, title, created_at, archived_at FROM lessons WHERE job_id = :id"), {"id": job_id}
+    ).first()
+
+
+def section_jobs(conn: Connection, job_id: uuid.UUID) -> list[Any]:
+    """The child "section" jobs of a fanned-out lesson job, for the detail page.
+
+    HOOK: lesson fan-out (issue 15) adds parent/child jobs but is not merged; until then no job has
+    children. Once it is, return its rows here, e.g.
+    `SELECT {JOB_COLUMNS} FROM jobs WHERE parent_job_id = :id ORDER BY created_at`; the page shows
+    whatever Job rows this returns.
+    """
+    return []
+
+
+# --- users -----------------------------------------------------------------------------------------
+
+
+def users(conn: Connection, *, user_id: str | None, limit: int) -> list[Any]:
+    """One user (`user_id`) or the newest ones, with lesson counts (lessons_user_idx) and live jobs."""
+    return conn.execute(
+        Statement(
+            """
+            SELECT u.id, u.tier, u.created_at,
+                   (SELECT count(*) FROM lessons l WHERE l.user_id = u.id AND l.archived_at IS NULL) AS visible,
+                   (SELECT count(*) FROM lessons l WHERE l.user_id = u.id AND l.archived_at IS NOT NULL)
+                       AS archived,
+                   (SELECT count(*) FROM jobs j WHERE j.user_id = u.id AND j.status IN ('queued', 'running'))
+                       AS active
+              FROM users u
+             WHERE CAST(:user_id AS text) IS NULL OR u.id = CAST(:user_id AS text)
+             ORDER BY u.created_at DESC, u.id LIMIT :limit
+            """
+        ),
+        {"user_id": user_id, "limit": limit},
+    ).all()
+
+
+def quota_usage(conn: Connection, user_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """Per user: today's and active usage against the tier's quota, for the Users page.
+
+    HOOK: per-tier quotas (issue 16) are not merged; until then there is no usage to show and this
+    returns {} (the page then leaves the column out). Once they are, return
+    `{user_id: {"daily_used": .., "daily_limit": .., "active_used": .., "active_limit": ..}}` from its
+    usage query; the template renders those keys.
+    """
+    return {}
+
+
+# --- CSRF ------------------------------------------------------------------------------------------
+
+
+def dashboard_secret(conn: Connection) -> str:
+    """The HMAC key of the dashboard's CSRF tokens (made by the migration, the same for every instance)."""
+    return str(conn.execute(Statement("SELECT secret FROM dashboard_secret")).scalar())

@@ -1,0 +1,379 @@
+"""The operator dashboard, server side: a real `dashboard` process in production auth mode over the
+test database, every page and action, who is refused (401 / 403), CSRF, escaping and headers.
+
+Google's ID-token endpoints cannot be reached here, so the test is its own issuer (tests/tokens.py):
+it signs the operators' Google ID tokens and the users' Firebase tokens and serves the certificates
+on loopback; everything after the key fetch is the production path.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import sqlalchemy as sa
+
+from tests.factories import job_row, make_job, make_lesson, make_user
+from tests.support import FunctionServer, base_env, session
+from tests.tokens import CertServer, KeyPair
+
+PROJECT = "dylen-test"
+AUDIENCE = "https://dashboard.example.test"
+OPERATOR = "Ops@Example.test"  # on the list in another case: e-mails compare case-insensitively
+HTML = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
+
+
+class Tokens:
+    def __init__(self, key: KeyPair) -> None:
+        self.key = key
+
+    def google(self, email: str = OPERATOR, **overrides: Any) -> str:
+        now = int(time.time())
+        claims = {
+            "iss": "https://accounts.google.com",
+            "aud": AUDIENCE,
+            "sub": "operator-1",
+            "email": email,
+            "email_verified": True,
+            "iat": now - 60,
+            "exp": now + 3600,
+            **overrides,
+        }
+        return self.key.sign(claims)
+
+    def firebase(self, uid: str) -> str:
+        now = int(time.time())
+        claims = {
+            "iss": f"https://securetoken.google.com/{PROJECT}",
+            "aud": PROJECT,
+            "sub": uid,
+            "auth_time": now - 60,
+            "iat": now - 60,
+            "exp": now + 3600,
+        }
+        return self.key.sign(claims)
+
+
+@pytest.fixture(scope="module")
+def tokens() -> Iterator[tuple[Tokens, CertServer]]:
+    key = KeyPair.generate("dash-key")
+    certs = CertServer({key.kid: key.cert_pem})
+    yield Tokens(key), certs
+    certs.shutdown()
+
+
+@pytest.fixture(scope="module")
+def dashboard(database_url: str, logs_dir: Path, tokens: tuple[Tokens, CertServer]) -> Iterator[str]:
+    _, certs = tokens
+    env = base_env(
+        database_url,
+        DYLEN_AUTH_MODE="firebase",
+        DYLEN_FIREBASE_PROJECT_ID=PROJECT,
+        DYLEN_FIREBASE_CERTS_URL=certs.url("firebase"),
+        DYLEN_GOOGLE_OIDC_CERTS_URL=certs.url("oidc"),
+        DYLEN_DASHBOARD_OPERATORS="someone@example.test, ops@example.test",
+        DYLEN_DASHBOARD_AUDIENCE=AUDIENCE,
+        DYLEN_JOBS_AUTO_PROCESS="false",
+    )
+    server = FunctionServer("dashboard", env, logs_dir).start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def op(dashboard: str, tokens: tuple[Tokens, CertServer]) -> requests.Session:
+    """A browser-like session of an operator on the list."""
+    http = session()
+    http.headers.update(HTML, Authorization=f"Bearer {tokens[0].google()}")
+    return http
+
+
+def _csrf(page: requests.Response) -> str:
+    found = re.search(r'name="csrf" value="([0-9a-f]+)"', page.text)
+    assert found, page.text[:2000]
+    return found.group(1)
+
+
+def _failed_job(db: sa.Engine, user: str, code: str = "generator_failed") -> str:
+    with db.begin() as conn:
+        make_user(conn, user)
+        job_id = make_job(
+            conn,
+            user_id=user,
+            status="error",
+            attempts=3,
+            max_attempts=3,
+            payload={"topic": "Tides"},
+            error={"code": code, "message": "the model said no", "attempt": 3},
+        )
+        conn.execute(sa.text("UPDATE jobs SET completed_at = now() WHERE id = :id"), {"id": job_id})
+    return job_id
+
+
+# --- who gets in -----------------------------------------------------------------------------------
+
+
+def test_no_credentials_is_401_with_an_html_page_for_browsers(dashboard: str) -> None:
+    page = session().get(dashboard + "/", headers=HTML, timeout=10)
+    assert page.status_code == 401 and page.headers["WWW-Authenticate"] == "Bearer"
+    assert page.headers["Content-Type"].startswith("text/html") and "Google ID token" in page.text
+    api = session().get(dashboard + "/jobs", timeout=10)  # not a browser: problem+json
+    assert api.status_code == 401 and api.headers["Content-Type"] == "application/problem+json"
+    dev = session().get(dashboard + "/", headers={"X-Dylen-Operator": OPERATOR}, timeout=10)
+    assert dev.status_code == 401  # the dev header means nothing in production mode
+
+
+def test_a_user_token_is_403(dashboard: str, tokens: tuple[Tokens, CertServer]) -> None:
+    token = tokens[0].firebase("some-user")
+    answer = session().get(dashboard + "/", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    assert answer.status_code == 403 and "Users cannot" in answer.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("claims", "status", "hint"),
+    [
+        ({"email": "intruder@example.test"}, 403, "not on DYLEN_DASHBOARD_OPERATORS"),
+        ({"email_verified": False}, 403, "verified"),
+        ({"aud": "https://elsewhere.example.test"}, 401, "audience"),
+        ({"iss": "https://evil.example.test"}, 401, "issuer"),
+        ({"exp": int(time.time()) - 30, "iat": int(time.time()) - 3600}, 401, "expired"),
+    ],
+)
+def test_only_a_verified_listed_google_account_gets_in(
+    dashboard: str, tokens: tuple[Tokens, CertServer], claims: dict[str, Any], status: int, hint: str
+) -> None:
+    token = tokens[0].google(**claims)
+    answer = session().get(dashboard + "/", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    assert answer.status_code == status, answer.text
+    assert hint.lower() in answer.json()["detail"].lower()
+
+
+def test_every_page_answers_with_security_headers(op: requests.Session, dashboard: str) -> None:
+    for path in ("/", "/jobs", "/failures", "/users", "/jobs?status=error&older_than=1s"):
+        page = op.get(dashboard + path, timeout=10)
+        assert page.status_code == 200, (path, page.text[:500])
+        assert page.headers["Content-Type"].startswith("text/html")
+        assert "script-src 'self'" in page.headers["Content-Security-Policy"]
+        assert "<script>" not in page.text and "style=" not in page.text  # the CSP allows neither inline
+        assert page.headers["X-Frame-Options"] == "DENY" and page.headers["Cache-Control"] == "no-store"
+        assert "ops@example.test" in page.text
+    assert (
+        op.get(dashboard + "/assets/dashboard.js", timeout=10)
+        .headers["Content-Type"]
+        .startswith("text/javascript")
+    )
+    missing = op.get(dashboard + "/nowhere", timeout=10)
+    assert missing.status_code == 404 and "Overview" in missing.text  # an HTML page with a way back
+
+
+# --- pages -----------------------------------------------------------------------------------------
+
+
+def _cell(page: str, kind: str, status: str) -> int:
+    found = re.search(rf'href="jobs\?kind={re.escape(kind)}&amp;status={status}">([\d,]+)<', page)
+    return int(found.group(1).replace(",", "")) if found else 0
+
+
+def test_overview_counts_the_seeded_jobs(op: requests.Session, dashboard: str, db: sa.Engine) -> None:
+    kind = f"test.kind-{uuid.uuid4().hex[:6]}"
+    with db.begin() as conn:
+        for status in ("queued", "running", "done", "done", "error", "canceled"):
+            job_id = make_job(conn, user_id=None, job_kind=kind, status=status)
+            if status in ("done", "error", "canceled"):
+                conn.execute(sa.text("UPDATE jobs SET completed_at = now() WHERE id = :id"), {"id": job_id})
+        # Done long ago: counted through the stored total once the mark has moved past it.
+        old = make_job(conn, user_id=None, job_kind=kind, status="done")
+        conn.execute(
+            sa.text(
+                "UPDATE jobs SET created_at = now() - interval '3 days', completed_at = now() - interval '3 days' "
+                "WHERE id = :id"
+            ),
+            {"id": old},
+        )
+        conn.execute(sa.text("UPDATE job_done_mark SET through = now() - interval '5 days'"))
+    page = op.get(dashboard + "/", timeout=10)
+    assert page.status_code == 200
+    assert 'http-equiv="refresh"' in page.text and "<svg" in page.text and "<polyline" in page.text
+    all_time, last_day = page.text.split("<h2>All time</h2>")[1], page.text.split("<h2>All time</h2>")[0]
+    expected = {"queued": 1, "running": 1, "done": 3, "error": 1, "canceled": 1}
+    assert {s: _cell(all_time, kind, s) for s in expected} == expected
+    assert _cell(last_day, kind, "done") == 2  # the old one is not in the last 24 h
+    with db.connect() as conn:  # the mark moved to an hour ago, the old job into the total
+        through = conn.execute(sa.text("SELECT now() - through FROM job_done_mark")).scalar_one()
+        assert 3500 < through.total_seconds() < 3700
+    again = op.get(dashboard + "/", timeout=10).text.split("<h2>All time</h2>")[1]
+    assert _cell(again, kind, "done") == 3  # the same after the move: nothing counted twice
+
+
+def test_jobs_page_filters_pages_and_searches(op: requests.Session, dashboard: str, db: sa.Engine) -> None:
+    user = f"pager-{uuid.uuid4().hex[:8]}"
+    with db.begin() as conn:
+        make_user(conn, user)
+        ids = [make_job(conn, user_id=user, status="done") for _ in range(55)]
+    first = op.get(dashboard + "/jobs", params={"user": user}, timeout=10)
+    assert first.status_code == 200 and first.text.count('href="job?id=') == 50
+    next_url = re.search(r'id="next" href="([^"]+)"', first.text)
+    assert next_url
+    second = op.get(dashboard + "/" + next_url.group(1).replace("&amp;", "&"), timeout=10)
+    listed = set(re.findall(r'href="job\?id=([0-9a-f-]+)"', first.text + second.text))
+    assert listed == set(ids) and 'id="next"' not in second.text
+    by_id = op.get(dashboard + "/jobs", params={"q": ids[0]}, allow_redirects=False, timeout=10)
+    assert by_id.status_code == 303 and by_id.headers["Location"] == f"job?id={ids[0]}"
+    by_user = op.get(dashboard + "/jobs", params={"q": user}, allow_redirects=False, timeout=10)
+    assert by_user.headers["Location"] == f"jobs?user={user}"
+    bad = op.get(dashboard + "/jobs", params={"older_than": "soon"}, timeout=10)
+    assert bad.status_code == 422 and "Malformed duration" in bad.text
+    assert op.get(dashboard + "/jobs", params={"cursor": "nope"}, timeout=10).status_code == 422
+
+
+def test_job_page_shows_timeline_request_error_and_lesson(
+    op: requests.Session, dashboard: str, db: sa.Engine
+) -> None:
+    user = f"detail-{uuid.uuid4().hex[:8]}"
+    job_id = _failed_job(db, user)
+    page = op.get(dashboard + "/job", params={"id": job_id}, timeout=10)
+    assert page.status_code == 200
+    for text in ("Timeline", "created", "dispatched", "attempt 3 of 3", "Tides", "the model said no"):
+        assert text in page.text, text
+    assert 'id="retry"' in page.text and 'id="cancel"' not in page.text
+    with db.begin() as conn:
+        lesson_id = make_lesson(conn, user_id=user, topic="Volcanoes")
+        lesson_job = conn.execute(
+            sa.text("SELECT job_id FROM lessons WHERE id = :id"), {"id": lesson_id}
+        ).scalar_one()
+    with_lesson = op.get(dashboard + "/job", params={"id": str(lesson_job)}, timeout=10)
+    assert lesson_id in with_lesson.text and "Volcanoes" in with_lesson.text
+    assert op.get(dashboard + "/job", params={"id": str(uuid.uuid4())}, timeout=10).status_code == 404
+    assert op.get(dashboard + "/job", params={"id": "x"}, timeout=10).status_code == 422
+
+
+def test_hostile_text_is_escaped(op: requests.Session, dashboard: str, db: sa.Engine) -> None:
+    user = f"<script>alert({uuid.uuid4().hex[:4]})</script>"
+    job_id = _failed_job(db, user, code='<img src=x onerror="alert(1)">')
+    for path, params in (("/job", {"id": job_id}), ("/failures", {}), ("/users", {"q": user})):
+        page = op.get(dashboard + path, params=params, timeout=10)
+        assert page.status_code == 200
+        assert "<script>alert" not in page.text and "<img src=x" not in page.text
+        assert "&lt;script&gt;alert" in page.text or "&lt;img src=x" in page.text
+
+
+# --- actions ---------------------------------------------------------------------------------------
+
+
+def test_retry_and_cancel_from_the_job_page(op: requests.Session, dashboard: str, db: sa.Engine) -> None:
+    job_id = _failed_job(db, f"retry-{uuid.uuid4().hex[:8]}")
+    page = op.get(dashboard + "/job", params={"id": job_id}, timeout=10)
+    retried = op.post(
+        dashboard + "/retry", data={"csrf": _csrf(page), "id": job_id}, allow_redirects=False, timeout=10
+    )
+    assert retried.status_code == 303 and retried.headers["Location"] == f"job?id={job_id}&notice=retried"
+    with db.connect() as conn:
+        row = job_row(conn, job_id)
+    assert row["status"] == "queued" and row["max_attempts"] == 3 + 5  # ops.retry_job: the CLI's rule
+    shown = op.get(dashboard + "/" + retried.headers["Location"], timeout=10)
+    assert "Retried: the job is queued again." in shown.text and 'id="cancel"' in shown.text
+    again = op.post(dashboard + "/retry", data={"csrf": _csrf(page), "id": job_id}, timeout=10)
+    assert again.status_code == 409 and "only error or canceled" in again.text
+    canceled = op.post(dashboard + "/cancel", data={"csrf": _csrf(shown), "id": job_id}, timeout=10)
+    assert canceled.status_code == 200 and "Canceled." in canceled.text  # followed the 303
+    with db.connect() as conn:
+        assert job_row(conn, job_id)["status"] == "canceled"
+
+
+def test_bulk_retry_of_a_failure_group_asks_first(
+    op: requests.Session, dashboard: str, db: sa.Engine
+) -> None:
+    code = f"flaky_{uuid.uuid4().hex[:6]}"
+    ids = {_failed_job(db, f"bulk-{uuid.uuid4().hex[:8]}", code=code) for _ in range(3)}
+    other = _failed_job(db, f"bulk-{uuid.uuid4().hex[:8]}", code=code + "_other")
+    failures = op.get(dashboard + "/failures", timeout=10)
+    assert f"failures?code={code}" in failures.text and "Retry all 3" in failures.text
+    confirm = op.get(dashboard + "/retry-group", params={"code": code}, timeout=10)
+    assert confirm.status_code == 200 and "Retry 3 job(s)" in confirm.text
+    with db.connect() as conn:
+        assert {job_row(conn, i)["status"] for i in ids} == {"error"}  # asking changed nothing
+    listed = re.findall(r'name="id" value="([0-9a-f-]+)"', confirm.text)
+    done = op.post(dashboard + "/retry-group", data={"csrf": _csrf(confirm), "id": listed}, timeout=10)
+    assert done.status_code == 200 and "Retried 3 of 3" in done.text
+    with db.connect() as conn:
+        assert {job_row(conn, i)["status"] for i in ids} == {"queued"}
+        assert job_row(conn, other)["status"] == "error"
+
+
+def test_set_tier(op: requests.Session, dashboard: str, db: sa.Engine) -> None:
+    user = f"tier-{uuid.uuid4().hex[:8]}"
+    with db.begin() as conn:
+        make_user(conn, user)
+        make_lesson(conn, user_id=user)
+        make_lesson(conn, user_id=user, archived_at=None)
+        make_lesson(conn, user_id=user, archived_at=datetime.now(UTC))
+    page = op.get(dashboard + "/users", params={"q": user}, timeout=10)
+    assert page.status_code == 200
+    row = page.text.split(f'href="jobs?user={user}"')[1]
+    assert re.findall(r'class="n">(\d+)<', row)[:2] == ["2", "1"]  # visible, archived
+    changed = op.post(
+        dashboard + "/set-tier", data={"csrf": _csrf(page), "user": user, "tier": "pro"}, timeout=10
+    )
+    assert changed.status_code == 200 and "Tier updated." in changed.text
+    with db.connect() as conn:
+        tier = conn.execute(sa.text("SELECT tier FROM users WHERE id = :u"), {"u": user}).scalar_one()
+    assert tier == "pro"
+    bad = op.post(
+        dashboard + "/set-tier", data={"csrf": _csrf(page), "user": user, "tier": "gold"}, timeout=10
+    )
+    assert bad.status_code == 422 and "Unknown tier" in bad.text
+
+
+def test_csrf_is_refused(
+    op: requests.Session, dashboard: str, db: sa.Engine, tokens: tuple[Tokens, CertServer]
+) -> None:
+    job_id = _failed_job(db, f"csrf-{uuid.uuid4().hex[:8]}")
+    token = _csrf(op.get(dashboard + "/job", params={"id": job_id}, timeout=10))
+    other = session()
+    other.headers.update(HTML, Authorization=f"Bearer {tokens[0].google('someone@example.test')}")
+    cases = {
+        "no token": (op, {"id": job_id}, {}),
+        "garbled": (op, {"id": job_id, "csrf": "0" * 64}, {}),
+        "another operator's": (other, {"id": job_id, "csrf": token}, {}),
+        "cross-site": (op, {"id": job_id, "csrf": token}, {"Sec-Fetch-Site": "cross-site"}),
+    }
+    for case, (http, form, headers) in cases.items():
+        answer = http.post(
+            dashboard + "/retry", data=form, headers=headers, allow_redirects=False, timeout=10
+        )
+        assert answer.status_code == 403, (case, answer.text[:300])
+    with db.connect() as conn:
+        assert job_row(conn, job_id)["status"] == "error"
+    ok = op.post(
+        dashboard + "/retry",
+        data={"id": job_id, "csrf": token},
+        headers={"Sec-Fetch-Site": "same-origin"},
+        allow_redirects=False,
+        timeout=10,
+    )
+    assert ok.status_code == 303  # the control: the same form with its token goes through
+
+
+def test_methods_other_than_get_and_post_are_405(op: requests.Session, dashboard: str) -> None:
+    answer = op.request("PATCH", dashboard + "/", timeout=10)
+    assert answer.status_code == 405 and answer.headers["Allow"] == "GET, HEAD, POST"
+
+
+def test_a_bad_operator_list_fails_the_cold_start_naming_the_variable() -> None:
+    import os
+
+    from common.platform.config import load_settings
+    from common.platform.errors import ConfigError
+
+    env = {"DYLEN_ENV_FILE": os.devnull, "DYLEN_AUTH_MODE": "dev"}
+    with pytest.raises(ConfigError, match="DYLEN_DASHBOARD_OPERATORS"):
+        load_settings({**env, "DYLEN_DASHBOARD_OPERATORS": "ops@example.test, not-an-email"})
+    ok = load_settings({**env, "DYLEN_DASHBOARD_OPERATORS": " A@Example.test,b@example.test "})
+    assert ok.dashboard_operators == ("a@example.test", "b@example.test")
