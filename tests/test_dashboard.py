@@ -318,6 +318,8 @@ def test_set_tier(op: requests.Session, dashboard: str, db: sa.Engine) -> None:
     assert page.status_code == 200
     row = page.text.split(f'href="jobs?user={user}"')[1]
     assert re.findall(r'class="n">(\d+)<', row)[:2] == ["2", "1"]  # visible, archived
+    # today's lesson jobs (the three lessons' jobs, done) and the active ones, against the quotas
+    assert [used for used, _ in re.findall(r'class="n">(\d+)/(\d+)<', row)] == ["3", "0"]
     changed = op.post(
         dashboard + "/set-tier", data={"csrf": _csrf(page), "user": user, "tier": "pro"}, timeout=10
     )

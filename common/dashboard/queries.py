@@ -10,6 +10,9 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from common.jobs.queries import job_usage
+from common.jobs.service import usage_view
+from common.lessons.kind import LessonKind
 from common.platform.db import Connection, Statement
 
 # The done total moves forward once `through` is two hours old, to an hour before now: an hour's
@@ -174,14 +177,18 @@ def users(conn: Connection, *, user_id: str | None, limit: int) -> list[Any]:
 
 
 def quota_usage(conn: Connection, user_ids: list[str]) -> dict[str, dict[str, Any]]:
-    """Per user: today's and active usage against the tier's quota, for the Users page.
-
-    HOOK: per-tier quotas (issue 16) are not merged; until then there is no usage to show and this
-    returns {} (the page then leaves the column out). Once they are, return
-    `{user_id: {"daily_used": .., "daily_limit": .., "active_used": .., "active_limit": ..}}` from its
-    usage query; the template renders those keys.
-    """
-    return {}
+    """Per user: today's and active lesson jobs against the tier's quotas, for the Users page, from
+    the same usage function create_job's limits use (one indexed probe per user on the page)."""
+    usage = {}
+    for user_id in user_ids:
+        view = usage_view(job_usage(conn, user_id=user_id, job_kind=LessonKind.kind))
+        usage[user_id] = {
+            "daily_used": view["daily"]["used"],
+            "daily_limit": view["daily"]["limit"],
+            "active_used": view["active"]["used"],
+            "active_limit": view["active"]["limit"],
+        }
+    return usage
 
 
 # --- CSRF ------------------------------------------------------------------------------------------
