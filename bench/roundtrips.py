@@ -82,6 +82,8 @@ def measure(database_url: str, *, repeats: int = 20) -> dict[str, Any]:
         DYLEN_JOBS_AUTO_PROCESS="false",
         DYLEN_ENV_FILE=os.devnull,
         DYLEN_LOG_LEVEL="WARNING",
+        # A plain lesson: the one-step generator (the built-in one plans; bench.fanout_bench measures that).
+        DYLEN_LESSON_GENERATOR="common.lessons.template:generate_lesson",
     )
     import flask
 

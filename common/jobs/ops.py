@@ -11,7 +11,7 @@ import re
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from common.jobs import queries, service
@@ -136,13 +136,15 @@ def list_jobs(filters: Filters, *, limit: int = 50) -> list[Job]:
         return queries.list_jobs(conn, filters.resolve(conn), limit=limit)
 
 
-def show_job(raw_id: str) -> Job:
+def show_job(raw_id: str) -> tuple[Job, list[Job]]:
+    """The job and, for a parent, its sections in plan order."""
     job_id = parse_job_ref(raw_id)
     with _db() as conn:
         job = queries.get_job(conn, job_id)
+        sections = queries.list_sections(conn, job_id) if job is not None else []
     if job is None:
         raise NotFound(f"No job {job_id}.")
-    return job
+    return job, sections
 
 
 def cancel_job(raw_id: str) -> Job:
@@ -156,6 +158,12 @@ class Retried:
     jobs: list[Job]
     dispatched: int  # handed to the dispatcher; the rest stay queued for rescue_jobs
     dispatch_enabled: bool
+    sections: list[Job] = field(default_factory=list)  # unfinished sections of retried parents
+
+    @property
+    def to_dispatch(self) -> list[Job]:
+        """Queued ones: a parent that had planned waits on its sections instead."""
+        return [job for job in (*self.jobs, *self.sections) if job.status == JobStatus.QUEUED]
 
 
 def retry_job(raw_id: str) -> Retried:
@@ -197,13 +205,17 @@ def retry_jobs(job_ids: Sequence[uuid.UUID]) -> Retried:
     return _dispatch(jobs)
 
 
-def _dispatch(jobs: list[Job]) -> Retried:
+def _dispatch(requeued: list[Job]) -> Retried:
     # Like create_job: committed first, then dispatched; with auto-process off (manual setups) the
     # job waits for a manual delivery or rescue_jobs.
-    if not get_settings().auto_process:
-        return Retried(jobs=jobs, dispatched=0, dispatch_enabled=False)
-    dispatched = sum(1 for job in jobs if dispatch_job(job))
-    return Retried(jobs=jobs, dispatched=dispatched, dispatch_enabled=True)
+    jobs = [job for job in requeued if job.parent_id is None]
+    sections = [job for job in requeued if job.parent_id is not None]
+    outcome = Retried(
+        jobs=jobs, dispatched=0, dispatch_enabled=get_settings().auto_process, sections=sections
+    )
+    if not outcome.dispatch_enabled:
+        return outcome
+    return replace(outcome, dispatched=sum(1 for job in outcome.to_dispatch if dispatch_job(job)))
 
 
 def stats() -> dict[str, Any]:
@@ -237,9 +249,10 @@ def _iso(value: Any) -> str | None:
     return value.isoformat() if value is not None else None
 
 
-def job_detail(job: Job) -> dict[str, Any]:
-    """Everything an operator needs about one job, JSON-ready."""
-    return {
+def job_detail(job: Job, sections: Sequence[Job] = ()) -> dict[str, Any]:
+    """Everything an operator needs about one job, JSON-ready; a parent's sections with their
+    status and attempts, a section's parent."""
+    detail: dict[str, Any] = {
         "job_id": str(job.id),
         "user_id": job.user_id,
         "job_kind": job.job_kind,
@@ -257,3 +270,19 @@ def job_detail(job: Job) -> dict[str, Any]:
         "result": job.result_json,
         "error": job.error_json,
     }
+    if job.parent_id is not None:
+        detail.update(parent_id=str(job.parent_id), section_index=job.section_index)
+    if sections:
+        detail["sections"] = [
+            {
+                "section_index": s.section_index,
+                "job_id": str(s.id),
+                "heading": s.request_json.get("heading"),
+                "status": s.status,
+                "attempts": s.attempts,
+                "max_attempts": s.max_attempts,
+                "error": s.error_json,
+            }
+            for s in sections
+        ]
+    return detail
