@@ -73,6 +73,8 @@ def main() -> int:
         DYLEN_LOCAL_DISPATCH_MIN_BACKOFF_SECONDS="0.1",
         DYLEN_LOCAL_DISPATCH_MAX_BACKOFF_SECONDS="10",
         DYLEN_RESCUE_AFTER_SECONDS="30",
+        # One task per job, as measured before fan-out (bench.fanout_bench measures sections).
+        DYLEN_LESSON_GENERATOR="common.lessons.template:generate_lesson",
     )
     servers: dict[str, FunctionServer] = {}
     servers["process_job"] = FunctionServer("process_job", fenv, workdir).start()

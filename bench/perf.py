@@ -53,7 +53,11 @@ START, END = "<!-- perf:start -->", "<!-- perf:end -->"
 # Every function process, the hello baseline included, runs with the server settings the README
 # recommends for Cloud Run (gunicorn threads per instance); BENCH_THREADS compares others.
 SERVER = {"THREADS": os.environ.get("BENCH_THREADS", "2")}
-PROCESS_JOB_SERVER = {"THREADS": "4"}  # its requests run whole jobs: the README gives it 4
+PROCESS_JOB_SERVER = {
+    "THREADS": "4",  # its requests run whole jobs: the README gives it 4
+    # One task per job, as measured before fan-out (bench.fanout_bench measures sections).
+    "DYLEN_LESSON_GENERATOR": "common.lessons.template:generate_lesson",
+}
 
 
 # --- database -------------------------------------------------------------------------------------

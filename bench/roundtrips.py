@@ -85,6 +85,8 @@ def measure(database_url: str, *, repeats: int = 20) -> dict[str, Any]:
         # Quotas on (the limited insert runs) but out of reach of the repeats by one user.
         DYLEN_TIER_DAILY_JOBS="free=1000000",
         DYLEN_TIER_ACTIVE_JOBS="free=1000000",
+        # A plain lesson: the one-step generator (the built-in one plans; bench.fanout_bench measures that).
+        DYLEN_LESSON_GENERATOR="common.lessons.template:generate_lesson",
     )
     import flask
 

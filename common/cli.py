@@ -177,8 +177,8 @@ def run_jobs(args: argparse.Namespace) -> int:
         else:
             print(_jobs_table(jobs) if jobs else "No jobs match.")
     elif command == "show":
-        job = ops.show_job(args.job_id)
-        detail = ops.job_detail(job)
+        job, sections = ops.show_job(args.job_id)
+        detail = ops.job_detail(job, sections)
         print(json.dumps(detail, indent=2, ensure_ascii=False) if args.json else _job_text(detail))
     elif command == "cancel":
         job = ops.cancel_job(args.job_id)
@@ -213,15 +213,20 @@ def _retry(args: argparse.Namespace) -> int:
         outcome = ops.retry_jobs([j.id for j in candidates])
         if len(outcome.jobs) < len(candidates):  # changed since listed (e.g. retried by someone else)
             print(f"{len(candidates) - len(outcome.jobs)} job(s) were no longer error or canceled; skipped")
+    rerun: dict[Any, int] = {}
+    for section in outcome.sections:
+        rerun[section.parent_id] = rerun.get(section.parent_id, 0) + 1
     for job in outcome.jobs:
-        print(f"requeued {job.id} (attempts {job.attempts}, now up to {job.max_attempts})")
-    for job, delivery in zip(outcome.jobs, outcome.deliveries, strict=False):
-        print(f"{'dispatched' if delivery.ok else 'NOT dispatched'} {job.id}: {delivery.detail}")
+        sections = f"; {rerun[job.id]} unfinished section(s) re-run" if job.id in rerun else ""
+        print(f"requeued {job.id} (attempts {job.attempts}, now up to {job.max_attempts}{sections})")
+    for job, delivery in zip(outcome.to_dispatch, outcome.deliveries, strict=False):
+        what = f"section {job.section_index} of {job.parent_id}" if job.parent_id else str(job.id)
+        print(f"{'dispatched' if delivery.ok else 'NOT dispatched'} {what}: {delivery.detail}")
     print(f"retried {len(outcome.jobs)} job(s)", end="")
     if not outcome.dispatch_enabled:
         print("; not dispatched (DYLEN_JOBS_AUTO_PROCESS=false): rescue_jobs or a delivery runs them")
         return 0
-    failed = len(outcome.jobs) - outcome.dispatched
+    failed = len(outcome.to_dispatch) - outcome.dispatched
     print(
         f"; dispatched {outcome.dispatched}" + (f", {failed} left queued for rescue_jobs" if failed else "")
     )
@@ -312,9 +317,26 @@ def _job_text(detail: dict[str, Any]) -> str:
         took = datetime.fromisoformat(detail["completed_at"]) - datetime.fromisoformat(detail["started_at"])
         lines.append(("took", _duration(took.total_seconds())))
     text = "\n".join(f"{k:<12}{v}" for k, v in lines)
+    if "parent_id" in detail:
+        text += f"\n{'section':<12}{detail['section_index']} of job {detail['parent_id']}"
     for key in ("request", "error", "result"):
         body = "-" if detail[key] is None else json.dumps(detail[key], indent=2, ensure_ascii=False)
         text += f"\n{key:<12}" + body.replace("\n", "\n" + " " * 12)
+    if "sections" in detail:
+        rows = [
+            [
+                str(s["section_index"]),
+                s["job_id"],
+                s["status"],
+                f"{s['attempts']}/{s['max_attempts']}",
+                (s["heading"] or "")[:40],
+                s["error"]["code"] if s["error"] else "",
+            ]
+            for s in detail["sections"]
+        ]
+        done = sum(1 for s in detail["sections"] if s["status"] == "done")
+        text += f"\nsections    {done} of {len(rows)} done\n"
+        text += _table(["#", "SECTION JOB", "STATUS", "ATTEMPTS", "HEADING", "ERROR"], rows)
     return text
 
 

@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from tests.support import FunctionServer, Stack, StackFactory, base_env, migrated_database, stop_all
+from tests.support import (
+    FunctionServer,
+    Stack,
+    StackFactory,
+    base_env,
+    free_port,
+    migrated_database,
+    stop_all,
+)
 
 
 @pytest.fixture(scope="session")
@@ -92,8 +100,10 @@ def make_stack(database_url: str, logs_dir: Path, calls_dir: Path) -> Iterator[S
         key = tuple(sorted(overrides.items()))
         if key not in stacks:
             env = base_env(database_url, DYLEN_TEST_CALLS_DIR=str(calls_dir), **overrides)
-            process = FunctionServer("process_job", env, logs_dir).start(wait=False)
-            env.setdefault("DYLEN_PROCESS_JOB_URL", process.url + "/")
+            # process_job dispatches too (a lesson's sections), so it is told its own URL.
+            port = free_port()
+            env.setdefault("DYLEN_PROCESS_JOB_URL", f"http://127.0.0.1:{port}/")
+            process = FunctionServer("process_job", env, logs_dir, port=port).start(wait=False)
             servers = {"process_job": process}
             for name in ("create_job", "get_job", "get_lesson", "list_lessons", "cancel_job"):
                 servers[name] = FunctionServer(name, env, logs_dir).start(wait=False)

@@ -93,6 +93,19 @@ def job_row(conn: sa.Connection, job_id: str) -> Any:
     return conn.execute(sa.text("SELECT * FROM jobs WHERE id = :id"), {"id": job_id}).mappings().one()
 
 
+def section_rows(conn: sa.Connection, parent_id: str) -> list[Any]:
+    """A parent's sections in plan order: id (text), section_index, status, attempts."""
+    return list(
+        conn.execute(
+            sa.text(
+                "SELECT id::text AS id, section_index, status, attempts, job_kind, user_id FROM jobs "
+                "WHERE parent_id = :id ORDER BY section_index"
+            ),
+            {"id": parent_id},
+        )
+    )
+
+
 def lesson_count(conn: sa.Connection, job_id: str) -> int:
     return int(
         conn.execute(sa.text("SELECT count(*) FROM lessons WHERE job_id = :id"), {"id": job_id}).scalar_one()

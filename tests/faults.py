@@ -10,7 +10,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from tests.support import TASK_SECRET, FunctionServer, Stack, base_env
+from tests.support import TASK_SECRET, FunctionServer, Stack, base_env, free_port
 
 
 def start_stack(
@@ -22,8 +22,10 @@ def start_stack(
 ) -> Stack:
     """process_job plus `names`, on their own ports, with local dispatch wired to this process_job."""
     env = base_env(database_url, **overrides)
-    process = FunctionServer("process_job", env, logs_dir).start(wait=False)
-    env.setdefault("DYLEN_PROCESS_JOB_URL", process.url + "/")
+    # process_job dispatches too (a lesson's sections), so it is told its own URL.
+    port = free_port()
+    env.setdefault("DYLEN_PROCESS_JOB_URL", f"http://127.0.0.1:{port}/")
+    process = FunctionServer("process_job", env, logs_dir, port=port).start(wait=False)
     servers = {"process_job": process}
     for name in names:
         servers[name] = FunctionServer(name, env, logs_dir).start(wait=False)

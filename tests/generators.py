@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common.lessons import template
 from common.lessons.generation import LessonRequest
 from common.lessons.template import generate_lesson
 from common.platform.errors import PermanentJobError
@@ -45,3 +46,49 @@ def generate(request: LessonRequest) -> dict[str, Any]:
         while not gate.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
     return generate_lesson(request)
+
+
+class Fanout:
+    """A planner for tests (DYLEN_LESSON_GENERATOR=tests.generators:fanout): the template's plan and
+    sections, with behaviour chosen by the topic:
+      "permanent-plan ..."      plan raises PermanentJobError
+      "flaky-section:<i> ..."   section i fails on its attempts 1 and 2, then succeeds
+      "fail3-section:<i> ..."   section i fails on its attempts 1 to 3 (a whole run of 3 attempts)
+      "slow:<s> ..."            each section sleeps <s> seconds first
+      "block:<path>"            each section waits until <path> exists
+    Every call is recorded in $DYLEN_TEST_CALLS_DIR/<lesson job id>: "plan <attempt>" or
+    "section <index> <attempt>", one line each (read by tests.support.generator_calls).
+    """
+
+    def plan(self, request: LessonRequest) -> dict[str, Any]:
+        _record_line(request.job_id, f"plan {request.attempt}")
+        if request.topic.startswith("permanent-plan"):
+            raise PermanentJobError("unsupported_topic", "This topic cannot be planned.")
+        return template.plan(request)
+
+    def write_section(self, request: LessonRequest, plan: dict[str, Any], index: int) -> dict[str, Any]:
+        _record_line(request.job_id, f"section {index} {request.attempt}")
+        topic = request.topic
+        if topic.startswith(f"flaky-section:{index} ") and request.attempt <= 2:
+            raise RuntimeError(f"transient: section {index} timed out")
+        if topic.startswith(f"fail3-section:{index} ") and request.attempt <= 3:
+            raise RuntimeError(f"transient: section {index} model is down")
+        if topic.startswith("slow:"):
+            time.sleep(float(topic.split(":", 1)[1].split()[0]))
+        if topic.startswith("block:"):
+            gate = Path(topic.split(":", 1)[1].strip())
+            deadline = time.monotonic() + 120
+            while not gate.exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+        return template.write_section(request, plan, index)
+
+
+def _record_line(job_id: str, line: str) -> None:
+    directory = os.environ.get("DYLEN_TEST_CALLS_DIR")
+    if directory:
+        # One short O_APPEND write per call: concurrent sections never interleave within a line.
+        with open(Path(directory) / job_id, "a") as calls:
+            calls.write(line + "\n")
+
+
+fanout = Fanout()

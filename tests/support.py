@@ -263,3 +263,17 @@ def handler_runs(calls_dir: Path, job_id: str) -> int:
     """How many times tests.generators ran for this job (one line per run)."""
     path = calls_dir / job_id
     return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def generator_calls(calls_dir: Path, job_id: str) -> list[str]:
+    """The calls tests.generators:fanout recorded for a lesson job: "plan <attempt>" and
+    "section <index> <attempt>" lines, in the order they started."""
+    path = calls_dir / job_id
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def section_calls(calls_dir: Path, job_id: str) -> list[int]:
+    """The section index of every write_section call for this lesson job."""
+    return [
+        int(line.split()[1]) for line in generator_calls(calls_dir, job_id) if line.startswith("section ")
+    ]

@@ -17,7 +17,16 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from tests.support import ROOT, TASK_SECRET, FunctionServer, Stack, base_env, lesson_body, migrated_database
+from tests.support import (
+    ROOT,
+    TASK_SECRET,
+    FunctionServer,
+    Stack,
+    base_env,
+    free_port,
+    lesson_body,
+    migrated_database,
+)
 
 FUNCTIONS = ("process_job", "create_job", "get_job", "get_lesson", "list_lessons", "archive_lessons")
 
@@ -38,8 +47,9 @@ def pdb(private_url: str) -> Iterator[sa.Engine]:
 @pytest.fixture(scope="module")
 def astack(private_url: str, logs_dir: Path) -> Iterator[Stack]:
     env = base_env(private_url)
-    process = FunctionServer("process_job", env, logs_dir).start(wait=False)
-    env["DYLEN_PROCESS_JOB_URL"] = process.url + "/"
+    port = free_port()
+    env["DYLEN_PROCESS_JOB_URL"] = f"http://127.0.0.1:{port}/"
+    process = FunctionServer("process_job", env, logs_dir, port=port).start(wait=False)
     servers = {"process_job": process}
     for name in FUNCTIONS[1:]:
         servers[name] = FunctionServer(name, env, logs_dir).start(wait=False)

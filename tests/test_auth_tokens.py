@@ -97,6 +97,8 @@ def firebase_stack(make_stack: StackFactory, issuer: tuple[Issuer, CertServer]) 
         DYLEN_TASKS_INVOKER_SA=INVOKER,
         DYLEN_TASKS_OIDC_AUDIENCE=AUDIENCE,
         DYLEN_JOBS_AUTO_PROCESS="false",
+        # One task per lesson: the tests deliver it once with a token (sections: tests/test_fanout.py).
+        DYLEN_LESSON_GENERATOR="common.lessons.template:generate_lesson",
     )
 
 

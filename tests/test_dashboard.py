@@ -254,6 +254,30 @@ def test_job_page_shows_timeline_request_error_and_lesson(
     assert op.get(dashboard + "/job", params={"id": "x"}, timeout=10).status_code == 422
 
 
+def test_job_page_lists_a_fanned_out_lessons_sections(
+    op: requests.Session, dashboard: str, db: sa.Engine
+) -> None:
+    # Given a lesson job waiting on two sections (one done, one queued)
+    user = f"fan-{uuid.uuid4().hex[:8]}"
+    with db.begin() as conn:
+        parent = make_job(conn, user_id=make_user(conn, user), status="running")
+        sections = [
+            make_job(conn, user_id=user, job_kind="lesson.section", status=status)
+            for status in ("done", "queued")
+        ]
+        for index, section in enumerate(sections):
+            conn.execute(
+                sa.text("UPDATE jobs SET parent_id = :p, section_index = :i WHERE id = :id"),
+                {"p": parent, "i": index, "id": section},
+            )
+    # Then its page lists both sections, and the jobs list shows only the parent
+    page = op.get(dashboard + "/job", params={"id": parent}, timeout=10)
+    assert page.status_code == 200
+    assert all(section in page.text for section in sections)
+    listed = op.get(dashboard + "/jobs", params={"user": user}, timeout=10).text
+    assert parent in listed and not any(section in listed for section in sections)
+
+
 def test_hostile_text_is_escaped(op: requests.Session, dashboard: str, db: sa.Engine) -> None:
     user = f"<script>alert({uuid.uuid4().hex[:4]})</script>"
     job_id = _failed_job(db, user, code='<img src=x onerror="alert(1)">')

@@ -297,10 +297,9 @@ def _uuid(raw: str) -> uuid.UUID | None:
 
 
 def job_page(request: flask.Request, operator: str) -> flask.Response:
-    job = ops.show_job(request.args.get("id") or "")
+    job, sections = ops.show_job(request.args.get("id") or "")  # sections: a fanned-out lesson's
     with connection() as conn:
         lesson = queries.lesson_of(conn, job.id)
-        sections = queries.section_jobs(conn, job.id)
     return render(
         "job.html",
         job=job,

@@ -142,17 +142,6 @@ def lesson_of(conn: Connection, job_id: uuid.UUID) -> Any:
     ).first()
 
 
-def section_jobs(conn: Connection, job_id: uuid.UUID) -> list[Any]:
-    """The child "section" jobs of a fanned-out lesson job, for the detail page.
-
-    HOOK: lesson fan-out (issue 15) adds parent/child jobs but is not merged; until then no job has
-    children. Once it is, return its rows here, e.g.
-    `SELECT {JOB_COLUMNS} FROM jobs WHERE parent_job_id = :id ORDER BY created_at`; the page shows
-    whatever Job rows this returns.
-    """
-    return []
-
-
 # --- users -----------------------------------------------------------------------------------------
 
 

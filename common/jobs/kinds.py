@@ -4,7 +4,8 @@ products that plug kinds into it.
 
 A kind's `run` does the slow work without holding a database transaction and returns a Completion;
 the processor then makes the guarded `done` transition (or the kind's own `finish` statement, which
-stores its outputs in the same statement).
+stores its outputs in the same statement). A kind may fan out: its finish creates child jobs
+(sections, `parent_id` set), which the processor dispatches after the commit.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from common.jobs.model import Job
+from common.jobs.model import Job, JobStatus
 from common.platform.db import Connection
 from common.platform.errors import ValidationFailed
 
 KINDS: dict[str, str] = {
     "lesson": "common.lessons.kind:LessonKind",
+    "lesson.section": "common.lessons.kind:SectionKind",  # internal: one section of a lesson
     "maintenance.archive_lessons": "common.lessons.archive.kind:ArchiveLessonsKind",
 }
 
@@ -30,13 +32,16 @@ KINDS: dict[str, str] = {
 class Completion:
     """What a successful run leaves behind.
 
-    `finish`, when given, is ONE statement that stores the outputs and makes the guarded `done`
-    transition itself (see common.lessons.queries.complete_job_with_lesson) and returns whether this
-    attempt still held the claim; being a single statement it needs no BEGIN/COMMIT.
+    `finish`, when given, stores the outputs and makes the guarded transition itself, ideally in
+    ONE statement (common.lessons.queries.complete_job_with_lesson), which needs no BEGIN/COMMIT; it
+    opens a transaction itself when it needs several. It returns None when this attempt no longer
+    held the claim, else the jobs it created (dispatched after the commit; usually none). `status`
+    is what it leaves the job as: `running` for a parent now waiting on its sections.
     """
 
     result: dict[str, Any]
-    finish: Callable[[Connection, uuid.UUID, int], bool] | None = None
+    finish: Callable[[Connection, uuid.UUID, int], list[Job] | None] | None = None
+    status: JobStatus = JobStatus.DONE
 
 
 class Kind(Protocol):

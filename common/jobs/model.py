@@ -11,7 +11,10 @@ from typing import Any
 
 class JobStatus(StrEnum):
     """`queued -> running -> done | error`, and `queued|running -> canceled`. The SQL spells the same
-    values; a CHECK constraint in the migration keeps the column to them."""
+    values; a CHECK constraint in the migration keeps the column to them.
+
+    A parent waiting on its sections is `running` with no lease (`Job.waiting`): nothing claims,
+    times out or rescues it; its last section finishes it."""
 
     QUEUED = "queued"
     RUNNING = "running"
@@ -28,7 +31,7 @@ RETRYABLE_STATUSES = (JobStatus.ERROR, JobStatus.CANCELED)
 JOB_COLUMNS = (
     "id, user_id, job_kind, status, idempotency_key, request_json, result_json, error_json, "
     "attempts, max_attempts, lease_expires_at, dispatched_at, created_at, updated_at, "
-    "started_at, completed_at"
+    "started_at, completed_at, parent_id, section_index"
 )
 
 
@@ -50,6 +53,8 @@ class Job:
     updated_at: datetime
     started_at: datetime | None
     completed_at: datetime | None
+    parent_id: uuid.UUID | None = None  # set on a section: the job that planned it
+    section_index: int | None = None
 
     @classmethod
     def queued(
@@ -92,6 +97,25 @@ class Job:
     @property
     def final(self) -> bool:
         return self.status in FINAL_STATUSES
+
+    @property
+    def waiting(self) -> bool:
+        """Planned, its sections at work: a claim always sets a lease, so only a parent lacks one."""
+        return self.status == JobStatus.RUNNING and self.lease_expires_at is None
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Sections done of sections planned; a job that has no sections (yet) counts as one step."""
+
+    completed: int
+    total: int
+
+    @classmethod
+    def of(cls, job: Job, *, sections_done: int, sections: int) -> Progress:
+        if sections:
+            return cls(completed=sections_done, total=sections)
+        return cls(completed=1 if job.status == JobStatus.DONE else 0, total=1)
 
 
 # Built once: json.dumps(..., ensure_ascii=False) builds an encoder per call.

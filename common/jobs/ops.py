@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -143,13 +143,15 @@ def list_jobs(filters: Filters, *, limit: int = 50) -> list[Job]:
         return queries.list_jobs(conn, filters.resolve(conn), limit=limit)
 
 
-def show_job(raw_id: str) -> Job:
+def show_job(raw_id: str) -> tuple[Job, list[Job]]:
+    """The job and, for a parent, its sections in plan order."""
     job_id = parse_job_ref(raw_id)
     with _db() as conn:
         job = queries.get_job(conn, job_id)
+        sections = queries.list_sections(conn, job_id) if job is not None else []
     if job is None:
         raise NotFound(f"No job {job_id}.")
-    return job
+    return job, sections
 
 
 def cancel_job(raw_id: str) -> Job:
@@ -161,8 +163,14 @@ def cancel_job(raw_id: str) -> Job:
 @dataclass(frozen=True)
 class Retried:
     jobs: list[Job]
-    deliveries: list[Delivery]  # one per job when dispatch is enabled; failed ones stay queued
+    deliveries: list[Delivery]  # one per `to_dispatch` job when dispatch is enabled; failed ones stay queued
     dispatch_enabled: bool
+    sections: list[Job] = field(default_factory=list)  # unfinished sections of retried parents
+
+    @property
+    def to_dispatch(self) -> list[Job]:
+        """Queued ones: a parent that had planned waits on its sections instead."""
+        return [job for job in (*self.jobs, *self.sections) if job.status == JobStatus.QUEUED]
 
     @property
     def dispatched(self) -> int:
@@ -217,14 +225,19 @@ def retry_jobs(job_ids: Sequence[uuid.UUID]) -> Retried:
     return _dispatch(jobs)
 
 
-def _dispatch(jobs: list[Job]) -> Retried:
+def _dispatch(requeued: list[Job]) -> Retried:
     # Like create_job: committed first, then dispatched; with auto-process off (manual setups) the
     # job waits for a manual delivery or rescue_jobs. The operator waits for each outcome.
-    if not get_settings().auto_process:
-        return Retried(jobs=jobs, deliveries=[], dispatch_enabled=False)
-    with ThreadPoolExecutor(max_workers=min(8, len(jobs) or 1)) as pool:
-        deliveries = list(pool.map(deliver_job, jobs))
-    return Retried(jobs=jobs, deliveries=deliveries, dispatch_enabled=True)
+    jobs = [job for job in requeued if job.parent_id is None]
+    sections = [job for job in requeued if job.parent_id is not None]
+    outcome = Retried(
+        jobs=jobs, deliveries=[], dispatch_enabled=get_settings().auto_process, sections=sections
+    )
+    if not outcome.dispatch_enabled or not outcome.to_dispatch:
+        return outcome
+    with ThreadPoolExecutor(max_workers=min(8, len(outcome.to_dispatch))) as pool:
+        deliveries = list(pool.map(deliver_job, outcome.to_dispatch))
+    return replace(outcome, deliveries=deliveries)
 
 
 def set_tier(user_id: str, tier: str) -> int:
@@ -272,9 +285,10 @@ def _iso(value: Any) -> str | None:
     return value.isoformat() if value is not None else None
 
 
-def job_detail(job: Job) -> dict[str, Any]:
-    """Everything an operator needs about one job, JSON-ready."""
-    return {
+def job_detail(job: Job, sections: Sequence[Job] = ()) -> dict[str, Any]:
+    """Everything an operator needs about one job, JSON-ready; a parent's sections with their
+    status and attempts, a section's parent."""
+    detail: dict[str, Any] = {
         "job_id": str(job.id),
         "user_id": job.user_id,
         "job_kind": job.job_kind,
@@ -292,3 +306,19 @@ def job_detail(job: Job) -> dict[str, Any]:
         "result": job.result_json,
         "error": job.error_json,
     }
+    if job.parent_id is not None:
+        detail.update(parent_id=str(job.parent_id), section_index=job.section_index)
+    if sections:
+        detail["sections"] = [
+            {
+                "section_index": s.section_index,
+                "job_id": str(s.id),
+                "heading": s.request_json.get("heading"),
+                "status": s.status,
+                "attempts": s.attempts,
+                "max_attempts": s.max_attempts,
+                "error": s.error_json,
+            }
+            for s in sections
+        ]
+    return detail

@@ -1,7 +1,8 @@
 """process_job: claim, run, record, and answer Cloud Tasks so it retries exactly when that helps.
 
 Answer rule (DESIGN, Job life 3):
-- 2xx: done; already final; permanent failure recorded; unknown job; out of attempts.
+- 2xx: done; planned (its sections dispatched); waiting on its sections; already final; permanent
+  failure recorded; unknown job; out of attempts.
 - 503 + Retry-After: another attempt holds a live lease.
 - 500: this attempt failed and attempts remain (job back to `queued`, error kept).
 """
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common.jobs import queries
+from common.jobs.dispatch import dispatch_job
 from common.jobs.kinds import Completion, get_kind
 from common.jobs.model import FINAL_STATUSES, Job, JobStatus
 from common.platform.config import get_settings
@@ -91,34 +93,46 @@ def process_job(job_id: uuid.UUID | None, *, task_name: str | None = None) -> An
         return _record_failure(job, _error(code, message, attempt), final=final, log=log)
 
     try:
-        _finish(job.id, attempt, completion)
+        created = _finish(job.id, attempt, completion)
     except (_Superseded, QueryError) as error:
         if isinstance(error, QueryError) and not error.unique_violation:
             raise
         # Canceled meanwhile, or a newer attempt took over and (maybe) finished: our writes rolled back.
         logger.info("Attempt superseded; its writes were discarded", extra=log)
         return Answer(200, {"job_id": str(job.id), "outcome": "superseded"})
-    logger.info("Job completed successfully.", extra=log)
-    return Answer(200, {"job_id": str(job.id), "status": JobStatus.DONE, "result": completion.result})
+    if created:
+        # Committed first, then dispatched (as create_job does): a failed dispatch leaves the
+        # section queued for rescue_jobs.
+        if settings.auto_process:
+            for child in created:
+                dispatch_job(child)
+        logger.info("Job planned; its sections are dispatched", extra={**log, "sections": len(created)})
+    else:
+        logger.info("Job completed successfully.", extra=log)
+    return Answer(200, {"job_id": str(job.id), "status": completion.status, "result": completion.result})
 
 
-def _finish(job_id: uuid.UUID, attempt: int, completion: Completion) -> None:
-    """Store the outputs and move to `done` in one statement, or raise _Superseded if the claim was
-    lost (a single statement is atomic without BEGIN/COMMIT)."""
+def _finish(job_id: uuid.UUID, attempt: int, completion: Completion) -> list[Job]:
+    """Store the outputs and make the guarded transition (one statement, atomic without
+    BEGIN/COMMIT, unless the kind's finish opens a transaction); the jobs it created. Raises
+    _Superseded if the claim was lost."""
     with connection() as conn:
-        won = (
-            completion.finish(conn, job_id, attempt)
-            if completion.finish is not None
-            else queries.complete_job(conn, job_id, attempt=attempt, result=completion.result)
-        )
-    if not won:
+        if completion.finish is None:
+            won = queries.complete_job(conn, job_id, attempt=attempt, result=completion.result)
+            created: list[Job] | None = [] if won else None
+        else:
+            created = completion.finish(conn, job_id, attempt)
+    if created is None:
         raise _Superseded
+    return created
 
 
 def _answer_unclaimed(job: Job, claim: queries.Claim, log: dict[str, Any]) -> Answer:
     body = {"job_id": str(job.id), "status": job.status}
     if job.status in FINAL_STATUSES:
         return Answer(200, {**body, "outcome": "already_final"})
+    if job.waiting:  # planned: its sections do the work and the last one finishes it
+        return Answer(200, {**body, "outcome": "waiting"})
     lease_live = (
         job.status == JobStatus.RUNNING
         and job.lease_expires_at is not None
@@ -133,6 +147,8 @@ def _answer_unclaimed(job: Job, claim: queries.Claim, log: dict[str, Any]) -> An
         error = _error("attempts_exhausted", "No attempts left after the last lease expired.", job.attempts)
         with connection() as conn:
             queries.expire_exhausted_job(conn, job.id, error=error)
+            if job.parent_id is not None:
+                queries.fail_parents_of_failed_sections(conn, parent_id=job.parent_id)
         logger.error("Job out of attempts", extra=log)
         return Answer(200, {**body, "status": JobStatus.ERROR, "outcome": "attempts_exhausted"})
     # Queued yet not claimed: a concurrent delivery won the row lock a moment ago.
@@ -142,6 +158,10 @@ def _answer_unclaimed(job: Job, claim: queries.Claim, log: dict[str, Any]) -> An
 def _record_failure(job: Job, error: dict[str, Any], *, final: bool, log: dict[str, Any]) -> Answer:
     with connection() as conn:
         recorded = queries.fail_job(conn, job.id, attempt=job.attempts, error=error, final=final)
+        if recorded and final and job.parent_id is not None:
+            # A section out of attempts fails its parent and cancels its siblings (rescue_jobs
+            # repeats this for every parent, should we die in between).
+            queries.fail_parents_of_failed_sections(conn, parent_id=job.parent_id)
     body = {"job_id": str(job.id), "error": {"code": error["code"], "message": error["message"]}}
     if not recorded:
         logger.info("Failure not recorded: the claim was lost meanwhile", extra=log)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from common.jobs.model import JOB_COLUMNS, Job
+from common.jobs.model import JOB_COLUMNS, Job, Progress
 from common.platform.db import Connection, Statement, jsonb
 
 # --- jobs -----------------------------------------------------------------------------------------
@@ -172,6 +172,27 @@ _FIND_JOB_BY_KEY = Statement(
 _GET_JOB = Statement(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = CAST(:id AS uuid)", prepare=True)
 
 
+# Progress is derived, never counted: the sections done and planned, read with the job.
+_GET_JOB_WITH_PROGRESS = Statement(
+    f"""
+    SELECT {JOB_COLUMNS}, sections.done AS sections_done, sections.total AS sections
+      FROM jobs,
+           LATERAL (SELECT count(*) FILTER (WHERE s.status = 'done') AS done, count(*) AS total
+                      FROM jobs s WHERE s.parent_id = jobs.id) AS sections
+     WHERE jobs.id = CAST(:id AS uuid)
+    """,
+    prepare=True,
+)
+
+
+def get_job_with_progress(conn: Connection, job_id: uuid.UUID) -> tuple[Job, Progress] | None:
+    row = conn.execute(_GET_JOB_WITH_PROGRESS, {"id": job_id}).first()
+    if row is None:
+        return None
+    job = Job.from_row(row)
+    return job, Progress.of(job, sections_done=int(row.sections_done), sections=int(row.sections))
+
+
 def find_job_by_key(
     conn: Connection, *, user_id: str | None, job_kind: str, idempotency_key: str
 ) -> Job | None:
@@ -195,6 +216,16 @@ class Claim:
     now: datetime | None = None
 
 
+# A section starts only while its parent waits on it (not canceled, not failed) and no sibling has
+# failed: checked inside the claim, so nothing starts after a cancel or a failed section commits.
+SECTION_MAY_START = """
+    EXISTS (SELECT 1 FROM jobs parent
+             WHERE parent.id = jobs.parent_id AND parent.status = 'running'
+               AND parent.lease_expires_at IS NULL)
+    AND NOT EXISTS (SELECT 1 FROM jobs sibling
+                     WHERE sibling.parent_id = jobs.parent_id AND sibling.status = 'error')
+"""
+
 # One round trip: try the claim; when it loses, return the row as it stood so the caller can
 # answer (final, lease held, out of attempts) without a second query.
 _CLAIM = Statement(
@@ -209,6 +240,7 @@ _CLAIM = Statement(
          WHERE id = :id
            AND attempts < max_attempts
            AND (status = 'queued' OR (status = 'running' AND lease_expires_at < now()))
+           AND (parent_id IS NULL OR {SECTION_MAY_START})
         RETURNING {JOB_COLUMNS}
     )
     SELECT true AS claimed, now() AS db_now, {JOB_COLUMNS} FROM claimed
@@ -277,6 +309,150 @@ def expire_exhausted_job(conn: Connection, job_id: uuid.UUID, *, error: dict[str
         {"id": job_id, "error": jsonb(error)},
     )
     return updated.rowcount == 1
+
+
+# --- sections: a job that fans out into child jobs ------------------------------------------------
+#
+# Lock order, everywhere a parent and its sections change together: the parent row first, then the
+# sections. A parent waiting on its sections is `running` with no lease.
+
+_START_SECTIONS = Statement(
+    f"""
+    WITH parent AS (
+        UPDATE jobs SET plan = CAST(:plan AS jsonb), lease_expires_at = NULL, updated_at = now()
+        {FINISH_GUARD}
+        RETURNING id, user_id
+    )
+    INSERT INTO jobs (id, user_id, job_kind, status, idempotency_key, request_json,
+                      attempts, max_attempts, dispatched_at, parent_id, section_index)
+    SELECT gen_random_uuid(), parent.user_id, CAST(:kind AS text), 'queued',
+           parent.id || ':' || (brief.n - 1),
+           jsonb_build_object('job_kind', CAST(:kind AS text), 'section_index', brief.n - 1,
+                              'heading', brief.value ->> 'heading'),
+           0, :max_attempts, now(), parent.id, brief.n - 1
+      FROM parent,
+           jsonb_array_elements(CAST(:plan AS jsonb) -> 'sections') WITH ORDINALITY AS brief(value, n)
+    RETURNING {JOB_COLUMNS}
+    """
+)
+
+
+def start_sections(
+    conn: Connection,
+    job_id: uuid.UUID,
+    *,
+    attempt: int,
+    plan: dict[str, Any],
+    section_kind: str,
+    max_attempts: int,
+) -> list[Job] | None:
+    """Store the plan, leave the job waiting (`running`, no lease) and insert one queued section
+    per `plan["sections"]` entry, all in one statement; None if this attempt lost its claim."""
+    rows = conn.execute(
+        _START_SECTIONS,
+        {
+            "id": job_id,
+            "attempt": attempt,
+            "plan": jsonb(plan),
+            "kind": section_kind,
+            "max_attempts": max_attempts,
+        },
+    ).all()
+    return [Job.from_row(row) for row in rows] or None
+
+
+def get_plan(conn: Connection, job_id: uuid.UUID) -> Any:
+    """(request_json, plan) of a parent, for its sections to run."""
+    return conn.execute(
+        Statement("SELECT request_json, plan FROM jobs WHERE id = :id", prepare=True), {"id": job_id}
+    ).first()
+
+
+# The parent is locked first (FOR UPDATE, re-checked after the wait): sections finishing at once
+# finish one after another, so the statement that follows in the same transaction (the fan-in) sees
+# every sibling that finished before. A parent no longer waiting (canceled, failed) discards it.
+_FINISH_SECTION = Statement(
+    """
+    WITH parent AS (
+        SELECT id FROM jobs
+         WHERE id = :parent_id AND status = 'running' AND lease_expires_at IS NULL
+         FOR UPDATE
+    )
+    UPDATE jobs SET status = 'done', result_json = CAST(:result AS jsonb), error_json = NULL,
+           lease_expires_at = NULL, completed_at = now(), updated_at = now()
+     WHERE id = :id AND status = 'running' AND attempts = :attempt
+       AND parent_id = (SELECT id FROM parent)
+    """,
+    prepare=True,
+)
+
+
+def finish_section(conn: Connection, section: Job, *, attempt: int, result: dict[str, Any]) -> bool:
+    """The section -> `done` (its result stored) if this attempt holds it and its parent still
+    waits; run inside the transaction that then tries the fan-in."""
+    updated = conn.execute(
+        _FINISH_SECTION,
+        {"id": section.id, "parent_id": section.parent_id, "attempt": attempt, "result": jsonb(result)},
+    )
+    return updated.rowcount == 1
+
+
+# A waiting parent with a failed section fails (`section_failed`, naming the section and its error)
+# and its unfinished sections are canceled, in one statement (the parent row first). The processor
+# runs it right after a section's last attempt fails, and rescue_jobs for every parent, so a crash
+# in between is repaired.
+_FAIL_PARENTS = Statement(
+    """
+    WITH failed AS (
+        UPDATE jobs parent
+           SET status = 'error', lease_expires_at = NULL, completed_at = now(), updated_at = now(),
+               error_json = jsonb_build_object(
+                   'code', 'section_failed',
+                   'message', format('Section %s failed: %s', section.section_index,
+                                     coalesce(section.error_json ->> 'message', 'no message')),
+                   'section_index', section.section_index,
+                   'section_job_id', section.id,
+                   'section_error', section.error_json)
+          FROM (SELECT DISTINCT ON (s.parent_id) s.parent_id, s.id, s.section_index, s.error_json
+                  FROM jobs s JOIN jobs p ON p.id = s.parent_id
+                 WHERE s.status = 'error' AND p.status = 'running' AND p.lease_expires_at IS NULL
+                   AND (CAST(:parent_id AS uuid) IS NULL OR p.id = CAST(:parent_id AS uuid))
+                 ORDER BY s.parent_id, s.section_index) AS section
+         WHERE parent.id = section.parent_id
+           AND parent.status = 'running' AND parent.lease_expires_at IS NULL
+        RETURNING parent.id
+    )
+    UPDATE jobs SET status = 'canceled', lease_expires_at = NULL, completed_at = now(),
+           updated_at = now()
+      FROM failed
+     WHERE jobs.parent_id = failed.id AND jobs.status IN ('queued', 'running')
+    RETURNING failed.id
+    """
+)
+
+
+def fail_parents_of_failed_sections(conn: Connection, *, parent_id: uuid.UUID | None = None) -> int:
+    """Apply the rule above to one parent (`parent_id`) or every waiting one (None)."""
+    return len(conn.execute(_FAIL_PARENTS, {"parent_id": parent_id}).all())
+
+
+_CANCEL_SECTIONS = Statement(
+    "UPDATE jobs SET status = 'canceled', lease_expires_at = NULL, completed_at = now(), "
+    "updated_at = now() WHERE parent_id = :id AND status IN ('queued', 'running')"
+)
+
+
+def cancel_sections(conn: Connection, parent_id: uuid.UUID) -> int:
+    """Cancel a parent's unfinished sections (after the parent, in the same transaction)."""
+    return conn.execute(_CANCEL_SECTIONS, {"id": parent_id}).rowcount
+
+
+def list_sections(conn: Connection, parent_id: uuid.UUID) -> list[Job]:
+    rows = conn.execute(
+        Statement(f"SELECT {JOB_COLUMNS} FROM jobs WHERE parent_id = :id ORDER BY section_index"),
+        {"id": parent_id},
+    )
+    return [Job.from_row(row) for row in rows]
 
 
 # --- rescue ---------------------------------------------------------------------------------------
@@ -364,7 +540,7 @@ class JobFilter:
     before: tuple[datetime, uuid.UUID] | None = None  # keyset cursor: older than this (created_at, id)
 
     def where(self) -> tuple[str, dict[str, Any]]:
-        clauses: list[str] = []
+        clauses: list[str] = ["parent_id IS NULL"]  # sections show under their parent
         params: dict[str, Any] = {}
         if self.statuses is not None:
             clauses.append("status = ANY(CAST(:statuses AS text[]))")
@@ -387,7 +563,7 @@ class JobFilter:
         if self.before is not None:
             clauses.append("(created_at, id) < (CAST(:before_at AS timestamptz), CAST(:before_id AS uuid))")
             params["before_at"], params["before_id"] = self.before[0], str(self.before[1])
-        return (" AND ".join(clauses) or "true"), params
+        return " AND ".join(clauses), params
 
 
 def list_jobs(conn: Connection, job_filter: JobFilter, *, limit: int | None) -> list[Job]:
@@ -424,7 +600,7 @@ def cancel_job(conn: Connection, job_id: uuid.UUID, *, owner: str | None) -> Job
         Statement(
             "UPDATE jobs SET status = 'canceled', lease_expires_at = NULL, completed_at = now(), "
             "updated_at = now() "
-            "WHERE id = :id AND status IN ('queued', 'running') "
+            "WHERE id = :id AND status IN ('queued', 'running') AND parent_id IS NULL "
             "AND (CAST(:owner AS text) IS NULL OR user_id = CAST(:owner AS text)) "
             f"RETURNING {JOB_COLUMNS}"
         ),
@@ -441,15 +617,35 @@ def requeue_jobs(conn: Connection, job_ids: list[uuid.UUID], *, extra_attempts: 
     refreshed by raising `max_attempts` instead. `error_json` is kept as history (the job view shows
     the last error until the job is done, as for any retried attempt); timings of the old run are
     cleared. A job with a lesson is never requeued (cannot happen for error/canceled; a last guard).
+
+    A parent that had planned is not planned again: it waits on its sections again (`running`, no
+    lease) and only its sections that did not finish are requeued; they come back in the same list
+    (`parent_id` set). Sections are never retried on their own.
     """
     rows = conn.execute(
         Statement(
-            "UPDATE jobs SET status = 'queued', max_attempts = attempts + :extra, "
-            "lease_expires_at = NULL, result_json = NULL, started_at = NULL, completed_at = NULL, "
-            "dispatched_at = now(), updated_at = now() "
-            "WHERE id = ANY(CAST(:ids AS uuid[])) AND status IN ('error', 'canceled') "
-            "AND NOT EXISTS (SELECT 1 FROM lessons WHERE lessons.job_id = jobs.id) "
-            f"RETURNING {JOB_COLUMNS}"
+            f"""
+            WITH retried AS (
+                UPDATE jobs
+                   SET status = CASE WHEN plan IS NULL THEN 'queued' ELSE 'running' END,
+                       max_attempts = attempts + :extra, lease_expires_at = NULL, result_json = NULL,
+                       started_at = CASE WHEN plan IS NULL THEN NULL ELSE started_at END,
+                       completed_at = NULL, dispatched_at = now(), updated_at = now()
+                 WHERE id = ANY(CAST(:ids AS uuid[])) AND status IN ('error', 'canceled')
+                   AND parent_id IS NULL
+                   AND NOT EXISTS (SELECT 1 FROM lessons WHERE lessons.job_id = jobs.id)
+                RETURNING {JOB_COLUMNS}
+            ), sections AS (
+                UPDATE jobs
+                   SET status = 'queued', max_attempts = jobs.attempts + :extra,
+                       lease_expires_at = NULL, result_json = NULL, completed_at = NULL,
+                       dispatched_at = now(), updated_at = now()
+                  FROM retried
+                 WHERE jobs.parent_id = retried.id AND jobs.status <> 'done'
+                RETURNING {", ".join("jobs." + c.strip() for c in JOB_COLUMNS.split(","))}
+            )
+            SELECT * FROM retried UNION ALL SELECT * FROM sections
+            """
         ),
         {"ids": [str(i) for i in job_ids], "extra": extra_attempts},
     )

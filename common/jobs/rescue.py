@@ -4,6 +4,11 @@ A job can be stuck `queued` (its dispatch failed, or the queue gave up on it) or
 expired lease (the instance running it died). One bounded, SKIP LOCKED statement claims a batch and
 moves `dispatched_at` forward, so concurrent rescuers never dispatch a job twice; the dispatches
 happen after that commit, so process_job never sees a job that is not yet `queued`.
+
+Sections are jobs like any other and are rescued the same way. A parent waiting on its sections has
+no lease, so it is never rescued itself; a run also fails every waiting parent that has a failed
+section (a section whose lease ran out on its last attempt, or a crash right after a section's last
+attempt failed).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from common.jobs import queries
 from common.jobs.dispatch import dispatch_job
 from common.jobs.model import Job, JobStatus
 from common.platform.config import get_settings
-from common.platform.db import transaction
+from common.platform.db import connection, transaction
 from common.platform.log import logger
 
 DEFAULT_LIMIT = 500
@@ -27,12 +32,14 @@ class RescueReport:
     redispatched: list[uuid.UUID] = field(default_factory=list)
     failed: list[uuid.UUID] = field(default_factory=list)  # dispatch failed; still queued
     exhausted: list[uuid.UUID] = field(default_factory=list)  # out of attempts; now `error`
+    parents_failed: int = 0  # waiting parents ended `error` (section_failed) by this run
 
     def counts(self) -> dict[str, int]:
         return {
             "redispatched": len(self.redispatched),
             "failed": len(self.failed),
             "exhausted": len(self.exhausted),
+            "parents_failed": self.parents_failed,
         }
 
 
@@ -62,5 +69,9 @@ def rescue_jobs(
             queries.restore_dispatch_stamp(
                 conn, job.id, ours=job.dispatched_at, previous=item.previous_dispatched_at
             )
+    # Its own statement, after the commit above: it locks parents before their sections, the order
+    # every parent/section transition takes (the statement above locked sections only).
+    with connection() as conn:
+        report.parents_failed = queries.fail_parents_of_failed_sections(conn)
     logger.info("Rescue run finished", extra=report.counts())
     return report

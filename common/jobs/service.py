@@ -13,7 +13,7 @@ from typing import Any
 from common.jobs import queries
 from common.jobs.dispatch import dispatch_job
 from common.jobs.kinds import get_kind, user_kind
-from common.jobs.model import Job, JobStatus
+from common.jobs.model import Job, JobStatus, Progress
 from common.platform.config import Settings, get_settings
 from common.platform.db import connection, transaction
 from common.platform.errors import (
@@ -181,13 +181,14 @@ def parse_job_id(raw: str) -> uuid.UUID:
     return job_id
 
 
-def get_job(user_id: str, raw_id: str) -> Job:
+def get_job(user_id: str, raw_id: str) -> tuple[Job, Progress]:
+    """The caller's job with its progress; a section (internal) is not found, like another's job."""
     job_id = parse_job_id(raw_id)
     with connection() as conn:
-        job = queries.get_job(conn, job_id)
-    if job is None or job.user_id != user_id:
+        found = queries.get_job_with_progress(conn, job_id)
+    if found is None or found[0].user_id != user_id or found[0].parent_id is not None:
         raise NotFound("No such job.")
-    return job
+    return found
 
 
 def cancel_job(user_id: str, raw_id: str) -> Job:
@@ -200,12 +201,17 @@ def cancel(job_id: uuid.UUID, *, owner: str | None) -> Job:
     (None). 404 when there is no such job (or it is not the owner's), 409 when it is already final."""
     with transaction() as conn:
         job = queries.cancel_job(conn, job_id, owner=owner)
+        # The parent first, then its sections (the lock order): none starts after this commits, and
+        # a running one's result is discarded.
+        sections = queries.cancel_sections(conn, job_id) if job is not None else 0
         current = None if job is not None else queries.get_job(conn, job_id)
     if job is not None:
-        logger.info("Job canceled", extra={"job_id": str(job.id)})
+        logger.info("Job canceled", extra={"job_id": str(job.id), "sections_canceled": sections})
         return job
-    if current is None or (owner is not None and current.user_id != owner):
+    if current is None or (owner is not None and (current.user_id != owner or current.parent_id)):
         raise NotFound("No such job." if owner is not None else f"No job {job_id}.")
+    if current.parent_id is not None:
+        raise Conflict(f"Job {job_id} is a section of job {current.parent_id}; cancel that job.")
     subject = "The job" if owner is not None else f"Job {job_id}"
     raise Conflict(f"{subject} is already {current.status}; only queued or running jobs can be canceled.")
 
@@ -214,11 +220,12 @@ def _iso(value: Any) -> str | None:
     return value.isoformat() if value is not None else None
 
 
-def job_view(job: Job) -> dict[str, Any]:
+def job_view(job: Job, progress: Progress | None = None) -> dict[str, Any]:
+    """The user's view; `progress` where it was read with the job (get_job)."""
     error = None
     if job.error_json:
         error = {"code": job.error_json.get("code"), "message": job.error_json.get("message")}
-    return {
+    view = {
         "job_id": str(job.id),
         "job_kind": job.job_kind,
         "status": job.status,
@@ -229,3 +236,6 @@ def job_view(job: Job) -> dict[str, Any]:
         "result": job.result_json if job.status == JobStatus.DONE else None,
         "error": error,
     }
+    if progress is not None:
+        view["progress"] = {"completed": progress.completed, "total": progress.total}
+    return view

@@ -1,17 +1,35 @@
-"""The `lesson` job kind: validate the request, generate a lesson, store it with its job."""
+"""The `lesson` job kind (validate the request, generate a lesson, store it with its job) and the
+internal `lesson.section` kind: one section of a planned lesson, a job of its own.
+
+A one-step generator writes the lesson inside the lesson job. A planner's `plan` runs in the lesson
+job, whose finish stores the plan and inserts one section job per brief (common.jobs.queries.
+start_sections); each section job writes its section, and the one that finishes last stores the
+lesson and finishes the lesson job in the same transaction (queries.complete_parent_with_lesson).
+"""
 
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, cast
 
+from common.jobs import queries as job_queries
 from common.jobs.kinds import Completion
-from common.jobs.model import Job
-from common.lessons.generation import DEPTHS, Generator, LessonRequest, check_generated, load_generator
-from common.lessons.queries import complete_job_with_lesson
-from common.lessons.template import generate_lesson
+from common.jobs.model import Job, JobStatus
+from common.lessons import template
+from common.lessons.generation import (
+    DEPTHS,
+    Generator,
+    LessonRequest,
+    Planner,
+    check_generated,
+    check_plan,
+    check_section,
+    load_generator,
+    plans,
+)
+from common.lessons.queries import complete_job_with_lesson, complete_parent_with_lesson
 from common.platform.config import get_settings
-from common.platform.db import Connection
+from common.platform.db import Connection, connection
 from common.platform.errors import PermanentJobError, ValidationFailed
 from common.platform.validation import FieldErrors, check_text, reject_unknown
 
@@ -39,15 +57,38 @@ def validate_lesson_payload(payload: Any) -> dict[str, Any]:
     return {"topic": topic, "details": details or None, "depth": depth, "language": language}
 
 
-_generator: Generator | None = None
+SECTION_KIND = "lesson.section"
+
+_generator: Generator | Planner | None = None
 
 
-def get_generator() -> Generator:
+def get_generator() -> Generator | Planner:
     global _generator
     if _generator is None:
         spec = get_settings().lesson_generator
-        _generator = load_generator(spec) if spec else generate_lesson
+        _generator = load_generator(spec) if spec else template
     return _generator
+
+
+def _stored_payload(request_json: Any) -> dict[str, Any]:
+    try:
+        return validate_lesson_payload((request_json or {}).get("payload"))
+    except ValidationFailed as invalid:
+        raise PermanentJobError(
+            "invalid_payload", f"Stored payload is invalid: {invalid.errors}"
+        ) from invalid
+
+
+def _request(payload: dict[str, Any], *, job_id: uuid.UUID, user_id: str, attempt: int) -> LessonRequest:
+    return LessonRequest(
+        topic=payload["topic"],
+        details=payload["details"],
+        depth=payload["depth"],
+        language=payload["language"],
+        job_id=str(job_id),
+        user_id=user_id,
+        attempt=attempt,
+    )
 
 
 class LessonKind:
@@ -61,27 +102,17 @@ class LessonKind:
     def run(self, job: Job) -> Completion:
         if job.user_id is None:
             raise PermanentJobError("invalid_payload", "A lesson job needs an owner.")
-        try:
-            payload = validate_lesson_payload(job.request_json.get("payload"))
-        except ValidationFailed as invalid:
-            raise PermanentJobError(
-                "invalid_payload", f"Stored payload is invalid: {invalid.errors}"
-            ) from invalid
-        request = LessonRequest(
-            topic=payload["topic"],
-            details=payload["details"],
-            depth=payload["depth"],
-            language=payload["language"],
-            job_id=str(job.id),
-            user_id=job.user_id,
-            attempt=job.attempts,
-        )
-        title, content = check_generated(get_generator()(request))
+        payload = _stored_payload(job.request_json)
+        request = _request(payload, job_id=job.id, user_id=job.user_id, attempt=job.attempts)
+        generator = get_generator()
+        if plans(generator):
+            return self._plan(generator, request)
+        title, content = check_generated(cast(Generator, generator)(request))
         lesson_id = uuid.uuid4()
         result = {"lesson_id": str(lesson_id)}
 
-        def finish(conn: Connection, job_id: uuid.UUID, attempt: int) -> bool:
-            return complete_job_with_lesson(
+        def finish(conn: Connection, job_id: uuid.UUID, attempt: int) -> list[Job] | None:
+            won = complete_job_with_lesson(
                 conn,
                 job_id=job_id,
                 attempt=attempt,
@@ -91,5 +122,61 @@ class LessonKind:
                 title=title,
                 content=content,
             )
+            return [] if won else None
 
         return Completion(result=result, finish=finish)
+
+    def _plan(self, generator: Planner, request: LessonRequest) -> Completion:
+        plan = check_plan(generator.plan(request))
+        max_attempts = get_settings().job_max_attempts
+
+        def finish(conn: Connection, job_id: uuid.UUID, attempt: int) -> list[Job] | None:
+            return job_queries.start_sections(
+                conn,
+                job_id,
+                attempt=attempt,
+                plan=plan,
+                section_kind=SECTION_KIND,
+                max_attempts=max_attempts,
+            )
+
+        return Completion(result={"sections": len(plan["sections"])}, finish=finish, status=JobStatus.RUNNING)
+
+
+class SectionKind:
+    """One section of a planned lesson; created by the lesson job, never by users."""
+
+    kind = SECTION_KIND
+    user_creatable = False
+
+    def validate(self, payload: Any) -> dict[str, Any]:
+        raise ValidationFailed("Sections are created by their lesson job only.")
+
+    def run(self, job: Job) -> Completion:
+        if job.parent_id is None or job.section_index is None or job.user_id is None:
+            raise PermanentJobError("invalid_section", "A section needs its lesson job.")
+        with connection() as conn:
+            parent = job_queries.get_plan(conn, job.parent_id)
+        if parent is None or parent.plan is None:
+            raise PermanentJobError("invalid_section", "The lesson job of this section has no plan.")
+        generator = get_generator()
+        if not plans(generator):
+            raise PermanentJobError("generator_changed", "The configured generator no longer plans.")
+        index = job.section_index
+        request = _request(
+            _stored_payload(parent.request_json),
+            job_id=job.parent_id,
+            user_id=job.user_id,
+            attempt=job.attempts,
+        )
+        section = check_section(generator.write_section(request, parent.plan, index), index)
+
+        def finish(conn: Connection, job_id: uuid.UUID, attempt: int) -> list[Job] | None:
+            assert job.parent_id is not None
+            with conn.transaction():
+                if not job_queries.finish_section(conn, job, attempt=attempt, result=section):
+                    return None  # canceled, failed elsewhere, or a newer attempt: discarded
+                complete_parent_with_lesson(conn, job_id=job.parent_id, lesson_id=uuid.uuid4())
+            return []
+
+        return Completion(result={"section_index": index}, finish=finish)

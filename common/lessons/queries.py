@@ -91,3 +91,36 @@ def complete_job_with_lesson(
         },
     ).first()
     return row is not None
+
+
+# The fan-in. Run right after a section's `done` in the transaction that locked the parent (see
+# common.jobs.queries.finish_section), so it sees every section that finished before: the parent
+# becomes `done` and its lesson (the plan, its briefs replaced by the sections in plan order) is
+# stored in one statement, only if every section is done. Exactly one last finisher matches.
+_COMPLETE_PARENT_WITH_LESSON = Statement(
+    """
+    WITH done AS (
+        UPDATE jobs SET status = 'done',
+               result_json = jsonb_build_object('lesson_id', CAST(:lesson_id AS text)),
+               error_json = NULL, completed_at = now(), updated_at = now()
+         WHERE id = :id AND status = 'running' AND lease_expires_at IS NULL AND plan IS NOT NULL
+           AND NOT EXISTS (SELECT 1 FROM jobs s WHERE s.parent_id = jobs.id AND s.status <> 'done')
+        RETURNING id, user_id, request_json, plan
+    )
+    INSERT INTO lessons (id, user_id, job_id, topic, title, content)
+    SELECT CAST(:lesson_id AS uuid), user_id, id, request_json #>> '{payload,topic}', plan ->> 'title',
+           (plan - 'sections') || jsonb_build_object('sections',
+               (SELECT jsonb_agg(s.result_json ORDER BY s.section_index)
+                  FROM jobs s WHERE s.parent_id = done.id))
+      FROM done
+    RETURNING id
+    """,
+    prepare=True,
+)
+
+
+def complete_parent_with_lesson(conn: Connection, *, job_id: uuid.UUID, lesson_id: uuid.UUID) -> bool:
+    """True when this call stored the lesson (the last section); False while sections remain."""
+    return (
+        conn.execute(_COMPLETE_PARENT_WITH_LESSON, {"id": job_id, "lesson_id": lesson_id}).first() is not None
+    )

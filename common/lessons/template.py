@@ -1,7 +1,9 @@
 """The built-in lesson generator: a deterministic template generator, not a language model.
 
 It turns the request into a well-formed, structured lesson with no network access, so the whole
-pipeline runs offline. Replace it with DYLEN_LESSON_GENERATOR=module:callable (the contract: common.lessons.generation).
+pipeline runs offline. The module is a planner (`plan` and `write_section`, so each section is a job
+of its own); `generate_lesson` is the same lesson in one step. Replace it with
+DYLEN_LESSON_GENERATOR=module:attr (the contract: common.lessons.generation).
 """
 
 from __future__ import annotations
@@ -29,41 +31,23 @@ def _fmt(template: str, topic: str) -> str:
     return template.format(t=topic, T=topic[:1].upper() + topic[1:])
 
 
-def generate_lesson(request: LessonRequest) -> dict[str, Any]:
+def _seed(topic: str) -> int:
+    # Same request, same lesson: a stable seed rotates which angles and quiz answers appear.
+    return int(hashlib.sha256(topic.encode("utf-8")).hexdigest()[:8], 16)
+
+
+def plan(request: LessonRequest) -> dict[str, Any]:
+    """The lesson's outline: title, summary and one brief (heading, body) per section."""
     topic = request.topic
     count = SECTIONS_BY_DEPTH[request.depth]
-    # Same request, same lesson: a stable seed rotates which angles and quiz answers appear.
-    seed = int(hashlib.sha256(topic.encode("utf-8")).hexdigest()[:8], 16)
-    sections = []
+    seed = _seed(topic)
+    briefs = []
     for index in range(count):
         heading_t, body_t = _ANGLES[(seed + index) % len(_ANGLES)] if count < len(_ANGLES) else _ANGLES[index]
-        heading = _fmt(heading_t, topic)
         body = _fmt(body_t, topic)
         if request.details:
             body += f" With your focus in mind ({request.details}), look for how this applies."
-        options = [
-            f"It is central to {heading.lower()}",
-            "It is unrelated to the topic",
-            "It only matters in rare edge cases",
-        ]
-        answer = (seed + index) % len(options)
-        options[0], options[answer] = options[answer], options[0]
-        sections.append(
-            {
-                "heading": heading,
-                "body": body,
-                "key_points": [
-                    f"{heading}: the one idea to remember.",
-                    f"Connect it to what you already know about {topic}.",
-                    "Check yourself with the quiz below.",
-                ],
-                "quiz": {
-                    "question": f"Which statement best describes '{heading}'?",
-                    "options": options,
-                    "answer_index": answer,
-                },
-            }
-        )
+        briefs.append({"heading": _fmt(heading_t, topic), "body": body})
     return {
         "title": f"{_fmt('{T}', topic)}: {request.depth} lesson",
         "summary": f"A {count}-part {request.depth} lesson on {topic}"
@@ -71,5 +55,39 @@ def generate_lesson(request: LessonRequest) -> dict[str, Any]:
         "language": request.language,
         "depth": request.depth,
         "generator": "dylen-template-v1",
-        "sections": sections,
+        "sections": briefs,
     }
+
+
+def write_section(request: LessonRequest, plan: dict[str, Any], index: int) -> dict[str, Any]:
+    """Section `index` of `plan`: its brief, key points and a quiz."""
+    topic = request.topic
+    heading = plan["sections"][index]["heading"]
+    options = [
+        f"It is central to {heading.lower()}",
+        "It is unrelated to the topic",
+        "It only matters in rare edge cases",
+    ]
+    answer = (_seed(topic) + index) % len(options)
+    options[0], options[answer] = options[answer], options[0]
+    return {
+        "heading": heading,
+        "body": plan["sections"][index]["body"],
+        "key_points": [
+            f"{heading}: the one idea to remember.",
+            f"Connect it to what you already know about {topic}.",
+            "Check yourself with the quiz below.",
+        ],
+        "quiz": {
+            "question": f"Which statement best describes '{heading}'?",
+            "options": options,
+            "answer_index": answer,
+        },
+    }
+
+
+def generate_lesson(request: LessonRequest) -> dict[str, Any]:
+    """The same lesson in one step (the plain-callable form of the contract)."""
+    outline = plan(request)
+    sections = [write_section(request, outline, index) for index in range(len(outline["sections"]))]
+    return {**outline, "sections": sections}

@@ -346,7 +346,7 @@ def load_settings(
 
 def _check_combinations(s: Settings) -> None:
     if s.lesson_generator is not None and ":" not in s.lesson_generator:
-        raise ConfigError(f"DYLEN_LESSON_GENERATOR must be module:callable, got {s.lesson_generator!r}")
+        raise ConfigError(f"DYLEN_LESSON_GENERATOR must be module:attr, got {s.lesson_generator!r}")
     if s.cloud_sql_instance and s.cloud_sql_instance.count(":") != 2:
         raise ConfigError(
             f"DYLEN_CLOUD_SQL_INSTANCE must be project:region:instance, got {s.cloud_sql_instance!r}"

@@ -10,7 +10,8 @@ cold_start()
 
 
 def _get(call: Call) -> flask.Response:
-    return json_response(service.job_view(service.get_job(call.uid, call.path_id())))
+    job, progress = service.get_job(call.uid, call.path_id())
+    return json_response(service.job_view(job, progress))
 
 
 @functions_framework.http
