@@ -620,7 +620,7 @@ def render(results: dict[str, Any], command: str) -> str:
         lines.append(f"| {k} during the end-to-end run | {v:.0f} MB |")
     lines += [
         "",
-        "### 5. Database work per request (counted at the wire: pg8000 socket flushes)",
+        "### 5. Database work per request (counted at the wire: client turns through a loopback relay)",
         "",
         "| request | round trips | statements | transactions | target |",
         "|---|---|---|---|---|",
