@@ -174,3 +174,20 @@ def job_value(*, max_attempts: int = 5) -> Any:
         max_attempts=max_attempts,
         now=datetime.now(UTC),
     )
+
+
+def make_failed_job(
+    conn: sa.Connection, *, user_id: str, code: str = "generator_failed", topic: str = "Tides"
+) -> str:
+    """A lesson job that ended `error` (out of attempts) with `code`, finished now."""
+    job_id = make_job(
+        conn,
+        user_id=make_user(conn, user_id),
+        status="error",
+        attempts=3,
+        max_attempts=3,
+        payload={"topic": topic},
+        error={"code": code, "message": "the model said no", "attempt": 3},
+    )
+    conn.execute(sa.text("UPDATE jobs SET completed_at = now() WHERE id = :id"), {"id": job_id})
+    return job_id

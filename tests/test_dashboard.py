@@ -20,7 +20,7 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from tests.factories import job_row, make_job, make_lesson, make_user
+from tests.factories import job_row, make_failed_job, make_job, make_lesson, make_user
 from tests.support import FunctionServer, base_env, session
 from tests.tokens import CertServer, KeyPair
 
@@ -103,18 +103,7 @@ def _csrf(page: requests.Response) -> str:
 
 def _failed_job(db: sa.Engine, user: str, code: str = "generator_failed") -> str:
     with db.begin() as conn:
-        make_user(conn, user)
-        job_id = make_job(
-            conn,
-            user_id=user,
-            status="error",
-            attempts=3,
-            max_attempts=3,
-            payload={"topic": "Tides"},
-            error={"code": code, "message": "the model said no", "attempt": 3},
-        )
-        conn.execute(sa.text("UPDATE jobs SET completed_at = now() WHERE id = :id"), {"id": job_id})
-    return job_id
+        return make_failed_job(conn, user_id=user, code=code)
 
 
 # --- who gets in -----------------------------------------------------------------------------------

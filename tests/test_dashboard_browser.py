@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from tests.factories import job_row, make_job, make_user
+from tests.factories import job_row, make_failed_job
 from tests.support import ROOT, FunctionServer, Stack, base_env
 from tests.test_dev_gateway import CHROMIUM, CHROMIUM_ARGS
 
@@ -40,17 +40,7 @@ def test_overview_to_failure_to_retry_to_done(dashboard: str, db: sa.Engine) -> 
     code = f"browser_{uuid.uuid4().hex[:6]}"
     user = f"browser-{uuid.uuid4().hex[:8]}"
     with db.begin() as conn:
-        make_user(conn, user)
-        job_id = make_job(
-            conn,
-            user_id=user,
-            status="error",
-            attempts=3,
-            max_attempts=3,
-            payload={"topic": "Glaciers"},
-            error={"code": code, "message": "failed in the browser test", "attempt": 3},
-        )
-        conn.execute(sa.text("UPDATE jobs SET completed_at = now() WHERE id = :id"), {"id": job_id})
+        job_id = make_failed_job(conn, user_id=user, code=code, topic="Glaciers")
     SCREENSHOTS.mkdir(exist_ok=True)
     problems: list[str] = []
     with sync_playwright() as pw:
