@@ -173,6 +173,14 @@ class Gateway:
                 with contextlib.suppress(OSError):
                     self.connection.shutdown(socket.SHUT_RDWR)
 
+            def end_headers(self) -> None:
+                # Say so when this connection closes after the answer (the client asked, or we
+                # refuse more): an HTTP/1.1 client otherwise pools it and its next request meets
+                # the closed socket.
+                if self.close_connection:
+                    self.send_header("Connection", "close")
+                super().end_headers()
+
             def reply(self, status: int, body: bytes, content_type: str) -> None:
                 self.send_response(status)
                 self.send_header("Content-Type", content_type)

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 
 from tests.support import ROOT, session
 
@@ -275,3 +276,18 @@ def test_the_dashboard_is_served_under_its_name_with_relative_links(gateway: str
     assert page.status_code == 200 and "Overview" in page.text and "dev-operator@localhost" in page.text
     assert 'href="jobs"' in page.text  # relative: the same pages work at / behind the gcloud proxy
     assert http.get(gateway + "/dashboard/jobs", timeout=10).status_code == 200
+
+
+def test_a_client_that_asks_to_close_is_told_so_and_never_meets_a_closed_connection(gateway: str) -> None:
+    # Given an HTTP/1.1 client that pools connections and asks the gateway to close each one
+    http = requests.Session()
+    http.trust_env = False
+    http.headers["Connection"] = "close"
+    # When it sends many requests in a row, to a function and to the gateway's own pages
+    answers = [
+        http.get(gateway + ("/list_lessons" if i % 2 else "/"), headers={"X-Dylen-User": "c"}, timeout=10)
+        for i in range(100)
+    ]
+    # Then every answer says the connection closes, so none is reused after the gateway closed it
+    assert {a.status_code for a in answers} == {200}
+    assert {a.headers.get("Connection") for a in answers} == {"close"}

@@ -24,7 +24,7 @@ import sqlalchemy as sa
 
 from common.platform.db import PING_AFTER_IDLE_SECONDS
 from tests.faults import FreezableProxy, kill_all, rescue, start_stack, wait_until
-from tests.support import ROOT, TASK_SECRET, FunctionServer, Stack, base_env, lesson_body
+from tests.support import ROOT, TASK_SECRET, FunctionServer, Stack, base_env, lesson_body, session
 
 PROBLEM = "application/problem+json"
 ALL = ("create_job", "get_job", "get_lesson", "list_lessons", "rescue_jobs")
@@ -150,8 +150,7 @@ def test_a_database_restart_during_a_stream_of_creates_loses_nothing(
     stop = threading.Event()
 
     def produce(worker: int) -> None:
-        http = requests.Session()
-        http.trust_env = False
+        http = session()
         user = f"stream-{worker}-{uuid.uuid4().hex[:6]}"
         deadline = time.monotonic() + 60  # bound even if the test body fails to set `stop`
         while not stop.is_set() and time.monotonic() < deadline:
@@ -275,8 +274,7 @@ def test_a_database_that_stops_answering_on_open_connections_gives_503_not_a_han
     url = sa.engine.make_url(own_db_url).set(port=proxy.port).render_as_string(hide_password=False)
     env = base_env(url, DYLEN_DB_CONNECT_TIMEOUT_SECONDS="1", DYLEN_DB_READ_TIMEOUT_SECONDS=read_timeout)
     server = FunctionServer("get_job", env, logs_dir).start()
-    http = requests.Session()
-    http.trust_env = False
+    http = session()
     try:
         for _ in range(3):
             assert (

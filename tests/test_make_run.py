@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.support import ROOT, free_port
+from tests.support import ROOT, free_port, session
 
 
 def test_runner_serves_a_job_to_done_and_stops_cleanly() -> None:
@@ -61,8 +61,7 @@ def test_runner_serves_a_job_to_done_and_stops_cleanly() -> None:
         created = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=30)
         job_id = re.search(r'"job_id":"([0-9a-f-]+)"', created.stdout)
         assert job_id, created.stdout + created.stderr
-        http = requests.Session()
-        http.trust_env = False
+        http = session()
         status = None
         # The product promise is "done within two seconds" (measured in bench/RESULTS.md); the bound
         # here is looser because CI machines are shared and a timed assertion would flake.
@@ -128,8 +127,7 @@ def test_one_function_runs_under_a_bare_functions_framework_without_pythonpath(d
         start_new_session=True,
     )
     try:
-        http = requests.Session()
-        http.trust_env = False
+        http = session()
         deadline = time.monotonic() + 30
         while True:
             assert proc.poll() is None, proc.communicate()[0].decode(errors="replace")[-3000:]
