@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from common.jobs.queries import job_usage
+from common.jobs.queries import job_usages
 from common.jobs.service import usage_view
 from common.lessons.kind import LessonKind
 from common.platform.db import Connection, Statement
@@ -167,10 +167,10 @@ def users(conn: Connection, *, user_id: str | None, limit: int) -> list[Any]:
 
 def quota_usage(conn: Connection, user_ids: list[str]) -> dict[str, dict[str, Any]]:
     """Per user: today's and active lesson jobs against the tier's quotas, for the Users page, from
-    the same usage function create_job's limits use (one indexed probe per user on the page)."""
+    the same usage function create_job's limits use (one statement for the whole page)."""
     usage = {}
-    for user_id in user_ids:
-        view = usage_view(job_usage(conn, user_id=user_id, job_kind=LessonKind.kind))
+    for user_id, counted in job_usages(conn, user_ids=user_ids, job_kind=LessonKind.kind).items():
+        view = usage_view(counted)
         usage[user_id] = {
             "daily_used": view["daily"]["used"],
             "daily_limit": view["daily"]["limit"],

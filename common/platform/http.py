@@ -314,7 +314,9 @@ def serve(
 
 def _log_refused_task(function: str, refused: DylenError) -> None:
     # Cloud Tasks and the emulator retry a refused task for a long time: say why, not every time.
-    held = _refusals.allow(f"{function}:{refused.status}:{refused.detail}")
+    # Keyed by function and status only: a detail can echo the caller's token, and per-detail keys
+    # would let a caller grow the table without bound.
+    held = _refusals.allow(f"{function}:{refused.status}")
     if held is not None:
         logger.warning(
             "Task request refused",
