@@ -351,7 +351,7 @@ def main() -> int:
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []
     sockets: dict[str, socket.socket] = {}
 
-    def shutdown() -> None:
+    def shutdown(grace: float = 10.0) -> None:
         if gateway is not None:
             gateway.stop()
         for sock in sockets.values():
@@ -360,7 +360,7 @@ def main() -> int:
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(signal.SIGINT)  # gunicorn's quick shutdown
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + grace
         for _name, proc in procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
@@ -430,7 +430,9 @@ def main() -> int:
         started.set()
     except Interrupted as signal_name:
         print(f"\n{signal_name} during start-up: stopping what was started ...", flush=True)
-        shutdown()
+        # Nothing was served yet, so nothing to finish: a function that is still booting when the
+        # signal lands may miss its quick shutdown, and waiting the full grace for it helps no one.
+        shutdown(grace=1.0)
         print("Stopped.", flush=True)
         return 130
     except BaseException:
