@@ -281,3 +281,21 @@ def section_calls(calls_dir: Path, job_id: str) -> list[int]:
     return [
         int(line.split()[1]) for line in generator_calls(calls_dir, job_id) if line.startswith("section ")
     ]
+
+
+# A lesson's sections are jobs of the same user (parent_id set), written when it fans out: a count
+# of "the user's jobs" taken while jobs run must leave them out, or it depends on timing.
+_TOP_LEVEL_JOBS_BY_STATUS = sa.text(
+    "SELECT status, count(*) FROM jobs WHERE user_id = :u AND parent_id IS NULL GROUP BY status"
+)
+
+
+def user_jobs_by_status(db: sa.Engine, user: str) -> dict[str, int]:
+    """The user's own (top-level) jobs per status; sections are counted under their lesson."""
+    with db.connect() as conn:
+        return {status: int(n) for status, n in conn.execute(_TOP_LEVEL_JOBS_BY_STATUS, {"u": user})}
+
+
+def count_user_jobs(db: sa.Engine, user: str) -> int:
+    """How many jobs the user created (top-level: a lesson's sections are not the user's jobs)."""
+    return sum(user_jobs_by_status(db, user).values())

@@ -23,7 +23,6 @@ from typing import Any
 
 import pytest
 import requests
-import sqlalchemy as sa
 from google.auth import jwt
 
 from common.platform.auth import FETCH_TIMEOUT_SECONDS
@@ -32,6 +31,7 @@ from tests.support import (
     Stack,
     StackFactory,
     base_env,
+    count_user_jobs,
     lesson_body,
     migrated_database,
     session,
@@ -252,8 +252,7 @@ def test_firebase_claims_of_the_wrong_type_are_401(
     assert response.status_code == 401, response.text
     assert response.headers["Content-Type"] == "application/problem+json"
     assert hint in response.json()["detail"], response.json()
-    with db.connect() as conn:
-        assert conn.execute(sa.text("SELECT count(*) FROM jobs WHERE user_id = :u"), {"u": uid}).scalar() == 0
+    assert count_user_jobs(db, uid) == 0
 
 
 @pytest.mark.parametrize("verified", ["false", "true", 1, None])

@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from tests.support import TASK_SECRET, Stack, lesson_body
+from tests.support import TASK_SECRET, Stack, count_user_jobs, lesson_body
 
 PROBLEM = "application/problem+json"
 
@@ -184,13 +184,8 @@ def test_all_field_problems_are_reported_at_once(stack: Stack, user: str) -> Non
 
 
 def test_invalid_requests_store_nothing(stack: Stack, user: str, db) -> None:
-    import sqlalchemy as sa
-
     stack.create(user, {"job_kind": "lesson", "idempotency_key": "k", "payload": {}})
-    with db.connect() as conn:
-        assert (
-            conn.execute(sa.text("SELECT count(*) FROM jobs WHERE user_id = :u"), {"u": user}).scalar() == 0
-        )
+    assert count_user_jobs(db, user) == 0
 
 
 def test_wrong_method_is_405_with_allow(stack: Stack, user: str) -> None:

@@ -26,7 +26,7 @@ from common.jobs.service import parse_create_request
 from common.lessons.generation import DEPTHS
 from common.lessons.kind import validate_lesson_payload
 from common.platform.errors import ValidationFailed
-from tests.support import TASK_SECRET, USER_FUNCTIONS, FunctionServer, Stack, lesson_body
+from tests.support import TASK_SECRET, USER_FUNCTIONS, FunctionServer, Stack, count_user_jobs, lesson_body
 
 PROBLEM = "application/problem+json"
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -248,13 +248,6 @@ def _cursor(value: Any) -> str:
     return _b64(json.dumps(value).encode())
 
 
-def _jobs_of(db: sa.Engine, user: str) -> int:
-    with db.connect() as conn:
-        return int(
-            conn.execute(sa.text("SELECT count(*) FROM jobs WHERE user_id = :u"), {"u": user}).scalar_one()
-        )
-
-
 def _assert_problem(response: requests.Response, status: int) -> dict[str, Any]:
     assert response.status_code == status, response.text[:300]
     assert response.headers["Content-Type"] == PROBLEM
@@ -327,7 +320,7 @@ def test_text_postgresql_cannot_store_is_422_naming_the_field_and_nothing_is_wri
     problem = _assert_problem(response, 422)
     assert [e["field"] for e in problem["errors"]] == [field]
     assert message in problem["errors"][0]["message"]
-    assert _jobs_of(db, user) == 0
+    assert count_user_jobs(db, user) == 0
 
 
 @pytest.mark.parametrize(
@@ -356,7 +349,7 @@ def test_a_bad_field_name_is_echoed_escaped_in_a_422_problem(
     )
     problem = _assert_problem(response, 422)
     assert field in [e["field"] for e in problem["errors"]], problem
-    assert _jobs_of(db, user) == 0
+    assert count_user_jobs(db, user) == 0
 
 
 def test_a_lone_surrogate_in_a_task_body_is_422(stack: Stack) -> None:
@@ -467,7 +460,7 @@ def test_a_small_chunked_body_is_still_served(stack: Stack, db: sa.Engine, user:
         timeout=30,
     )
     assert response.status_code == 202, response.text
-    assert _jobs_of(db, user) == 1
+    assert count_user_jobs(db, user) == 1
 
 
 # --- property: arbitrary Unicode in every string field, header and cursor: never a 5xx --------------

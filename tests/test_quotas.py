@@ -21,7 +21,15 @@ import requests
 import sqlalchemy as sa
 
 from tests.factories import make_user
-from tests.support import ROOT, FunctionServer, Stack, StackFactory, lesson_body, session
+from tests.support import (
+    ROOT,
+    FunctionServer,
+    Stack,
+    StackFactory,
+    lesson_body,
+    session,
+    user_jobs_by_status,
+)
 
 DAILY = "free=10,starter=50,plus=200,pro=500"  # the defaults
 ACTIVE = "free=2,starter=5,plus=10,pro=20"  # the defaults
@@ -54,14 +62,6 @@ def second_create_job(daily_stack: Stack, logs_dir: Path) -> Iterator[FunctionSe
 
 def key() -> str:
     return uuid.uuid4().hex
-
-
-def jobs_of(db: sa.Engine, user: str) -> dict[str, int]:
-    with db.connect() as conn:
-        rows = conn.execute(
-            sa.text("SELECT status, count(*) FROM jobs WHERE user_id = :u GROUP BY status"), {"u": user}
-        )
-        return {status: n for status, n in rows}
 
 
 def set_status(db: sa.Engine, job_id: str, status: str) -> None:
@@ -118,7 +118,7 @@ def test_the_tenth_is_accepted_the_eleventh_is_429_until_utc_midnight(
     after = seconds_to_utc_midnight()
     assert_limited(refused, slug="quota-exceeded", limit=10, used=10, tier="free")
     assert after - 2 <= int(refused.headers["Retry-After"]) <= before + 2
-    assert jobs_of(db, user) == {"queued": 10}  # nothing written
+    assert user_jobs_by_status(db, user) == {"queued": 10}  # nothing written
 
     # A replay of a key after the quota is spent is the same job, not a 429.
     again = daily_stack.create(user, lesson_body(key="first"))
@@ -234,7 +234,7 @@ def test_fifty_parallel_creates_accept_exactly_the_quota_left(
     assert daily_stack.create(user, lesson_body(key="spent")).status_code == 202  # 9 left
     codes = [r.status_code for r in parallel_creates([daily_stack.url("create_job")], user, 50)]
     assert (codes.count(202), codes.count(429)) == (9, 41), codes
-    assert jobs_of(db, user) == {"queued": 10}
+    assert user_jobs_by_status(db, user) == {"queued": 10}
 
 
 def test_fifty_parallel_creates_over_two_processes(
@@ -245,7 +245,7 @@ def test_fifty_parallel_creates_over_two_processes(
     assert (codes.count(202), codes.count(429)) == (10, 40), codes
     codes = [r.status_code for r in parallel_creates(urls, user, 50)]  # spent: nothing written
     assert codes.count(429) == 50
-    assert jobs_of(db, user) == {"queued": 10}
+    assert user_jobs_by_status(db, user) == {"queued": 10}
 
 
 def test_fifty_parallel_creates_respect_the_active_limit(
@@ -257,7 +257,7 @@ def test_fifty_parallel_creates_respect_the_active_limit(
         assert len(accepted) == 2 and sum(r.status_code == 429 for r in responses) == 48
         for job_id in accepted:  # both finish: two more may start
             set_status(db, job_id, "done")
-    assert jobs_of(db, user) == {"done": 4}
+    assert user_jobs_by_status(db, user) == {"done": 4}
 
 
 # --- in process: the injected clock, and what is never limited --------------------------------------
