@@ -12,13 +12,15 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from common.jobs import ops, queries
+from common.accounts import tiers, users
+from common.accounts.settings import tier_settings
+from common.accounts.tiers import usage_view
+from common.jobs import ops
 from common.jobs.ops import STATUSES
-from common.jobs.service import usage_view
 from common.lessons.archive import algorithm as archive
 from common.lessons.kind import LessonKind
-from common.platform.config import for_tools, get_settings
-from common.platform.db import connection
+from common.platform.config import for_tools
+from common.platform.db import connection, named_errors
 from common.platform.errors import DylenError, ValidationFailed
 from common.platform.log import logger
 
@@ -34,30 +36,30 @@ def migrate(revision: str = "head") -> None:
 
 
 def set_tier(args: argparse.Namespace) -> int:
-    limit = ops.set_tier(args.uid, args.tier)  # the dashboard's "set tier" runs the same
+    with named_errors():  # the dashboard's "set tier" runs the same
+        limit = tiers.set_tier(args.uid, args.tier)
     print(f"{args.uid}: tier {args.tier} (keeps the newest {limit} lessons)")
     return 0
 
 
 def show_user(args: argparse.Namespace) -> int:
-    with connection() as conn:
-        usage = queries.job_usage(conn, user_id=args.uid, job_kind=LessonKind.kind)
+    with named_errors(), connection() as conn:
+        usage = users.usage(conn, user_id=args.uid, job_kind=LessonKind.kind)
     if usage.tier is None:
         print(f"error: no user {args.uid!r} (users appear on their first request)", file=sys.stderr)
         return 1
     view = usage_view(usage)
-    history = get_settings().tier_history_limits
     daily, active = view["daily"], view["active"]
     print(f"user     {args.uid}")
     print(f"tier     {view['tier']}")
-    print(f"history  keeps the newest {history.get(view['tier'], history['free'])} lessons")
+    print(f"history  keeps the newest {tiers.history_limit(view['tier'])} lessons")
     print(f"daily    {daily['used']} of {daily['limit']} lesson jobs (resets {daily['resets_at']})")
     print(f"active   {active['used']} of {active['limit']} lesson jobs queued or running")
     return 0
 
 
 def archive_lessons(args: argparse.Namespace) -> int:
-    limits = get_settings().tier_history_limits
+    limits = tier_settings().history_limits
     if args.dry_run:
         rows = archive.preview(limits)
         print(f"{'tier':<12} {'limit':>6} {'users over':>11} {'lessons to archive':>19}")
@@ -252,19 +254,7 @@ def _confirm(prompt: str) -> bool:
 def _ago(value: datetime | None) -> str:
     if value is None:
         return "-"
-    return _duration((datetime.now(UTC) - value).total_seconds())
-
-
-def _duration(seconds: float) -> str:
-    seconds = max(0.0, seconds)
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            major, rest = divmod(int(seconds), size)
-            minor = {"d": (rest // 3600, "h"), "h": (rest // 60, "m"), "m": (rest, "s")}[unit]
-            return f"{major}{unit}{minor[0]}{minor[1]}"
-    return f"{seconds:.0f}s"
+    return ops.format_duration((datetime.now(UTC) - value).total_seconds())
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -315,7 +305,7 @@ def _job_text(detail: dict[str, Any]) -> str:
     ]
     if detail["started_at"] and detail["completed_at"]:
         took = datetime.fromisoformat(detail["completed_at"]) - datetime.fromisoformat(detail["started_at"])
-        lines.append(("took", _duration(took.total_seconds())))
+        lines.append(("took", ops.format_duration(took.total_seconds())))
     text = "\n".join(f"{k:<12}{v}" for k, v in lines)
     if "parent_id" in detail:
         text += f"\n{'section':<12}{detail['section_index']} of job {detail['parent_id']}"
@@ -350,7 +340,7 @@ def _stats_text(summary: dict[str, Any]) -> str:
     out.append(
         "oldest queued: -"
         if oldest is None
-        else f"oldest queued: {_duration(oldest['age_seconds'])} ({oldest['job_kind']} {oldest['job_id']})"
+        else f"oldest queued: {ops.format_duration(oldest['age_seconds'])} ({oldest['job_kind']} {oldest['job_id']})"
     )
     hour = summary["last_hour"]
     finished = hour["done"] + hour["error"]

@@ -24,7 +24,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from common.jobs import queries
+from common.jobs import queries, transitions
+from common.jobs.model import Job
 from common.platform import db as common_db
 from common.platform.config import load_settings
 from tests.support import base_env
@@ -181,7 +182,7 @@ class Run:
 
     def hot_statements(self, conn: common_db.Connection, tag: str) -> None:
         user = f"iso-{tag}"
-        job = queries.insert_job(
+        job = transitions.create(
             conn,
             user_id=user,
             job_kind="lesson",
@@ -189,7 +190,7 @@ class Run:
             request_json={"tag": tag},
             max_attempts=3,
         )
-        assert job is not None
+        assert isinstance(job, Job)
         fetched = queries.get_job(conn, job.id)
         self.check(
             "get_job",
@@ -198,7 +199,7 @@ class Run:
         )
         found = queries.find_job_by_key(conn, user_id=user, job_kind="lesson", idempotency_key=tag)
         self.check("find_job_by_key", job.id, found and found.id)
-        claim = queries.claim_job(conn, job.id, lease_seconds=60)
+        claim = transitions.claim(conn, job.id, lease_seconds=60)
         self.check(
             "claim_job",
             (True, job.id, tag),

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from common.jobs.settings import job_settings
 from common.platform.config import load_settings
 from tests.support import ROOT, FunctionServer, base_env, lesson_body, session, stop_all
 
@@ -141,7 +142,8 @@ def test_dry_run_env_vars_are_a_valid_production_configuration(dry_run: dict[str
     assert env["DYLEN_TIER_HISTORY_LIMITS"] == "free=3,pro=80"  # commas survive the ^|^ delimiter
     # The same guards that run at cold start accept what deploy.sh sets.
     settings = load_settings({**env, "DYLEN_ENV_FILE": os.devnull})
-    assert settings.job_max_attempts == 7 and settings.job_timeout_seconds == 900
+    jobs = job_settings.load({**env, "DYLEN_ENV_FILE": os.devnull})
+    assert jobs.max_attempts == 7 and jobs.timeout_seconds == 900
     assert settings.cloud_sql_instance == INSTANCE and settings.db_iam_auth
     assert settings.db_user == f"dylen-runtime@{PROJECT}.iam"
     assert settings.auth_mode == "firebase" and settings.firebase_project_id == PROJECT

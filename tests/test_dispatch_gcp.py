@@ -30,6 +30,7 @@ from common.jobs.dispatch import dispatch_job
 from common.jobs.dispatch.base import task_name_for
 from common.jobs.dispatch.cloud_tasks import CloudTasksDispatcher, build_client, dispatch_deadline_seconds
 from common.jobs.model import JOB_COLUMNS, Job
+from common.jobs.settings import job_settings
 from common.platform.config import Settings, load_settings
 from tests.factories import job_value
 from tests.support import TASK_SECRET, StackFactory, free_port, lesson_body
@@ -166,7 +167,9 @@ def test_dispatch_deadline_is_the_job_timeout_clamped_to_cloud_tasks_limits(
         DYLEN_TASKS_OIDC_AUDIENCE="https://process-job.example.test",
     )
     job = _job()
-    CloudTasksDispatcher(settings).dispatch(job)
+    CloudTasksDispatcher(settings, job_settings.load({"DYLEN_JOB_TIMEOUT_SECONDS": str(timeout)})).dispatch(
+        job
+    )
     (task,) = _tasks(client, queue)
     assert task.dispatch_deadline.total_seconds() == deadline
     assert task.http_request.oidc_token.audience == "https://process-job.example.test"
@@ -244,7 +247,7 @@ def test_already_exists_counts_as_dispatched_other_errors_do_not(
     stand_in = _StandIn(code)
     try:
         settings = _settings(stand_in.host)
-        monkeypatch.setattr(dispatch, "_dispatcher", CloudTasksDispatcher(settings))
+        monkeypatch.setattr(dispatch, "_dispatcher", CloudTasksDispatcher(settings, job_settings.load({})))
         job = _job()
         failures: list[str] = []
         handler = _Capture(failures)
@@ -297,7 +300,9 @@ def test_a_queue_that_accepts_but_never_answers_costs_at_most_the_create_task_ti
         silent.listen()
         host = f"127.0.0.1:{silent.getsockname()[1]}"
         monkeypatch.setattr(dispatch_gcp, "CREATE_TASK_TIMEOUT_SECONDS", 0.5)
-        monkeypatch.setattr(dispatch, "_dispatcher", CloudTasksDispatcher(_settings(host)))
+        monkeypatch.setattr(
+            dispatch, "_dispatcher", CloudTasksDispatcher(_settings(host), job_settings.load({}))
+        )
         failures: list[str] = []
         handler = _Capture(failures)
         dispatch.logger.addHandler(handler)

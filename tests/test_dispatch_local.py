@@ -11,6 +11,7 @@ from typing import Any
 from common.jobs.dispatch.base import backoff_seconds, task_name_for
 from common.jobs.dispatch.local_http import LocalHttpDispatcher
 from common.jobs.model import Job
+from common.jobs.settings import job_settings
 from common.platform.config import load_settings
 from tests.factories import job_value
 from tests.support import StackFactory, lesson_body
@@ -65,17 +66,15 @@ def _job(max_attempts: int = 5) -> Job:
 
 
 def _dispatcher(url: str, **env: str) -> LocalHttpDispatcher:
-    settings = load_settings(
-        {
-            "DYLEN_AUTH_MODE": "dev",
-            "DYLEN_PROCESS_JOB_URL": url,
-            "DYLEN_TASK_SECRET": "shh",
-            "DYLEN_LOCAL_DISPATCH_MIN_BACKOFF_SECONDS": "0.05",
-            "DYLEN_LOCAL_DISPATCH_MAX_BACKOFF_SECONDS": "0.4",
-            **env,
-        }
-    )
-    return LocalHttpDispatcher(settings)
+    environment = {
+        "DYLEN_AUTH_MODE": "dev",
+        "DYLEN_PROCESS_JOB_URL": url,
+        "DYLEN_TASK_SECRET": "shh",
+        "DYLEN_LOCAL_DISPATCH_MIN_BACKOFF_SECONDS": "0.05",
+        "DYLEN_LOCAL_DISPATCH_MAX_BACKOFF_SECONDS": "0.4",
+        **env,
+    }
+    return LocalHttpDispatcher(load_settings(environment), job_settings.load(environment))
 
 
 def test_backoff_doubles_and_is_capped() -> None:

@@ -1,15 +1,36 @@
-"""The layout's rules, read from the source: three layers that import one way (platform <- jobs <-
-lessons <- functions and CLI), no import circle in common/ (function-level imports included), and a
-function-level import only where a heavy module loads lazily on purpose, said in a comment."""
+"""The layout's rules, read from the source: layers that import one way (platform <- jobs <- accounts
+<- lessons <- functions, CLI and dashboard), no import circle in common/ (function-level imports
+included), a function-level import only where a heavy module loads lazily on purpose, said in a
+comment; and the same rules for the SQL: each table has one owning package, only that package
+writes it (only the job layer's transitions module writes `jobs`), and no layer reads a table of a
+layer above it."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 from tests.support import ROOT
 
-LAYERS = {"common.platform": 0, "common.jobs": 1, "common.lessons": 2, "common.cli": 3, "common.dashboard": 3}
+LAYERS = {
+    "common.platform": 0,
+    "common.jobs": 1,
+    "common.accounts": 2,
+    "common.lessons": 3,
+    "common.cli": 4,
+    "common.dashboard": 4,
+}
+# Every table of the schema, and the package that owns it (the only one that writes it).
+OWNERS = {
+    "jobs": "common.jobs",
+    "users": "common.accounts",
+    "lessons": "common.lessons",
+    "job_done_totals": "common.dashboard",
+    "job_done_mark": "common.dashboard",
+    "dashboard_secret": "common.dashboard",
+}
+TRANSITIONS = "common.jobs.transitions"
 
 
 def _module_name(path: Path) -> str:
@@ -109,6 +130,8 @@ def test_the_tree_says_where_things_live() -> None:
         "common/platform/db/migrate.py",
         "common/jobs/model.py",
         "common/jobs/queries.py",
+        "common/jobs/transitions.py",
+        "common/accounts/tiers.py",
         "common/jobs/kinds.py",
         "common/jobs/dispatch/cloud_tasks.py",
         "common/jobs/dispatch/local_http.py",
@@ -116,6 +139,90 @@ def test_the_tree_says_where_things_live() -> None:
         "common/lessons/archive/queries.py",
     ]
     assert [p for p in expected if not (ROOT / p).is_file()] == []
-    assert "_CLAIM" in (ROOT / "common/jobs/queries.py").read_text()
+    assert "_CLAIM" in (ROOT / "common/jobs/transitions.py").read_text()
     assert "class LessonRequest" in (ROOT / "common/lessons/generation.py").read_text()
     assert "CloudTasksClient" in (ROOT / "common/jobs/dispatch/cloud_tasks.py").read_text()
+
+
+# --- the SQL --------------------------------------------------------------------------------------
+
+_WRITE = re.compile(r"\b(?:UPDATE|INSERT INTO|DELETE FROM)\s+(\w+)")
+_READ = re.compile(r"\b(?:FROM|JOIN)\s+(\w+)")
+
+
+def _sql_texts(path: Path) -> list[tuple[int, str]]:
+    """(line, text) of every string literal of a module, f-strings' literal parts joined; SQL
+    keywords are upper case in this code base, prose is not."""
+    texts = []
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    in_fstrings = {id(v) for n in ast.walk(tree) if isinstance(n, ast.JoinedStr) for v in n.values}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in in_fstrings:
+            texts.append((node.lineno, node.value))
+        elif isinstance(node, ast.JoinedStr):
+            parts = [v.value for v in node.values if isinstance(v, ast.Constant) and isinstance(v.value, str)]
+            texts.append((node.lineno, " ? ".join(parts)))
+    return [(line, " ".join(text.split())) for line, text in texts]
+
+
+def _statements() -> list[tuple[str, int, str, str]]:
+    """(module, line, "write" | "read", table) for each table a module's SQL names."""
+    found = []
+    for name, path in _modules().items():
+        texts = _sql_texts(path)
+        beside = path.with_suffix(".sql")  # a module's SQL may live in a file beside it
+        if beside.is_file():
+            texts += list(enumerate(beside.read_text(encoding="utf-8").splitlines(), start=1))
+        for line, text in texts:
+            found += [(name, line, "write", t) for t in _WRITE.findall(text) if t in OWNERS]
+            found += [(name, line, "read", t) for t in _READ.findall(text) if t in OWNERS]
+    return found
+
+
+def _owner(module: str) -> str:
+    return next(prefix for prefix in LAYERS if module == prefix or module.startswith(prefix + "."))
+
+
+def test_every_sql_file_belongs_to_a_module() -> None:
+    assert [p for p in (ROOT / "common").rglob("*.sql") if not p.with_suffix(".py").is_file()] == []
+
+
+def test_every_table_of_the_schema_has_an_owner() -> None:
+    created = set()
+    for path in (ROOT / "migrations" / "versions").glob("*.py"):
+        created |= set(re.findall(r"CREATE TABLE (\w+)", path.read_text(encoding="utf-8")))
+    assert created == set(OWNERS)
+
+
+def test_only_the_transitions_module_writes_jobs_and_each_table_only_its_owner() -> None:
+    writes = [(m, line, t) for m, line, how, t in _statements() if how == "write"]
+    assert any(m == TRANSITIONS and t == "jobs" for m, _, t in writes)  # the rule reads real SQL
+    wrong = [
+        f"{m}:{line} writes {t}"
+        for m, line, t in writes
+        if (t == "jobs" and m != TRANSITIONS) or _owner(m) != OWNERS[t]
+    ]
+    assert wrong == []
+
+
+def test_no_layer_reads_a_table_of_a_layer_above_it() -> None:
+    reads = [(m, line, t) for m, line, how, t in _statements() if how == "read"]
+    assert any(t == "lessons" for _, _, t in reads)
+    upward = [
+        f"{m}:{line} reads {t} (owned by {OWNERS[t]})"
+        for m, line, t in reads
+        if LAYERS[OWNERS[t]] > LAYERS[_owner(m)]
+    ]
+    assert upward == []
+
+
+def test_the_sql_rules_catch_a_violation(tmp_path: Path) -> None:
+    """The detector itself: the leak the job-life issue found (the job layer reading lessons, the
+    lesson layer writing jobs) is seen."""
+    bad = tmp_path / "bad.py"
+    bad.write_text(
+        'A = "SELECT EXISTS (SELECT 1 FROM lessons WHERE job_id = :id)"\n'
+        "B = f'UPDATE jobs SET status = {1} WHERE id = :id'\n"
+    )
+    texts = " ".join(text for _, text in _sql_texts(bad))
+    assert _READ.findall(texts) == ["lessons"] and _WRITE.findall(texts) == ["jobs"]

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
-from common.lessons.service import decode_cursor, encode_cursor
+from common.platform.cursor import decode_cursor, encode_cursor
 from tests.factories import make_lesson, make_user
 from tests.support import Stack
 

@@ -6,7 +6,6 @@ Jobs stay `queued` (auto-process off) unless a test moves them, so what counts i
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import uuid
@@ -276,40 +275,39 @@ def in_process(app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Iter
 
 
 def test_the_daily_quota_resets_at_utc_midnight(app_env: dict[str, str], user: str) -> None:
-    from common.jobs import queries
+    from common.accounts import users
+    from common.accounts.tiers import TIER_ADMISSION
+    from common.jobs import transitions
     from common.jobs.model import Job
-    from common.jobs.service import limit_error
-    from common.platform.config import load_settings
     from common.platform.db import connection
 
-    settings = load_settings(os.environ)
     late = datetime(2031, 3, 4, 23, 59, 58, 500000, tzinfo=UTC)
 
     def insert(k: str, now: datetime) -> Any:
         with connection() as conn:
-            return queries.insert_limited_job(
+            return transitions.create(
                 conn, user_id=user, job_kind="lesson", idempotency_key=k,
                 request_json={"job_kind": "lesson", "payload": {"topic": k}}, max_attempts=3,
-                daily_limits={"free": 2}, active_limits={"free": 100}, now=now,
+                limits=transitions.Limits(daily={"free": 2}, active={"free": 100}), now=now,
             )  # fmt: skip
 
     assert insert("a", late).created_at == late
     assert insert("b", late + timedelta(seconds=1)) is not None
     refused = insert("c", late + timedelta(seconds=1))
-    assert isinstance(refused, queries.Refused)
+    assert isinstance(refused, transitions.Refused)
     assert (refused.outcome, refused.limit, refused.used) == ("quota-exceeded", 2, 2)
     assert refused.resets_at == datetime(2031, 3, 5, tzinfo=UTC)
-    assert limit_error(refused, settings).headers["Retry-After"] == "1"  # 0.5 s, rounded up
+    assert TIER_ADMISSION.refusal(refused).headers["Retry-After"] == "1"  # 0.5 s, rounded up
     next_day = datetime(2031, 3, 5, 0, 0, 0, 1, tzinfo=UTC)
     assert isinstance(insert("c", next_day), Job)
     with connection() as conn:
-        usage = queries.job_usage(conn, user_id=user, job_kind="lesson", now=next_day)
+        usage = users.usage(conn, user_id=user, job_kind="lesson", now=next_day)
     assert (usage.daily_used, usage.active_used) == (1, 3)
 
 
 def test_maintenance_jobs_are_not_limited(in_process: None, user: str) -> None:
+    from common.accounts.tiers import TooManyActiveJobs
     from common.jobs import service
-    from common.platform.errors import TooManyActiveJobs
 
     with pytest.raises(TooManyActiveJobs):
         service.create_job(user, lesson_body(key=key()))

@@ -23,15 +23,17 @@ from urllib.parse import urlencode
 import flask
 import jinja2
 
+from common.accounts import tiers
+from common.accounts.settings import tier_settings
 from common.dashboard import queries
 from common.jobs import ops
 from common.jobs import queries as job_queries
 from common.jobs.model import RETRYABLE_STATUSES, Job
-from common.lessons.service import decode_cursor, encode_cursor
-from common.platform.config import get_settings
-from common.platform.db import connection
+from common.platform.cursor import decode_cursor, encode_cursor
+from common.platform.db import connection, named_errors
 from common.platform.errors import DylenError, Forbidden, MalformedRequest, NotFound
 from common.platform.http import Call, problem_response, serve
+from common.platform.validation import parse_id
 
 HERE = Path(__file__).resolve().parent
 PAGE_SIZE = 50
@@ -91,15 +93,7 @@ def render(template: str, status: int = 200, **context: Any) -> flask.Response:
 def _ago(value: datetime | None) -> str:
     if value is None:
         return "-"
-    return _duration((datetime.now(UTC) - value).total_seconds()) + " ago"
-
-
-def _duration(seconds: float) -> str:
-    seconds = max(0.0, seconds)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f}{unit}"
-    return f"{seconds:.0f}s"
+    return ops.format_duration((datetime.now(UTC) - value).total_seconds()) + " ago"
 
 
 def _stamp(value: datetime | None) -> str:
@@ -219,7 +213,7 @@ def overview(request: flask.Request, operator: str) -> flask.Response:
         last_day=count_table(last_day),
         chart=chart(minutes),
         oldest=oldest,
-        oldest_age=_duration(float(oldest.age_seconds)) if oldest else None,
+        oldest_age=ops.format_duration(float(oldest.age_seconds)) if oldest else None,
         finished=finished,
         error_rate=(f"{100 * int(finished.error) / outcomes:.1f}%" if outcomes else "-"),
         **_context(operator, "overview"),
@@ -291,7 +285,7 @@ def jobs_page(request: flask.Request, operator: str) -> flask.Response:
 
 def _uuid(raw: str) -> uuid.UUID | None:
     try:
-        return ops.parse_job_ref(raw)
+        return parse_id(raw, what="job", caller="operator")
     except DylenError:
         return None
 
@@ -357,7 +351,7 @@ def users_page(request: flask.Request, operator: str) -> flask.Response:
         users=rows,
         usage=usage,
         search=search or "",
-        tiers=list(get_settings().tier_history_limits),
+        tiers=list(tier_settings().history_limits),
         **_context(operator, "users"),
     )
 
@@ -384,7 +378,7 @@ def cancel(request: flask.Request, operator: str) -> flask.Response:
 
 def retry_group(request: flask.Request, operator: str) -> flask.Response:
     """Retries exactly the jobs the confirmation page listed (those still error or canceled)."""
-    ids = [ops.parse_job_ref(raw) for raw in request.form.getlist("id")]
+    ids = [parse_id(raw, what="job", caller="operator") for raw in request.form.getlist("id")]
     outcome = ops.retry_jobs(ids)
     return render(
         "retried.html", jobs=outcome.jobs, asked=len(ids), outcome=outcome, **_context(operator, "failures")
@@ -393,7 +387,8 @@ def retry_group(request: flask.Request, operator: str) -> flask.Response:
 
 def set_tier(request: flask.Request, operator: str) -> flask.Response:
     user_id = request.form.get("user") or ""
-    ops.set_tier(user_id, request.form.get("tier") or "")
+    with named_errors():
+        tiers.set_tier(user_id, request.form.get("tier") or "")
     return _redirect("users?" + urlencode({"q": user_id, "notice": "tier"}))
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from common.jobs.queries import job_usages
-from common.jobs.service import usage_view
+from common.accounts import users as accounts
+from common.accounts.tiers import usage_view
 from common.lessons.kind import LessonKind
 from common.platform.db import Connection, Statement
 
@@ -169,7 +169,7 @@ def quota_usage(conn: Connection, user_ids: list[str]) -> dict[str, dict[str, An
     """Per user: today's and active lesson jobs against the tier's quotas, for the Users page, from
     the same usage function create_job's limits use (one statement for the whole page)."""
     usage = {}
-    for user_id, counted in job_usages(conn, user_ids=user_ids, job_kind=LessonKind.kind).items():
+    for user_id, counted in accounts.usages(conn, user_ids=user_ids, job_kind=LessonKind.kind).items():
         view = usage_view(counted)
         usage[user_id] = {
             "daily_used": view["daily"]["used"],

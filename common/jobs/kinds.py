@@ -3,9 +3,11 @@ procrastinate's `import_paths` are), loaded on first use, so the job system neve
 products that plug kinds into it.
 
 A kind's `run` does the slow work without holding a database transaction and returns a Completion;
-the processor then makes the guarded `done` transition (or the kind's own `finish` statement, which
-stores its outputs in the same statement). A kind may fan out: its finish creates child jobs
-(sections, `parent_id` set), which the processor dispatches after the commit.
+the processor then makes the guarded `done` transition, or the kind's `finish`, which calls a
+transition of common.jobs.transitions with the kind's declared `Output`, so the output is stored in
+the same statement. A kind may fan out: its finish plans child jobs (sections, `parent_id` set),
+which the processor dispatches after the commit. The job system asks a kind what only the product
+knows: the limits its creates are held to (`admission`), and why a job may not be retried.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ from __future__ import annotations
 import importlib
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from common.jobs.model import Job, JobStatus
+from common.jobs.transitions import Limits, Refused
 from common.platform.db import Connection
-from common.platform.errors import ValidationFailed
+from common.platform.errors import DylenError, ValidationFailed
 
 KINDS: dict[str, str] = {
     "lesson": "common.lessons.kind:LessonKind",
@@ -33,7 +36,7 @@ class Completion:
     """What a successful run leaves behind.
 
     `finish`, when given, stores the outputs and makes the guarded transition itself, ideally in
-    ONE statement (common.lessons.queries.complete_job_with_lesson), which needs no BEGIN/COMMIT; it
+    ONE statement (transitions.complete with the kind's Output), which needs no BEGIN/COMMIT; it
     opens a transaction itself when it needs several. It returns None when this attempt no longer
     held the claim, else the jobs it created (dispatched after the commit; usually none). `status`
     is what it leaves the job as: `running` for a parent now waiting on its sections.
@@ -44,11 +47,19 @@ class Completion:
     status: JobStatus = JobStatus.DONE
 
 
+class Admission(Protocol):
+    """The limits a kind's creates are held to, exactly, in the create statement (tiers give one)."""
+
+    def limits(self) -> Limits: ...
+
+    def refusal(self, refused: Refused) -> DylenError:
+        """The error (a 429) a refused create answers."""
+
+
 class Kind(Protocol):
     kind: str
     user_creatable: bool
-    # Counted against the tier's daily quota and active-job limit when a user creates one.
-    quota_limited: bool
+    admission: Admission | None  # None: a user's creates of this kind are not limited
 
     def validate(self, payload: Any) -> dict[str, Any]:
         """Normalised payload, or ValidationFailed listing every bad field."""
@@ -92,3 +103,23 @@ def user_kind(name: Any) -> Kind:
 
 def known_kinds() -> list[str]:
     return sorted(KINDS)
+
+
+def load() -> None:
+    """Import every kind now (a function's cold start): their products' settings are checked at
+    start-up, and the first request does not pay the imports."""
+    _load()
+
+
+def retry_refusals(conn: Connection, jobs: Sequence[Job]) -> dict[uuid.UUID, str]:
+    """Why some of these jobs may not be retried, as their kinds say (`retry_refusals(conn, ids)`,
+    optional on a kind: "already has a lesson", say); job id -> reason."""
+    by_kind: dict[str, list[uuid.UUID]] = {}
+    for job in jobs:
+        by_kind.setdefault(job.job_kind, []).append(job.id)
+    refusals: dict[uuid.UUID, str] = {}
+    for name, ids in by_kind.items():
+        check = getattr(get_kind(name), "retry_refusals", None)
+        if check is not None:
+            refusals.update(check(conn, ids))
+    return refusals

@@ -16,15 +16,15 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from common.jobs import queries, service
+from common.jobs import queries, service, transitions
 from common.jobs.dispatch import deliver_job
 from common.jobs.dispatch.base import Delivery
-from common.jobs.kinds import get_kind, known_kinds
+from common.jobs.kinds import get_kind, known_kinds, retry_refusals
 from common.jobs.model import RETRYABLE_STATUSES, Job, JobStatus
-from common.platform.config import get_settings
-from common.platform.db import Connection, QueryError, transaction
-from common.platform.errors import Conflict, DatabaseUnavailable, DylenError, NotFound, ValidationFailed
-from common.platform.validation import parse_uuid
+from common.jobs.settings import job_settings
+from common.platform.db import Connection, named_errors, transaction
+from common.platform.errors import Conflict, NotFound, ValidationFailed
+from common.platform.validation import parse_id
 
 STATUSES = tuple(JobStatus)
 ERROR_RATE_WINDOW_SECONDS = 3600.0
@@ -32,30 +32,10 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
 
 
-def _reason(error: BaseException | None) -> str:
-    """The driver's own words: pg8000 carries the server's message as the `M` field of a dict."""
-    orig = getattr(error, "orig", None) or error
-    args = getattr(orig, "args", ())
-    if args and isinstance(args[0], dict):
-        return str(args[0].get("M") or args[0])
-    return str(orig) or type(orig).__name__
-
-
-@contextmanager
-def _named_db_errors() -> Iterator[None]:
-    """Name the cause when the database is away or refuses us (name, auth)."""
-    try:
-        yield
-    except DatabaseUnavailable as error:
-        raise DatabaseUnavailable(f"Cannot reach the database: {_reason(error.__cause__)}") from error
-    except QueryError as error:
-        raise DylenError(f"Database error: {_reason(error)}") from error
-
-
 @contextmanager
 def _db() -> Iterator[Connection]:
     """transaction(), naming the cause of a database failure."""
-    with _named_db_errors(), transaction() as conn:
+    with named_errors(), transaction() as conn:
         yield conn
 
 
@@ -71,13 +51,6 @@ def parse_duration(raw: str) -> float:
             f"Malformed duration {raw!r}: use a positive number and a unit, e.g. 30s, 10m, 2h, 1d."
         )
     return seconds
-
-
-def parse_job_ref(raw: str) -> uuid.UUID:
-    job_id = parse_uuid(raw)
-    if job_id is None:
-        raise ValidationFailed(f"Malformed job id {raw!r}: expected a UUID.")
-    return job_id
 
 
 def parse_statuses(
@@ -145,7 +118,7 @@ def list_jobs(filters: Filters, *, limit: int = 50) -> list[Job]:
 
 def show_job(raw_id: str) -> tuple[Job, list[Job]]:
     """The job and, for a parent, its sections in plan order."""
-    job_id = parse_job_ref(raw_id)
+    job_id = parse_id(raw_id, what="job", caller="operator")
     with _db() as conn:
         job = queries.get_job(conn, job_id)
         sections = queries.list_sections(conn, job_id) if job is not None else []
@@ -155,8 +128,8 @@ def show_job(raw_id: str) -> tuple[Job, list[Job]]:
 
 
 def cancel_job(raw_id: str) -> Job:
-    job_id = parse_job_ref(raw_id)
-    with _named_db_errors():
+    job_id = parse_id(raw_id, what="job", caller="operator")
+    with named_errors():
         return service.cancel(job_id, owner=None)
 
 
@@ -178,20 +151,20 @@ class Retried:
 
 
 def retry_job(raw_id: str) -> Retried:
-    job_id = parse_job_ref(raw_id)
-    current, lesson = None, False
+    job_id = parse_id(raw_id, what="job", caller="operator")
     with _db() as conn:
-        jobs = queries.requeue_jobs(conn, [job_id], extra_attempts=get_settings().job_max_attempts)
-        if not jobs:
-            current = queries.get_job(conn, job_id)
-            lesson = current is not None and queries.has_lesson(conn, job_id)
+        current = queries.get_job(conn, job_id)
+        refusal = retry_refusals(conn, [current]).get(job_id) if current is not None else None
+        jobs = (
+            [] if refusal else transitions.requeue(conn, [job_id], extra_attempts=job_settings().max_attempts)
+        )
     if not jobs:
         if current is None:
             raise NotFound(f"No job {job_id}.")
         if current.status not in RETRYABLE_STATUSES:
             raise Conflict(f"Job {job_id} is {current.status}; only error or canceled jobs can be retried.")
-        if lesson:
-            raise Conflict(f"Job {job_id} already has a lesson; it cannot be retried.")
+        if refusal:
+            raise Conflict(f"Job {job_id} {refusal}; it cannot be retried.")
         raise Conflict(f"Job {job_id} changed while retrying; look at it again.")
     return _dispatch(jobs)
 
@@ -219,9 +192,13 @@ def retry_candidates(filters: Filters) -> list[Job]:
 def retry_jobs(job_ids: Sequence[uuid.UUID]) -> Retried:
     """Requeue exactly these jobs (those still error or canceled) and dispatch them."""
     if not job_ids:
-        return Retried(jobs=[], deliveries=[], dispatch_enabled=get_settings().auto_process)
+        return Retried(jobs=[], deliveries=[], dispatch_enabled=job_settings().auto_process)
     with _db() as conn:
-        jobs = queries.requeue_jobs(conn, list(job_ids), extra_attempts=get_settings().job_max_attempts)
+        refused = retry_refusals(conn, queries.get_jobs(conn, list(job_ids)))
+        allowed = [job_id for job_id in job_ids if job_id not in refused]
+        jobs = (
+            transitions.requeue(conn, allowed, extra_attempts=job_settings().max_attempts) if allowed else []
+        )
     return _dispatch(jobs)
 
 
@@ -231,27 +208,13 @@ def _dispatch(requeued: list[Job]) -> Retried:
     jobs = [job for job in requeued if job.parent_id is None]
     sections = [job for job in requeued if job.parent_id is not None]
     outcome = Retried(
-        jobs=jobs, deliveries=[], dispatch_enabled=get_settings().auto_process, sections=sections
+        jobs=jobs, deliveries=[], dispatch_enabled=job_settings().auto_process, sections=sections
     )
     if not outcome.dispatch_enabled or not outcome.to_dispatch:
         return outcome
     with ThreadPoolExecutor(max_workers=min(8, len(outcome.to_dispatch))) as pool:
         deliveries = list(pool.map(deliver_job, outcome.to_dispatch))
     return replace(outcome, deliveries=deliveries)
-
-
-def set_tier(user_id: str, tier: str) -> int:
-    """Set a user's tier, one of DYLEN_TIER_HISTORY_LIMITS; returns that tier's lesson limit."""
-    tiers = get_settings().tier_history_limits
-    if tier not in tiers:
-        raise ValidationFailed(
-            f"Unknown tier {tier!r}; DYLEN_TIER_HISTORY_LIMITS defines: {', '.join(tiers)}."
-        )
-    with _db() as conn:
-        found = queries.set_user_tier(conn, user_id=user_id, tier=tier)
-    if not found:
-        raise NotFound(f"No user {user_id!r} (users appear on their first request).")
-    return tiers[tier]
 
 
 def stats() -> dict[str, Any]:
@@ -279,6 +242,19 @@ def stats() -> dict[str, Any]:
             "error_rate": (int(finished.error) / outcomes) if outcomes else None,
         },
     }
+
+
+def format_duration(seconds: float) -> str:
+    """`42.0s`, `3m12s`, `2h5m`, `1d3h`: how operators read an age or a run's length."""
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            major, rest = divmod(int(seconds), size)
+            minor = {"d": (rest // 3600, "h"), "h": (rest // 60, "m"), "m": (rest, "s")}[unit]
+            return f"{major}{unit}{minor[0]}{minor[1]}"
+    return f"{seconds:.0f}s"
 
 
 def _iso(value: Any) -> str | None:

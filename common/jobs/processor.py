@@ -15,11 +15,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.jobs import queries
+from common.jobs import transitions
 from common.jobs.dispatch import dispatch_job
 from common.jobs.kinds import Completion, get_kind
 from common.jobs.model import FINAL_STATUSES, Job, JobStatus
-from common.platform.config import get_settings
+from common.jobs.settings import job_settings
 from common.platform.db import QueryError, connection
 from common.platform.errors import MalformedRequest, PermanentJobError, ValidationFailed
 from common.platform.log import logger
@@ -55,14 +55,14 @@ def _error(code: str, message: str, attempt: int) -> dict[str, Any]:
 
 
 def process_job(job_id: uuid.UUID | None, *, task_name: str | None = None) -> Answer:
-    settings = get_settings()
+    settings = job_settings()
     log: dict[str, Any] = {"job_id": str(job_id) if job_id else None, "task_name": task_name}
     logger.info(f"Received task for job {job_id}", extra=log)
     if job_id is None:
         return Answer(200, {"outcome": "unknown_job"})
 
     with connection() as conn:
-        claim = queries.claim_job(conn, job_id, lease_seconds=settings.job_timeout_seconds)
+        claim = transitions.claim(conn, job_id, lease_seconds=settings.timeout_seconds)
 
     job = claim.job
     if job is None:
@@ -118,7 +118,7 @@ def _finish(job_id: uuid.UUID, attempt: int, completion: Completion) -> list[Job
     _Superseded if the claim was lost."""
     with connection() as conn:
         if completion.finish is None:
-            won = queries.complete_job(conn, job_id, attempt=attempt, result=completion.result)
+            won = transitions.complete(conn, job_id, attempt=attempt, result=completion.result)
             created: list[Job] | None = [] if won else None
         else:
             created = completion.finish(conn, job_id, attempt)
@@ -127,7 +127,7 @@ def _finish(job_id: uuid.UUID, attempt: int, completion: Completion) -> list[Job
     return created
 
 
-def _answer_unclaimed(job: Job, claim: queries.Claim, log: dict[str, Any]) -> Answer:
+def _answer_unclaimed(job: Job, claim: transitions.Claim, log: dict[str, Any]) -> Answer:
     body = {"job_id": str(job.id), "status": job.status}
     if job.status in FINAL_STATUSES:
         return Answer(200, {**body, "outcome": "already_final"})
@@ -146,9 +146,9 @@ def _answer_unclaimed(job: Job, claim: queries.Claim, log: dict[str, Any]) -> An
     if job.attempts >= job.max_attempts:
         error = _error("attempts_exhausted", "No attempts left after the last lease expired.", job.attempts)
         with connection() as conn:
-            queries.expire_exhausted_job(conn, job.id, error=error)
+            transitions.expire(conn, job.id, error=error)
             if job.parent_id is not None:
-                queries.fail_parents_of_failed_sections(conn, parent_id=job.parent_id)
+                transitions.fail_parents_of_failed_sections(conn, parent_id=job.parent_id)
         logger.error("Job out of attempts", extra=log)
         return Answer(200, {**body, "status": JobStatus.ERROR, "outcome": "attempts_exhausted"})
     # Queued yet not claimed: a concurrent delivery won the row lock a moment ago.
@@ -157,11 +157,11 @@ def _answer_unclaimed(job: Job, claim: queries.Claim, log: dict[str, Any]) -> An
 
 def _record_failure(job: Job, error: dict[str, Any], *, final: bool, log: dict[str, Any]) -> Answer:
     with connection() as conn:
-        recorded = queries.fail_job(conn, job.id, attempt=job.attempts, error=error, final=final)
+        recorded = transitions.fail(conn, job.id, attempt=job.attempts, error=error, final=final)
         if recorded and final and job.parent_id is not None:
             # A section out of attempts fails its parent and cancels its siblings (rescue_jobs
             # repeats this for every parent, should we die in between).
-            queries.fail_parents_of_failed_sections(conn, parent_id=job.parent_id)
+            transitions.fail_parents_of_failed_sections(conn, parent_id=job.parent_id)
     body = {"job_id": str(job.id), "error": {"code": error["code"], "message": error["message"]}}
     if not recorded:
         logger.info("Failure not recorded: the claim was lost meanwhile", extra=log)

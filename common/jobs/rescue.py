@@ -17,10 +17,10 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from common.jobs import queries
+from common.jobs import transitions
 from common.jobs.dispatch import dispatch_job
 from common.jobs.model import Job, JobStatus
-from common.platform.config import get_settings
+from common.jobs.settings import job_settings
 from common.platform.db import connection, transaction
 from common.platform.log import logger
 
@@ -49,9 +49,9 @@ def rescue_jobs(
     stale_after_seconds: int | None = None,
     dispatch: Callable[[Job], bool] = dispatch_job,
 ) -> RescueReport:
-    stale = stale_after_seconds if stale_after_seconds is not None else get_settings().rescue_after_seconds
+    stale = stale_after_seconds if stale_after_seconds is not None else job_settings().rescue_after_seconds
     with transaction() as conn:
-        rescued = queries.rescue_stale_jobs(conn, stale_after_seconds=stale, limit=limit)
+        rescued = transitions.rescue(conn, stale_after_seconds=stale, limit=limit)
 
     report = RescueReport()
     for item in rescued:
@@ -66,12 +66,12 @@ def rescue_jobs(
         report.failed.append(job.id)
         # Make it stale again at once, so the next run retries it instead of waiting a full window.
         with transaction() as conn:
-            queries.restore_dispatch_stamp(
+            transitions.restore_dispatch_stamp(
                 conn, job.id, ours=job.dispatched_at, previous=item.previous_dispatched_at
             )
     # Its own statement, after the commit above: it locks parents before their sections, the order
     # every parent/section transition takes (the statement above locked sections only).
     with connection() as conn:
-        report.parents_failed = queries.fail_parents_of_failed_sections(conn)
+        report.parents_failed = transitions.fail_parents_of_failed_sections(conn)
     logger.info("Rescue run finished", extra=report.counts())
     return report

@@ -2,9 +2,9 @@
 internal `lesson.section` kind: one section of a planned lesson, a job of its own.
 
 A one-step generator writes the lesson inside the lesson job. A planner's `plan` runs in the lesson
-job, whose finish stores the plan and inserts one section job per brief (common.jobs.queries.
-start_sections); each section job writes its section, and the one that finishes last stores the
-lesson and finishes the lesson job in the same transaction (queries.complete_parent_with_lesson).
+job, whose finish stores the plan and inserts one section job per brief (transitions.plan); each
+section job writes its section, and the one that finishes last fans in: the lesson job's `done` and
+the lesson (queries.PLANNED_LESSON) in one statement, in the section's transaction.
 """
 
 from __future__ import annotations
@@ -12,9 +12,12 @@ from __future__ import annotations
 import uuid
 from typing import Any, cast
 
+from common.accounts.tiers import TIER_ADMISSION
 from common.jobs import queries as job_queries
+from common.jobs import transitions
 from common.jobs.kinds import Completion
 from common.jobs.model import Job, JobStatus
+from common.jobs.settings import job_settings
 from common.lessons import template
 from common.lessons.generation import (
     DEPTHS,
@@ -27,9 +30,9 @@ from common.lessons.generation import (
     load_generator,
     plans,
 )
-from common.lessons.queries import complete_job_with_lesson, complete_parent_with_lesson
-from common.platform.config import get_settings
-from common.platform.db import Connection, connection
+from common.lessons.queries import ONE_STEP_LESSON, PLANNED_LESSON, jobs_with_lessons
+from common.lessons.settings import lesson_settings
+from common.platform.db import Connection, connection, jsonb
 from common.platform.errors import PermanentJobError, ValidationFailed
 from common.platform.validation import FieldErrors, check_text, reject_unknown
 
@@ -65,7 +68,7 @@ _generator: Generator | Planner | None = None
 def get_generator() -> Generator | Planner:
     global _generator
     if _generator is None:
-        spec = get_settings().lesson_generator
+        spec = lesson_settings().generator
         _generator = load_generator(spec) if spec else template
     return _generator
 
@@ -94,7 +97,7 @@ def _request(payload: dict[str, Any], *, job_id: uuid.UUID, user_id: str, attemp
 class LessonKind:
     kind = "lesson"
     user_creatable = True
-    quota_limited = True  # every lesson costs model calls
+    admission = TIER_ADMISSION  # every lesson costs model calls: held to the tier's limits
 
     def validate(self, payload: Any) -> dict[str, Any]:
         return validate_lesson_payload(payload)
@@ -112,15 +115,14 @@ class LessonKind:
         result = {"lesson_id": str(lesson_id)}
 
         def finish(conn: Connection, job_id: uuid.UUID, attempt: int) -> list[Job] | None:
-            won = complete_job_with_lesson(
-                conn,
-                job_id=job_id,
-                attempt=attempt,
-                result=result,
-                lesson_id=lesson_id,
-                topic=payload["topic"],
-                title=title,
-                content=content,
+            params = {
+                "lesson_id": lesson_id,
+                "topic": payload["topic"],
+                "title": title,
+                "content": jsonb(content),
+            }
+            won = transitions.complete(
+                conn, job_id, attempt=attempt, result=result, output=ONE_STEP_LESSON, params=params
             )
             return [] if won else None
 
@@ -128,10 +130,10 @@ class LessonKind:
 
     def _plan(self, generator: Planner, request: LessonRequest) -> Completion:
         plan = check_plan(generator.plan(request))
-        max_attempts = get_settings().job_max_attempts
+        max_attempts = job_settings().max_attempts
 
         def finish(conn: Connection, job_id: uuid.UUID, attempt: int) -> list[Job] | None:
-            return job_queries.start_sections(
+            return transitions.plan(
                 conn,
                 job_id,
                 attempt=attempt,
@@ -142,12 +144,18 @@ class LessonKind:
 
         return Completion(result={"sections": len(plan["sections"])}, finish=finish, status=JobStatus.RUNNING)
 
+    def retry_refusals(self, conn: Connection, job_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
+        """A lesson job that has its lesson is finished for good (it cannot arise with error or
+        canceled: the lesson commits with `done`; a last guard for operators' retries)."""
+        return dict.fromkeys(jobs_with_lessons(conn, job_ids), "already has a lesson")
+
 
 class SectionKind:
     """One section of a planned lesson; created by the lesson job, never by users."""
 
     kind = SECTION_KIND
     user_creatable = False
+    admission = None
 
     def validate(self, payload: Any) -> dict[str, Any]:
         raise ValidationFailed("Sections are created by their lesson job only.")
@@ -174,9 +182,16 @@ class SectionKind:
         def finish(conn: Connection, job_id: uuid.UUID, attempt: int) -> list[Job] | None:
             assert job.parent_id is not None
             with conn.transaction():
-                if not job_queries.finish_section(conn, job, attempt=attempt, result=section):
+                if not transitions.finish_section(conn, job, attempt=attempt, result=section):
                     return None  # canceled, failed elsewhere, or a newer attempt: discarded
-                complete_parent_with_lesson(conn, job_id=job.parent_id, lesson_id=uuid.uuid4())
+                lesson_id = uuid.uuid4()
+                transitions.fan_in(
+                    conn,
+                    job.parent_id,
+                    result={"lesson_id": str(lesson_id)},
+                    output=PLANNED_LESSON,
+                    params={"lesson_id": lesson_id},
+                )
             return []
 
         return Completion(result={"section_index": index}, finish=finish)

@@ -1,4 +1,4 @@
-"""The lesson product's SQL: storing a lesson with its job's `done` transition, and reading lessons."""
+"""The lesson product's SQL: reading lessons, and storing one with its job's `done` transition."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from common.jobs.queries import FINISH_GUARD
-from common.platform.db import Connection, Statement, jsonb
+from common.jobs import transitions
+from common.platform.db import Connection, Statement
 
 LESSON_COLUMNS = "id, user_id, job_id, topic, title, content, created_at, archived_at"
 
@@ -43,84 +43,35 @@ def list_visible_lessons(
     )
 
 
-_COMPLETE_JOB_WITH_LESSON = Statement(
-    f"""
-    WITH done AS (
-        UPDATE jobs SET status = 'done', result_json = CAST(:result AS jsonb),
-               error_json = NULL, lease_expires_at = NULL, completed_at = now(),
-               updated_at = now()
-        {FINISH_GUARD}
-        RETURNING id, user_id
-    )
+# The lesson rides on its job's `done` (common.jobs.transitions): stored in the same statement, so
+# there is never a done lesson job without its lesson, nor a lesson of a job that did not finish;
+# lessons.job_id being unique stops a second lesson whatever happens.
+ONE_STEP_LESSON = transitions.Output(
+    """
     INSERT INTO lessons (id, user_id, job_id, topic, title, content)
     SELECT CAST(:lesson_id AS uuid), user_id, id, CAST(:topic AS text), CAST(:title AS text),
            CAST(:content AS jsonb)
       FROM done
     RETURNING id
-    """,
-    prepare=True,
+    """
 )
 
-
-def complete_job_with_lesson(
-    conn: Connection,
-    *,
-    job_id: uuid.UUID,
-    attempt: int,
-    result: dict[str, Any],
-    lesson_id: uuid.UUID,
-    topic: str,
-    title: str,
-    content: dict[str, Any],
-) -> bool:
-    """The guarded `done` transition and the lesson insert as one statement: both or neither.
-
-    If the claim was lost (canceled, or a newer attempt), the UPDATE matches nothing and no lesson
-    is written; lessons.job_id being unique stops a second lesson whatever happens.
+# The fan-in of a planned lesson: the plan with its briefs replaced by the sections in plan order.
+PLANNED_LESSON = transitions.Output(
     """
-    row = conn.execute(
-        _COMPLETE_JOB_WITH_LESSON,
-        {
-            "id": job_id,
-            "attempt": attempt,
-            "result": jsonb(result),
-            "lesson_id": lesson_id,
-            "topic": topic,
-            "title": title,
-            "content": jsonb(content),
-        },
-    ).first()
-    return row is not None
-
-
-# The fan-in. Run right after a section's `done` in the transaction that locked the parent (see
-# common.jobs.queries.finish_section), so it sees every section that finished before: the parent
-# becomes `done` and its lesson (the plan, its briefs replaced by the sections in plan order) is
-# stored in one statement, only if every section is done. Exactly one last finisher matches.
-_COMPLETE_PARENT_WITH_LESSON = Statement(
-    """
-    WITH done AS (
-        UPDATE jobs SET status = 'done',
-               result_json = jsonb_build_object('lesson_id', CAST(:lesson_id AS text)),
-               error_json = NULL, completed_at = now(), updated_at = now()
-         WHERE id = :id AND status = 'running' AND lease_expires_at IS NULL AND plan IS NOT NULL
-           AND NOT EXISTS (SELECT 1 FROM jobs s WHERE s.parent_id = jobs.id AND s.status <> 'done')
-        RETURNING id, user_id, request_json, plan
-    )
     INSERT INTO lessons (id, user_id, job_id, topic, title, content)
     SELECT CAST(:lesson_id AS uuid), user_id, id, request_json #>> '{payload,topic}', plan ->> 'title',
-           (plan - 'sections') || jsonb_build_object('sections',
-               (SELECT jsonb_agg(s.result_json ORDER BY s.section_index)
-                  FROM jobs s WHERE s.parent_id = done.id))
+           (plan - 'sections') || jsonb_build_object('sections', section_results)
       FROM done
     RETURNING id
     """,
-    prepare=True,
+    fan_in=True,
 )
 
 
-def complete_parent_with_lesson(conn: Connection, *, job_id: uuid.UUID, lesson_id: uuid.UUID) -> bool:
-    """True when this call stored the lesson (the last section); False while sections remain."""
-    return (
-        conn.execute(_COMPLETE_PARENT_WITH_LESSON, {"id": job_id, "lesson_id": lesson_id}).first() is not None
-    )
+_LESSONS_OF_JOBS = Statement("SELECT job_id FROM lessons WHERE job_id = ANY(CAST(:ids AS uuid[]))")
+
+
+def jobs_with_lessons(conn: Connection, job_ids: list[uuid.UUID]) -> set[uuid.UUID]:
+    rows = conn.execute(_LESSONS_OF_JOBS, {"ids": [str(i) for i in job_ids]})
+    return {row.job_id for row in rows}

@@ -6,133 +6,21 @@ instead of on its first request.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from common.platform.env import Reader, environment, reset_sections
 from common.platform.errors import ConfigError
 
 PROVIDERS = ("local-http", "gcp")
 AUTH_MODES = ("firebase", "dev")
-DEFAULT_TIER_LIMITS = "free=3,starter=20,plus=50,pro=80"
-DEFAULT_TIER_DAILY_JOBS = "free=10,starter=50,plus=200,pro=500"
-DEFAULT_TIER_ACTIVE_JOBS = "free=2,starter=5,plus=10,pro=20"
 FIREBASE_CERTS_URL = (
     "https://www.googleapis.com/robot/v1/metadata/x509/securetoken@system.gserviceaccount.com"
 )
 GOOGLE_OIDC_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
-
-
-def read_dotenv(path: Path) -> dict[str, str]:
-    """KEY=VALUE lines; `#` comments, optional `export ` and surrounding quotes. No interpolation."""
-    values: dict[str, str] = {}
-    if not path.is_file():
-        return values
-    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("export "):
-            line = line[len("export ") :].lstrip()
-        key, sep, value = line.partition("=")
-        key = key.strip()
-        if not sep or not key.isidentifier():
-            raise ConfigError(f"{path}:{number}: expected KEY=VALUE, got {raw!r}")
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        values[key] = value
-    return values
-
-
-class _Reader:
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self.env = env
-
-    def text(self, name: str, default: str | None = None) -> str | None:
-        value = self.env.get(name)
-        if value is None or value.strip() == "":
-            return default
-        return value.strip()
-
-    def boolean(self, name: str, default: bool) -> bool:
-        value = self.text(name)
-        if value is None:
-            return default
-        lowered = value.lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"{name} must be true or false, got {value!r}")
-
-    def integer(self, name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
-        value = self.text(name)
-        if value is None:
-            return default
-        try:
-            number = int(value)
-        except ValueError:
-            raise ConfigError(f"{name} must be an integer, got {value!r}") from None
-        if number < minimum or (maximum is not None and number > maximum):
-            bounds = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
-            raise ConfigError(f"{name} must be {bounds}, got {number}")
-        return number
-
-    def number(self, name: str, default: float, *, minimum: float) -> float:
-        value = self.text(name)
-        if value is None:
-            return default
-        try:
-            number = float(value)
-        except ValueError:
-            raise ConfigError(f"{name} must be a number, got {value!r}") from None
-        if number < minimum:
-            raise ConfigError(f"{name} must be >= {minimum}, got {number}")
-        return number
-
-    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
-        value = self.text(name, default)
-        assert value is not None
-        if value not in choices:
-            raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
-        return value
-
-    def url(self, name: str, default: str | None = None) -> str | None:
-        value = self.text(name, default)
-        if value is not None and not value.startswith(("http://", "https://")):
-            raise ConfigError(f"{name} must be an http(s) URL, got {value!r}")
-        if value is not None and not (value.isascii() and value.isprintable() and " " not in value):
-            # Sent as is in Location headers and task URLs: give the punycode / percent-encoded form.
-            raise ConfigError(
-                f"{name} must be ASCII without spaces (punycode host, percent-encoded path), got {value!r}"
-            )
-        return value.rstrip("/") if value and value.count("/") > 2 else value
-
-
-def parse_tier_limits(raw: str, name: str = "DYLEN_TIER_HISTORY_LIMITS") -> dict[str, int]:
-    limits: dict[str, int] = {}
-    for part in raw.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        tier, sep, number = part.partition("=")
-        tier = tier.strip()
-        if not sep or not tier:
-            raise ConfigError(f"{name}: expected tier=limit pairs, got {part!r}")
-        try:
-            limit = int(number)
-        except ValueError:
-            raise ConfigError(f"{name}: limit of {tier!r} must be an integer, got {number!r}") from None
-        if limit < 0:
-            raise ConfigError(f"{name}: limit of {tier!r} must be >= 0")
-        limits[tier] = limit
-    if "free" not in limits:
-        raise ConfigError(f"{name} must define the 'free' tier (the fallback for unknown tiers)")
-    return limits
 
 
 def parse_operators(raw: str, name: str = "DYLEN_DASHBOARD_OPERATORS") -> tuple[str, ...]:
@@ -209,7 +97,6 @@ class Settings:
     db_max_overflow: int
     db_connect_timeout_seconds: float
     db_read_timeout_seconds: float
-    auto_process: bool
     task_provider: str
     base_url: str
     process_job_url: str
@@ -224,16 +111,6 @@ class Settings:
     auth_mode: str
     firebase_project_id: str | None
     firebase_auth_emulator_host: str | None
-    job_max_attempts: int
-    job_timeout_seconds: int
-    rescue_after_seconds: int
-    tier_history_limits: dict[str, int]
-    tier_daily_jobs: dict[str, int]  # lesson jobs a user may create per UTC day
-    tier_active_jobs: dict[str, int]  # lesson jobs a user may have queued or running at once
-    lesson_generator: str | None
-    local_dispatch_min_backoff_seconds: float
-    local_dispatch_max_backoff_seconds: float
-    local_dispatch_workers: int
     dashboard_operators: tuple[str, ...] = ()
     dashboard_audiences: tuple[str, ...] = ()
 
@@ -266,12 +143,7 @@ def load_settings(
 
     `serving=False` (operator tools: migrate, jobs, users) skips the checks of who may call the
     functions (user and task auth), which those tools never use."""
-    source = dict(os.environ if env is None else env)
-    # DYLEN_ENV_FILE lets tests and tools point away from a developer's .env (e.g. /dev/null).
-    dotenv_path = dotenv or Path(source.get("DYLEN_ENV_FILE") or Path.cwd() / ".env")
-    for key, value in read_dotenv(dotenv_path).items():
-        source.setdefault(key, value)
-    r = _Reader(source)
+    r = Reader(environment(env, dotenv=dotenv))
 
     base_url = r.url("DYLEN_BASE_URL", "http://localhost:8080")
     assert base_url is not None
@@ -289,7 +161,6 @@ def load_settings(
         db_max_overflow=r.integer("DYLEN_DB_MAX_OVERFLOW", 2, minimum=0, maximum=100),
         db_connect_timeout_seconds=r.number("DYLEN_DB_CONNECT_TIMEOUT_SECONDS", 5.0, minimum=0.1),
         db_read_timeout_seconds=r.number("DYLEN_DB_READ_TIMEOUT_SECONDS", 30.0, minimum=0.1),
-        auto_process=r.boolean("DYLEN_JOBS_AUTO_PROCESS", True),
         task_provider=r.choice("DYLEN_TASK_SERVICE_PROVIDER", "local-http", PROVIDERS),
         base_url=base_url,
         process_job_url=process_job_url,
@@ -311,26 +182,6 @@ def load_settings(
         firebase_project_id=r.text("DYLEN_FIREBASE_PROJECT_ID"),
         # The Firebase Admin SDK's variable: accept the Auth emulator's unsigned tokens (local only).
         firebase_auth_emulator_host=r.text("FIREBASE_AUTH_EMULATOR_HOST"),
-        job_max_attempts=r.integer("DYLEN_JOB_MAX_ATTEMPTS", 5, minimum=1, maximum=100),
-        job_timeout_seconds=r.integer("DYLEN_JOB_TIMEOUT_SECONDS", 600, minimum=1, maximum=86400),
-        rescue_after_seconds=r.integer("DYLEN_RESCUE_AFTER_SECONDS", 300, minimum=1),
-        tier_history_limits=parse_tier_limits(
-            r.text("DYLEN_TIER_HISTORY_LIMITS", DEFAULT_TIER_LIMITS) or DEFAULT_TIER_LIMITS
-        ),
-        tier_daily_jobs=parse_tier_limits(
-            r.text("DYLEN_TIER_DAILY_JOBS") or DEFAULT_TIER_DAILY_JOBS, "DYLEN_TIER_DAILY_JOBS"
-        ),
-        tier_active_jobs=parse_tier_limits(
-            r.text("DYLEN_TIER_ACTIVE_JOBS") or DEFAULT_TIER_ACTIVE_JOBS, "DYLEN_TIER_ACTIVE_JOBS"
-        ),
-        lesson_generator=r.text("DYLEN_LESSON_GENERATOR"),
-        local_dispatch_min_backoff_seconds=r.number(
-            "DYLEN_LOCAL_DISPATCH_MIN_BACKOFF_SECONDS", 0.1, minimum=0.0
-        ),
-        local_dispatch_max_backoff_seconds=r.number(
-            "DYLEN_LOCAL_DISPATCH_MAX_BACKOFF_SECONDS", 10.0, minimum=0.0
-        ),
-        local_dispatch_workers=r.integer("DYLEN_LOCAL_DISPATCH_WORKERS", 8, minimum=1, maximum=256),
         dashboard_operators=parse_operators(r.text("DYLEN_DASHBOARD_OPERATORS") or ""),
         dashboard_audiences=tuple(
             a.strip()
@@ -345,8 +196,6 @@ def load_settings(
 
 
 def _check_combinations(s: Settings) -> None:
-    if s.lesson_generator is not None and ":" not in s.lesson_generator:
-        raise ConfigError(f"DYLEN_LESSON_GENERATOR must be module:attr, got {s.lesson_generator!r}")
     if s.cloud_sql_instance and s.cloud_sql_instance.count(":") != 2:
         raise ConfigError(
             f"DYLEN_CLOUD_SQL_INSTANCE must be project:region:instance, got {s.cloud_sql_instance!r}"
@@ -397,10 +246,6 @@ def _check_combinations(s: Settings) -> None:
                 "DYLEN_TASKS_INVOKER_SA is required when DYLEN_TASK_SERVICE_PROVIDER=gcp targets real "
                 "Cloud Tasks (process_job accepts only OIDC tokens of that service account)"
             )
-    if s.local_dispatch_max_backoff_seconds < s.local_dispatch_min_backoff_seconds:
-        raise ConfigError(
-            "DYLEN_LOCAL_DISPATCH_MAX_BACKOFF_SECONDS must be >= DYLEN_LOCAL_DISPATCH_MIN_BACKOFF_SECONDS"
-        )
 
 
 def _check_serving(s: Settings) -> None:
@@ -438,3 +283,4 @@ def get_settings() -> Settings:
 def reset_settings() -> None:
     """Forget the cached settings (tests that change the environment in-process)."""
     get_settings.cache_clear()
+    reset_sections()

@@ -102,9 +102,11 @@ class Conflict(DylenError):
 
 
 class Gone(DylenError):
+    """It existed and is no more; the caller may know that (its own resource)."""
+
     status = 410
-    type_slug = "lesson-archived"
-    title = "Lesson archived"
+    type_slug = "gone"
+    title = "Gone"
 
 
 class PayloadTooLarge(DylenError):
@@ -141,20 +143,6 @@ class LimitExceeded(DylenError):
 
     def to_problem(self) -> dict[str, Any]:
         return {**super().to_problem(), "limit": self.limit, "used": self.used, "tier": self.tier}
-
-
-class QuotaExceeded(LimitExceeded):
-    """The daily quota of the user's tier is spent; Retry-After is the next UTC midnight."""
-
-    type_slug = "quota-exceeded"
-    title = "Daily quota exceeded"
-
-
-class TooManyActiveJobs(LimitExceeded):
-    """The user already has as many jobs queued or running as the tier allows."""
-
-    type_slug = "too-many-active-jobs"
-    title = "Too many active jobs"
 
 
 class DatabaseUnavailable(DylenError):

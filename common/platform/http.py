@@ -23,6 +23,7 @@ from werkzeug.exceptions import HTTPException
 from common.platform.auth import authenticate_operator, authenticate_task, authenticate_user
 from common.platform.config import Settings, get_settings
 from common.platform.db import QueryError
+from common.platform.env import load_sections
 from common.platform.errors import (
     ConfigError,
     DatabaseUnavailable,
@@ -213,11 +214,13 @@ def install_problem_handlers() -> None:
     flask.current_app.register_error_handler(HTTPException, _problem)
 
 
-def cold_start() -> None:
-    """Call once at import of every function's main.py.
+def cold_start(*preload: Callable[[], object]) -> None:
+    """Call once at import of every function's main.py, with what the function loads on purpose now
+    (the job kinds, whose products declare settings of their own).
 
     - A bad configuration (or none for the database) fails the cold start with one line naming the
-      variable and exit status 1, not the first request.
+      variable and exit status 1, not the first request: the platform's settings and every settings
+      section declared by the packages imported so far.
     - Requests the router answers itself get problem+json (install_problem_handlers).
     - No request body beyond MAX_BODY_BYTES is read by anything (install_body_limit).
     - What the imports built (~58k objects) moves out of the cyclic GC's sight (gc.freeze). Otherwise
@@ -225,6 +228,9 @@ def cold_start() -> None:
       (bench/gc_pause.py).
     """
     try:
+        for load in preload:
+            load()
+        load_sections()
         settings = get_settings()
         if not settings.database_url and not settings.cloud_sql_instance:
             raise ConfigError(

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import math
 import uuid
-from typing import Any
+from typing import Any, Literal
 
-from common.platform.errors import ValidationFailed
+from common.platform.errors import NotFound, ValidationFailed
 
 MAX_REPORTED = 20  # a body full of bad strings gets a bounded error list
 
@@ -118,9 +118,20 @@ def reject_unknown(errors: FieldErrors, data: dict[str, Any], allowed: set[str],
         errors.add(prefix + key, "unknown field")
 
 
+def parse_id(raw: object, *, what: str, caller: Literal["user", "operator"]) -> uuid.UUID:
+    """The one parser of the ids in paths, forms and commands, with one answer per kind of caller:
+    a user gets 404, exactly as for an id that exists but is not theirs (no hint of what exists);
+    an operator is told what was wrong (422). A task's id is `parse_uuid`'s: None, an unknown job."""
+    parsed = parse_uuid(raw)
+    if parsed is not None:
+        return parsed
+    if caller == "user":
+        raise NotFound(f"No such {what}.")
+    raise ValidationFailed(f"Malformed {what} id {raw!r}: expected a UUID.")
+
+
 def parse_uuid(raw: object) -> uuid.UUID | None:
-    """An id from its canonical text, or None: callers answer a malformed id like an unknown one
-    (404) or name it (operators), never with a 500."""
+    """An id from its canonical text, or None (never a 500)."""
     if not isinstance(raw, str):
         return None
     try:

@@ -3,10 +3,10 @@
 import flask
 import functions_framework
 
-from common.jobs import service
+from common.jobs import kinds, service
 from common.platform.http import Call, cold_start, json_response, serve
 
-cold_start()
+cold_start(kinds.load)  # the kinds' products and their settings load, and are checked, now
 
 
 def _create(call: Call) -> flask.Response:

@@ -3,10 +3,10 @@
 import flask
 import functions_framework
 
-from common.jobs import processor
+from common.jobs import kinds, processor
 from common.platform.http import Call, cold_start, json_response, serve
 
-cold_start()
+cold_start(kinds.load)  # the kinds' products and their settings load, and are checked, now
 
 
 def _process(call: Call) -> flask.Response:

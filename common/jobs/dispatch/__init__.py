@@ -12,6 +12,7 @@ import threading
 from common.jobs.dispatch.base import Delivery, Dispatcher
 from common.jobs.dispatch.local_http import LocalHttpDispatcher
 from common.jobs.model import Job
+from common.jobs.settings import job_settings
 from common.platform.config import get_settings
 from common.platform.log import logger
 
@@ -29,9 +30,9 @@ def get_dispatcher() -> Dispatcher:
                     # Lazily: only the gcp provider loads google-cloud-tasks (cold start).
                     from common.jobs.dispatch.cloud_tasks import CloudTasksDispatcher
 
-                    _dispatcher = CloudTasksDispatcher(settings)
+                    _dispatcher = CloudTasksDispatcher(settings, job_settings())
                 else:
-                    _dispatcher = LocalHttpDispatcher(settings)
+                    _dispatcher = LocalHttpDispatcher(settings, job_settings())
     return _dispatcher
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from common.jobs.dispatch.base import Delivery, task_name_for
 from common.jobs.model import Job
+from common.jobs.settings import JobSettings
 from common.platform.config import Settings
 from common.platform.log import logger
 
@@ -44,9 +45,10 @@ def build_client(settings: Settings) -> Any:
 
 
 class CloudTasksDispatcher:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, jobs: JobSettings) -> None:
         assert settings.cloud_tasks_queue_path, "checked at config load"
         self.settings = settings
+        self.jobs = jobs
         self.queue_path = settings.cloud_tasks_queue_path
         self._client: Any = None
         self._lock = threading.Lock()
@@ -81,7 +83,9 @@ class CloudTasksDispatcher:
         return tasks_v2.Task(
             name=f"{self.queue_path}/tasks/{task_name_for(job)}",
             http_request=http_request,
-            dispatch_deadline=duration_pb2.Duration(seconds=dispatch_deadline_seconds(s.job_timeout_seconds)),
+            dispatch_deadline=duration_pb2.Duration(
+                seconds=dispatch_deadline_seconds(self.jobs.timeout_seconds)
+            ),
         )
 
     def dispatch(self, job: Job) -> None:

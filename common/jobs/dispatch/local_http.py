@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 from common.jobs.dispatch.base import LOCAL_QUEUE_NAME, Delivery, backoff_seconds, task_name_for
 from common.jobs.model import Job
+from common.jobs.settings import JobSettings
 from common.platform.config import Settings
 from common.platform.errors import ConfigError
 from common.platform.log import logger
@@ -31,8 +32,9 @@ class LocalHttpDispatcher:
     create_job's process). No proxy is ever used: process_job is on this machine or network.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, jobs: JobSettings) -> None:
         self.settings = settings
+        self.jobs = jobs
         self.url = settings.process_job_url
         parts = urlsplit(self.url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -43,7 +45,7 @@ class LocalHttpDispatcher:
         self._path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self._host_header = parts.netloc.rpartition("@")[2]
         self._executor = ThreadPoolExecutor(
-            max_workers=settings.local_dispatch_workers, thread_name_prefix="dylen-dispatch"
+            max_workers=jobs.local_dispatch_workers, thread_name_prefix="dylen-dispatch"
         )
         self._local = threading.local()
 
@@ -71,7 +73,7 @@ class LocalHttpDispatcher:
             try:
                 if conn.sock is None:
                     conn.connect()  # bounded by the connect timeout
-                conn.sock.settimeout(s.job_timeout_seconds)
+                conn.sock.settimeout(self.jobs.timeout_seconds)
                 conn.request("POST", self._path, body=body, headers=headers)
                 response = conn.getresponse()
                 response.read()
@@ -122,8 +124,8 @@ class LocalHttpDispatcher:
                 attempt_headers["X-CloudTasks-TaskRetryReason"] = f"HTTP {previous}"
             wait = backoff_seconds(
                 retry + 1,
-                minimum=s.local_dispatch_min_backoff_seconds,
-                maximum=s.local_dispatch_max_backoff_seconds,
+                minimum=self.jobs.local_dispatch_min_backoff_seconds,
+                maximum=self.jobs.local_dispatch_max_backoff_seconds,
             )
             try:
                 response = self._post(body, attempt_headers)
@@ -140,7 +142,7 @@ class LocalHttpDispatcher:
                 previous = str(response.status_code)
                 retry_after = response.retry_after
                 if retry_after.isdigit():
-                    wait = min(float(retry_after), s.local_dispatch_max_backoff_seconds)
+                    wait = min(float(retry_after), self.jobs.local_dispatch_max_backoff_seconds)
                 logger.info(
                     "process_job asked for a retry",
                     extra={"job_id": job_id, "status": response.status_code, "backoff": wait},

@@ -6,11 +6,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from common.accounts.settings import tier_settings
 from common.jobs.kinds import Completion
 from common.jobs.model import Job
 from common.jobs.service import Created, submit_job
 from common.lessons.archive.algorithm import archive_over_limit
-from common.platform.config import get_settings
 from common.platform.errors import ValidationFailed
 
 KIND = "maintenance.archive_lessons"
@@ -19,7 +19,7 @@ KIND = "maintenance.archive_lessons"
 class ArchiveLessonsKind:
     kind = KIND
     user_creatable = False  # only the archive_lessons function (task auth) creates these
-    quota_limited = False  # maintenance: no user, no tier
+    admission = None  # maintenance: no user, no tier
 
     def validate(self, payload: Any) -> dict[str, Any]:
         if payload not in (None, {}):
@@ -29,7 +29,7 @@ class ArchiveLessonsKind:
         return {}
 
     def run(self, job: Job) -> Completion:
-        report = archive_over_limit(get_settings().tier_history_limits)
+        report = archive_over_limit(tier_settings().history_limits)
         # The archiver commits its own batches; there is nothing left to write with `done`.
         return Completion(result=report.as_result())
 

@@ -2,6 +2,7 @@
 migrations (migrate, imported only by the CLI: it loads SQLAlchemy)."""
 
 from common.platform.db.connect import Opened, connect_function
+from common.platform.db.errors import named_errors
 from common.platform.db.pool import (
     PING_AFTER_IDLE_SECONDS,
     Connection,
@@ -29,5 +30,6 @@ __all__ = [
     "dispose_pool",
     "get_pool",
     "jsonb",
+    "named_errors",
     "transaction",
 ]
