@@ -147,7 +147,7 @@ for dir in "$ROOT"/functions/*/; do
 done
 [[ ${#FUNCTIONS[@]} -gt 0 ]] || die "no functions/<name>/main.py found under $ROOT"
 
-# Per-function instance settings (README, "Performance and Cloud Run settings"): gunicorn threads,
+# Per-function instance settings (docs/PERFORMANCE.md, "Cloud Run settings"): gunicorn threads,
 # pool size / overflow, Cloud Run concurrency, max instances. Concurrency above 1 needs a whole vCPU.
 #   function          THREADS pool overflow concurrency max-instances
 RUNTIME_SETTINGS=(

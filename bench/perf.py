@@ -50,11 +50,11 @@ BENCH = ROOT / "bench"
 HELLO = BENCH / "hello" / "main.py"
 RESULTS = BENCH / "RESULTS.md"
 START, END = "<!-- perf:start -->", "<!-- perf:end -->"
-# Every function process, the hello baseline included, runs with the server settings the README
+# Every function process, the hello baseline included, runs with the server settings docs/PERFORMANCE.md
 # recommends for Cloud Run (gunicorn threads per instance); BENCH_THREADS compares others.
 SERVER = {"THREADS": os.environ.get("BENCH_THREADS", "2")}
 PROCESS_JOB_SERVER = {
-    "THREADS": "4",  # its requests run whole jobs: the README gives it 4
+    "THREADS": "4",  # its requests run whole jobs: docs/PERFORMANCE.md gives it 4
     # One task per job, as measured before fan-out (bench.fanout_bench measures sections).
     "DYLEN_LESSON_GENERATOR": "common.lessons.template:generate_lesson",
 }
@@ -570,7 +570,7 @@ def render(results: dict[str, Any], command: str) -> str:
         f"Both under gunicorn with `THREADS={SERVER['THREADS']}`; {ROUNDS} alternating rounds of "
         f"{tp['seconds']} s per side and connection count; medians (ratio: median of the rounds' ratios, "
         f"at 16: {', '.join(f'{r:.2f}' for r in tp['16']['round_ratios'])}). The targets are at 16 "
-        "connections; 8 is the Cloud Run concurrency the README recommends for create_job.",
+        "connections; 8 is the Cloud Run concurrency docs/PERFORMANCE.md recommends for create_job.",
         "",
         "| connections | hello req/s | create_job req/s | ratio (target >= 0.5 at 16) | create_job p50 | create_job p99 (target <= 50 ms) | hello p99 | non-2xx |",
         "|---|---|---|---|---|---|---|---|",

@@ -1,6 +1,6 @@
 """process_job: claim, run, record, and answer Cloud Tasks so it retries exactly when that helps.
 
-Answer rule (DESIGN, Job life 3):
+Answer rule (docs/ARCHITECTURE.md, "Job life", step 4 "answer"):
 - 2xx: done; planned (its sections dispatched); waiting on its sections; already final; permanent
   failure recorded; unknown job; out of attempts.
 - 503 + Retry-After: another attempt holds a live lease.

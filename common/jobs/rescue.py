@@ -1,4 +1,4 @@
-"""rescue_jobs: give stuck jobs another dispatch (DESIGN, Job life 4).
+"""rescue_jobs: give stuck jobs another dispatch (docs/ARCHITECTURE.md, "Job life", step 5 "rescue").
 
 A job can be stuck `queued` (its dispatch failed, or the queue gave up on it) or `running` with an
 expired lease (the instance running it died). One bounded, SKIP LOCKED statement claims a batch and
