@@ -9,10 +9,7 @@ cancel_job / set_tier, the CLI's implementation. Every link is relative and ever
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import threading
-import time
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -26,19 +23,19 @@ import jinja2
 from common.accounts import tiers
 from common.accounts.settings import tier_settings
 from common.dashboard import queries
+from common.dashboard.csrf import check_csrf, csrf_token
 from common.jobs import ops
 from common.jobs import queries as job_queries
 from common.jobs.model import RETRYABLE_STATUSES, Job
 from common.platform.cursor import decode_cursor, encode_cursor
 from common.platform.db import connection, named_errors
-from common.platform.errors import DylenError, Forbidden, MalformedRequest, NotFound
+from common.platform.errors import DylenError, MalformedRequest, NotFound
 from common.platform.http import Call, problem_response, serve
 from common.platform.validation import parse_id
 
 HERE = Path(__file__).resolve().parent
 PAGE_SIZE = 50
 REFRESH_SECONDS = 5
-CSRF_WINDOW_SECONDS = 2 * 3600  # a token is good for its window and the next: 2-4 h
 # functions-framework answers /favicon.ico itself (404): the pages link assets/favicon.svg instead.
 STATIC = {
     "dashboard.css": "text/css; charset=utf-8",
@@ -65,7 +62,6 @@ NOTICES = {
 
 _env: jinja2.Environment | None = None
 _env_lock = threading.Lock()
-_secret: bytes | None = None
 
 
 def _templates() -> jinja2.Environment:
@@ -98,36 +94,6 @@ def _ago(value: datetime | None) -> str:
 
 def _stamp(value: datetime | None) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if value else "-"
-
-
-# --- CSRF ------------------------------------------------------------------------------------------
-
-
-def _key() -> bytes:
-    global _secret
-    if _secret is None:
-        with connection() as conn:
-            _secret = queries.dashboard_secret(conn).encode()
-    return _secret
-
-
-def csrf_token(operator: str, *, now: float | None = None) -> str:
-    """HMAC(key, operator | window): bound to who asks and when, so a page of one operator (or one
-    fetched yesterday) cannot submit for another; no cookie or session is needed."""
-    window = int((time.time() if now is None else now) // CSRF_WINDOW_SECONDS)
-    return hmac.new(_key(), f"{operator}|{window}".encode(), hashlib.sha256).hexdigest()
-
-
-def check_csrf(request: flask.Request, operator: str) -> None:
-    # Browsers say where a request comes from; another site's form is refused before the token.
-    site = request.headers.get("Sec-Fetch-Site")
-    if site is not None and site not in ("same-origin", "none"):
-        raise Forbidden("Cross-site request refused.")
-    sent = request.form.get("csrf", "")
-    now = time.time()
-    good = (csrf_token(operator, now=now), csrf_token(operator, now=now - CSRF_WINDOW_SECONDS))
-    if not any(hmac.compare_digest(sent.encode("utf-8", "surrogateescape"), g.encode()) for g in good):
-        raise Forbidden("Missing or stale form token: reload the page and try again.")
 
 
 # --- the edge --------------------------------------------------------------------------------------
