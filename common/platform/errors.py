@@ -169,11 +169,28 @@ class AuthUnavailable(DylenError):
 
 
 class PermanentJobError(DylenError):
-    """Raised by a handler when retrying cannot help (bad payload); the job ends as `error`."""
+    """Raised by a handler when retrying cannot help (bad payload, a refused prompt); the job ends
+    as `error` with `code`. `message` is for operators (it may quote a provider); users see
+    `public_message`, or the safe text the job system keeps for the code."""
 
     type_slug = "job-permanent-failure"
     title = "Job failed permanently"
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, *, public_message: str | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.public_message = public_message
+
+
+class RetryLater(DylenError):
+    """"Not now" from a kind or a generator (a provider's 429 with its retry delay, a lane with no
+    free slot): the job is rescheduled `after_seconds` from now without using an attempt, up to
+    the job's maximum total wait. `reason` is a short code operators read (e.g. `rate_limited`)."""
+
+    type_slug = "retry-later"
+    title = "Retry later"
+
+    def __init__(self, after_seconds: float, reason: str) -> None:
+        super().__init__(f"Retry in {after_seconds:.1f}s: {reason}")
+        self.after_seconds = max(0.0, float(after_seconds))
+        self.reason = reason
