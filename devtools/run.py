@@ -5,6 +5,11 @@ under functions-framework on its own port with dev auth and a generated task sec
 gateway on :8080 that routes /<function>/... like the cloudfunctions.net URLs do, serves the API
 docs at /docs and lists the functions at /. Ctrl-C stops all, also during start-up.
 
+The gateway answers only requests whose Host is localhost, 127.0.0.1 or [::1] (or a name listed in
+DYLEN_DEV_ALLOWED_HOSTS) with its own port, 403 otherwise: with dev auth anyone who reaches it is a
+user or the operator, and a web page can reach it by DNS rebinding (its own name, resolved to
+127.0.0.1), where the Host header still carries that page's name.
+
 Every port is bound here before anything starts: the gateway's (DYLEN_DEV_PORT, 0 = any free one)
 and one per function (the next free ports after the gateway's, or any free ones with 0), each handed
 to its function as an open socket (devtools/serve_socket.py), so no port can be taken in between.
@@ -17,6 +22,7 @@ import errno
 import http.client
 import http.server
 import os
+import re
 import secrets
 import signal
 import socket
@@ -46,6 +52,28 @@ READ_TIMEOUT = float(os.environ.get("DYLEN_DEV_READ_TIMEOUT_SECONDS") or 10)
 # The longest a forwarded request may wait on its function for each read (then 504).
 UPSTREAM_TIMEOUT = float(os.environ.get("DYLEN_DEV_UPSTREAM_TIMEOUT_SECONDS") or 120)
 MAX_BODY = 1 << 20  # the functions refuse more than 64 KiB; the gateway never buffers more than this
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+ALLOWED_HOSTS_VAR = "DYLEN_DEV_ALLOWED_HOSTS"
+# A DNS name or IPv4 address (lower case), or a bracketed IPv6 address: never a port.
+_HOST_NAME = re.compile(
+    r"^(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\.)*[a-z0-9](?:[a-z0-9-]*[a-z0-9])?$|^\[[0-9a-f:.]+\]$"
+)
+
+
+def allowed_hosts(listed: str | None) -> tuple[str, ...]:
+    """The names the gateway answers: loopback's, then those DYLEN_DEV_ALLOWED_HOSTS lists."""
+    names = list(LOOPBACK_HOSTS)
+    for entry in (listed or "").split(","):
+        name = entry.strip().lower()
+        if not name:
+            continue
+        if not _HOST_NAME.match(name):
+            raise SystemExit(
+                f"{ALLOWED_HOSTS_VAR}: {entry.strip()!r} is not a host name; list names without a port,"
+                " comma-separated (e.g. dylen.localhost,devbox.test)"
+            )
+        names.append(name)
+    return tuple(dict.fromkeys(names))
 
 
 def _listen(port: int) -> socket.socket:
@@ -115,7 +143,7 @@ class Gateway:
     Bound at construction (so its port is known before the functions start), served by `start()`.
     """
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, hosts: tuple[str, ...] = LOOPBACK_HOSTS) -> None:
         self.routes: dict[str, int] = {}
         self.serving = False
         handler = self._handler_class()
@@ -130,6 +158,11 @@ class Gateway:
             raise
         self.server.daemon_threads = True
         self.port = int(self.server.server_address[1])
+        self.hosts = hosts
+        # The Host values a browser sends for these names on this port (it leaves out port 80).
+        self.host_values = frozenset(
+            [f"{name}:{self.port}" for name in hosts] + (list(hosts) if self.port == 80 else [])
+        )
         self.servers: list[http.server.ThreadingHTTPServer] = [self.server]
         # `localhost` may resolve to ::1 first; answer there too where IPv6 loopback exists.
         with contextlib.suppress(OSError):
@@ -189,6 +222,25 @@ class Gateway:
                 if self.command != "HEAD":
                     self.wfile.write(body)
 
+            def host_refused(self) -> bool:
+                """Answers (and closes) a request without exactly one Host that the gateway serves."""
+                values = self.headers.get_all("Host") or []
+                if len(values) == 1 and values[0].strip().lower() in gateway.host_values:
+                    return False
+                self.close_connection = True  # its body, if any, is never read
+                if len(values) != 1:
+                    self.reply(400, b"send exactly one Host header\n", "text/plain; charset=utf-8")
+                    return True
+                served = ", ".join(f"{name}:{gateway.port}" for name in gateway.hosts)
+                body = (
+                    f"Host {values[0][:100]!r} is not served here: this make run gateway answers only"
+                    f" {served} (against DNS rebinding).\n"
+                    f"To allow a name, add it to {ALLOWED_HOSTS_VAR} (comma-separated, without the port)"
+                    " and restart make run.\n"
+                )
+                self.reply(403, body.encode(), "text/plain; charset=utf-8")
+                return True
+
             def origin(self) -> str:
                 return apidocs.gateway_origin(self.headers.get("Host"), f"http://localhost:{gateway.port}")
 
@@ -218,6 +270,8 @@ class Gateway:
                 return True
 
             def forward(self) -> None:
+                if self.host_refused():
+                    return
                 path = urlsplit(self.path)
                 if self.local_page(path.path):
                     return
@@ -337,6 +391,7 @@ def main() -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    hosts = allowed_hosts(os.environ.get(ALLOWED_HOSTS_VAR))  # a wrong value stops us before anything starts
 
     sys.path.insert(0, str(ROOT))
     DEV_DIR.mkdir(parents=True, exist_ok=True)
@@ -372,7 +427,7 @@ def main() -> int:
             pg.stop()
 
     try:
-        gateway = Gateway(int(os.environ.get("DYLEN_DEV_PORT", "8080")))
+        gateway = Gateway(int(os.environ.get("DYLEN_DEV_PORT", "8080")), hosts)
         env["DYLEN_BASE_URL"] = env.get("DYLEN_BASE_URL") or f"http://localhost:{gateway.port}"
         if not env.get("DYLEN_DATABASE_URL"):
             from devtools.embedded_pg import EmbeddedPostgres, create_database

@@ -37,7 +37,7 @@ from tests.support import (
     session,
     stop_all,
 )
-from tests.tokens import CertServer, KeyPair
+from tests.tokens import CertServer, KeyPair, unsigned
 
 PROJECT = "dylen-test"
 INVOKER = "tasks-invoker@dylen-test.iam.gserviceaccount.com"
@@ -145,6 +145,9 @@ def _bad_user_tokens(tokens: Issuer) -> dict[str, tuple[str | None, str]]:
             "signature",
         ),
         "unknown key": (tokens.rogue.sign(json.loads(_claims(tokens.firebase(uid)))), "key"),
+        # google-auth would try every served key for it: this one would verify, were it not refused.
+        "no kid": (tokens.good.sign(json.loads(_claims(tokens.firebase(uid))), with_kid=False), "kid"),
+        "unsigned": (unsigned(json.loads(_claims(tokens.firebase(uid)))), "unsigned"),
         "missing": (None, "Bearer"),
         "not a jwt": ("not-a-token", "Invalid token"),
     }
@@ -156,7 +159,17 @@ def _claims(token: str) -> str:
 
 @pytest.mark.parametrize(
     "case",
-    ["expired", "wrong audience", "wrong issuer", "wrong signature", "unknown key", "missing", "not a jwt"],
+    [
+        "expired",
+        "wrong audience",
+        "wrong issuer",
+        "wrong signature",
+        "unknown key",
+        "no kid",
+        "unsigned",
+        "missing",
+        "not a jwt",
+    ],
 )
 def test_bad_firebase_tokens_are_401_with_a_clear_problem(
     firebase_stack: Stack, issuer: tuple[Issuer, CertServer], case: str
@@ -437,3 +450,121 @@ def test_each_task_function_accepts_exactly_its_audience(
             assert "audience" in bad.json()["detail"].lower()
     finally:
         client.close()
+
+
+# --- issue 30: a token that can never verify is refused before the keys are fetched ---------------
+
+DASHBOARD_AUDIENCE = "https://dashboard.example.test"
+
+
+@pytest.fixture(scope="module")
+def keys_unreachable(
+    database_url: str, logs_dir: Path
+) -> Iterator[tuple[SilentServer, dict[str, FunctionServer]]]:
+    """A user function, a task function and the dashboard, every key URL hanging (SilentServer)."""
+    silent = SilentServer()
+    env = base_env(
+        database_url,
+        DYLEN_AUTH_MODE="firebase",
+        DYLEN_FIREBASE_PROJECT_ID=PROJECT,
+        DYLEN_FIREBASE_CERTS_URL=silent.url(),
+        DYLEN_GOOGLE_OIDC_CERTS_URL=silent.url(),
+        DYLEN_TASKS_INVOKER_SA=INVOKER,
+        DYLEN_TASKS_OIDC_AUDIENCE=AUDIENCE,
+        DYLEN_DASHBOARD_AUDIENCE=DASHBOARD_AUDIENCE,
+        DYLEN_DASHBOARD_OPERATORS=INVOKER,
+        DYLEN_JOBS_AUTO_PROCESS="false",
+    )
+    names = ("get_job", "process_job", "dashboard")
+    servers = {name: FunctionServer(name, env, logs_dir).start(wait=False) for name in names}
+    try:
+        for server in servers.values():
+            server.wait_ready()
+        yield silent, servers
+    finally:
+        stop_all(servers.values())
+        silent.close()
+
+
+def _call(server: FunctionServer, token: str) -> requests.Response:
+    headers = _bearer(token)
+    if server.name == "process_job":
+        return session().post(
+            server.url + "/", json={"job_id": str(uuid.uuid4())}, headers=headers, timeout=30
+        )
+    if server.name == "dashboard":
+        return session().get(server.url + "/jobs", headers=headers, timeout=30)
+    return session().get(f"{server.url}/{uuid.uuid4()}", headers=headers, timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("name", "case", "hint"),
+    [
+        ("get_job", "unsigned", "FIREBASE_AUTH_EMULATOR_HOST"),
+        ("get_job", "HS256", "algorithm 'HS256'"),
+        ("get_job", "ES256", "algorithm 'ES256'"),  # one google-auth can verify: still not Google's
+        ("get_job", "no kid", "(kid)"),
+        ("process_job", "unsigned", "unsigned"),
+        ("process_job", "HS256", "algorithm 'HS256'"),
+        ("process_job", "no kid", "(kid)"),
+        ("dashboard", "unsigned", "unsigned"),
+        ("dashboard", "unsigned user token", "FIREBASE_AUTH_EMULATOR_HOST"),
+        ("dashboard", "HS256", "algorithm 'HS256'"),
+        ("dashboard", "no kid", "(kid)"),
+    ],
+)
+def test_a_token_that_can_never_verify_is_401_at_once_while_the_keys_are_unreachable(
+    keys_unreachable: tuple[SilentServer, dict[str, FunctionServer]],
+    issuer: tuple[Issuer, CertServer],
+    name: str,
+    case: str,
+    hint: str,
+) -> None:
+    silent, servers = keys_unreachable
+    tokens, _ = issuer
+    # Otherwise well-formed for the function it is sent to: only the header is wrong.
+    signed = {
+        "get_job": tokens.firebase("never-valid"),
+        "process_job": tokens.oidc(),
+        "dashboard": tokens.oidc(aud=DASHBOARD_AUDIENCE),
+    }[name]
+    claims = dict(jwt.decode(signed, verify=False))
+    token = {
+        "unsigned": lambda: unsigned(claims),
+        # A Firebase user's emulator token at the dashboard: judged as a user token, still 401.
+        "unsigned user token": lambda: unsigned(dict(jwt.decode(tokens.firebase("u"), verify=False))),
+        "HS256": lambda: tokens.good.sign(claims, alg="HS256"),
+        "ES256": lambda: tokens.good.sign(claims, alg="ES256"),
+        "no kid": lambda: tokens.good.sign(claims, with_kid=False),
+    }[case]()
+    fetches = len(silent.accepted)
+    started = time.monotonic()
+    response = _call(servers[name], token)
+    elapsed = time.monotonic() - started
+    assert response.status_code == 401, response.text
+    assert response.headers["Content-Type"] == "application/problem+json"
+    assert response.headers["WWW-Authenticate"] == "Bearer"
+    assert hint in response.json()["detail"], response.json()
+    assert elapsed < FETCH_TIMEOUT_SECONDS / 2, elapsed  # not after a key fetch timed out
+    assert len(silent.accepted) == fetches, "the keys were fetched for a token that cannot verify"
+
+
+def test_a_well_formed_token_there_still_waits_for_the_keys_and_is_503(
+    keys_unreachable: tuple[SilentServer, dict[str, FunctionServer]], issuer: tuple[Issuer, CertServer]
+) -> None:
+    """The control of the test above: the same functions do need keys they cannot fetch, so its 401s
+    were decided from the header alone."""
+    _, servers = keys_unreachable
+    tokens, _ = issuer
+    well_formed = {
+        "get_job": tokens.firebase("well-formed"),
+        "process_job": tokens.oidc(),
+        "dashboard": tokens.oidc(aud=DASHBOARD_AUDIENCE),
+    }
+    with ThreadPoolExecutor(len(servers)) as pool:  # each waits out one fetch: side by side
+        answers = dict(
+            zip(servers, pool.map(lambda n: _call(servers[n], well_formed[n]), servers), strict=True)
+        )
+    for name, response in answers.items():
+        assert response.status_code == 503, (name, response.text)
+        assert "signing keys" in response.json()["detail"], (name, response.json())

@@ -1,8 +1,10 @@
 """`make run`'s gateway as a newcomer meets it: `/`, the Swagger UI at `/docs` (also in a real browser),
-bounded reads against clients that stop mid-request, and Ctrl-C during start-up.
+bounded reads against clients that stop mid-request, only its own Host names answered (DNS
+rebinding), and Ctrl-C during start-up.
 
 One `python -m devtools.run` serves the module, on the test database, with every port chosen by the
-OS (DYLEN_DEV_PORT=0) and a short read bound so the slow-client tests stay quick.
+OS (DYLEN_DEV_PORT=0), a short read bound so the slow-client tests stay quick, and one extra name
+allowed (EXTRA_HOST).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -27,6 +30,7 @@ import requests
 from tests.support import ROOT, session
 
 READ_TIMEOUT = 2.0  # DYLEN_DEV_READ_TIMEOUT_SECONDS for this module's runner
+EXTRA_HOST = "dylen.test"  # DYLEN_DEV_ALLOWED_HOSTS for this module's runner
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--headless",
@@ -66,7 +70,12 @@ def gateway(database_url: str) -> Iterator[str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "devtools.run"],
         cwd=ROOT,
-        env=_runner_env(dev_dir, database_url, DYLEN_DEV_READ_TIMEOUT_SECONDS=str(READ_TIMEOUT)),
+        env=_runner_env(
+            dev_dir,
+            database_url,
+            DYLEN_DEV_READ_TIMEOUT_SECONDS=str(READ_TIMEOUT),
+            DYLEN_DEV_ALLOWED_HOSTS=f" {EXTRA_HOST.upper()} ,",  # case and blanks do not matter
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -167,9 +176,12 @@ def _closed_within(sock: socket.socket, limit: float) -> float:
     return time.monotonic() - started
 
 
+def _port(gateway: str) -> int:
+    return int(gateway.rsplit(":", 1)[1])
+
+
 def _connect(gateway: str) -> socket.socket:
-    port = int(gateway.rsplit(":", 1)[1])
-    return socket.create_connection(("127.0.0.1", port), timeout=5)
+    return socket.create_connection(("127.0.0.1", _port(gateway)), timeout=5)
 
 
 def test_a_client_that_stops_mid_request_line_is_cut_off_while_others_are_served(gateway: str) -> None:
@@ -194,8 +206,10 @@ def test_a_client_that_trickles_its_headers_is_cut_off_at_the_bound(gateway: str
     sock = _connect(gateway)
     stop = threading.Event()
 
+    head = f"POST /create_job HTTP/1.1\r\nHost: 127.0.0.1:{_port(gateway)}\r\nX-Dylen-User: demo\r\n"
+
     def trickle() -> None:
-        for byte in b"POST /create_job HTTP/1.1\r\nHost: x\r\nX-Dylen-User: demo\r\nX-Padding: " + b"a" * 100:
+        for byte in head.encode() + b"X-Padding: " + b"a" * 100:
             if stop.wait(0.5):
                 return
             try:
@@ -219,8 +233,8 @@ def test_a_body_shorter_than_its_content_length_is_cut_off(gateway: str) -> None
     sock = _connect(gateway)
     try:
         sock.sendall(
-            b"POST /create_job HTTP/1.1\r\nHost: x\r\nX-Dylen-User: demo\r\n"
-            b'Content-Type: application/json\r\nContent-Length: 500\r\n\r\n{"job_kind"'
+            f"POST /create_job HTTP/1.1\r\nHost: localhost:{_port(gateway)}\r\nX-Dylen-User: demo\r\n".encode()
+            + b'Content-Type: application/json\r\nContent-Length: 500\r\n\r\n{"job_kind"'
         )
         assert _closed_within(sock, READ_TIMEOUT + 5) <= READ_TIMEOUT + 3
     finally:
@@ -291,3 +305,128 @@ def test_a_client_that_asks_to_close_is_told_so_and_never_meets_a_closed_connect
     # Then every answer says the connection closes, so none is reused after the gateway closed it
     assert {a.status_code for a in answers} == {200}
     assert {a.headers.get("Connection") for a in answers} == {"close"}
+
+
+# --- issue 30: only its own Host names (DNS rebinding) ----------------------------------------------
+
+
+def _with_host(
+    gateway: str, host: str, path: str = "/", method: str = "GET", **kwargs: Any
+) -> requests.Response:
+    """A request to the gateway (over 127.0.0.1) that says `host` in its Host header, as a browser
+    does for whatever name it resolved to the gateway's address."""
+    http = session()
+    try:
+        headers = {"Host": host, "X-Dylen-User": "demo"}
+        return http.request(method, gateway + path, headers=headers, timeout=10, **kwargs)
+    finally:
+        http.close()
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["localhost:{port}", "127.0.0.1:{port}", "[::1]:{port}", "LocalHost:{port}", EXTRA_HOST + ":{port}"],
+)
+def test_loopback_names_and_the_listed_one_are_served_on_the_gateways_port(gateway: str, host: str) -> None:
+    host = host.format(port=_port(gateway))
+    assert _with_host(gateway, host).status_code == 200
+    lessons = _with_host(gateway, host, "/list_lessons")
+    assert lessons.status_code == 200, lessons.text
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "evil.example",  # a rebinding page on port 80 ...
+        "evil.example:{port}",  # ... or on the gateway's own port
+        "localhost",  # port 80 implied: not the gateway's
+        "localhost:{other}",
+        "127.0.0.1:{other}",
+        "[::1]:{other}",
+        EXTRA_HOST + ":{other}",
+        EXTRA_HOST + ".evil.example:{port}",
+        "localhost.:{port}",
+        "127.0.0.2:{port}",
+        "localhost:{port}@evil.example",
+    ],
+)
+def test_any_other_host_is_403_and_told_how_to_allow_a_name(gateway: str, host: str) -> None:
+    port = _port(gateway)
+    host = host.format(port=port, other=port + 1 if port < 65535 else port - 1)
+    for method, path in (
+        ("GET", "/"),
+        ("GET", "/docs/openapi.json"),
+        ("GET", "/dashboard/"),
+        ("POST", "/create_job"),
+    ):
+        refused = _with_host(gateway, host, path, method)
+        assert refused.status_code == 403, (method, path, refused.text)
+        assert refused.headers["Content-Type"].startswith("text/plain")
+        assert refused.headers["Connection"] == "close"  # a POST's body was never read
+        assert "To allow a name, add it to DYLEN_DEV_ALLOWED_HOSTS" in refused.text, refused.text
+
+
+def test_a_dns_rebinding_page_can_neither_read_the_dashboard_nor_create_a_job(gateway: str) -> None:
+    # Given a page from evil.example whose name now resolves to 127.0.0.1: its requests are same-origin
+    # to it, and carry its own name as the Host
+    rebound = f"evil.example:{_port(gateway)}"
+    # When it reads the dashboard (for its CSRF token) and creates a job
+    page = _with_host(gateway, rebound, "/dashboard/")
+    key = f"rebinding-{uuid.uuid4().hex[:8]}"
+    body = {"job_kind": "lesson", "idempotency_key": key, "payload": {"topic": "Tides"}}
+    created = _with_host(gateway, rebound, "/create_job", "POST", json=body)
+    # Then both are refused, and nothing reached the function: the same key is new to it
+    assert page.status_code == 403 and "csrf" not in page.text.lower()
+    assert created.status_code == 403
+    first = _with_host(gateway, f"localhost:{_port(gateway)}", "/create_job", "POST", json=body)
+    assert first.status_code == 202, first.text
+
+
+def test_a_request_without_exactly_one_host_is_400(gateway: str) -> None:
+    port = _port(gateway)
+    for head in (
+        b"GET / HTTP/1.0\r\n\r\n",
+        f"GET / HTTP/1.1\r\nHost: localhost:{port}\r\nHost: evil.example\r\n\r\n".encode(),
+    ):
+        sock = _connect(gateway)
+        try:
+            sock.sendall(head)
+            answer = b""
+            while chunk := sock.recv(4096):
+                answer += chunk
+        finally:
+            sock.close()
+        assert answer.startswith(b"HTTP/1.1 400 "), answer
+        assert b"exactly one Host" in answer
+
+
+def test_the_gateway_answers_over_ipv6_loopback_as_localhost_may_resolve_there(gateway: str) -> None:
+    try:
+        socket.create_connection(("::1", _port(gateway)), timeout=5).close()
+    except OSError as error:
+        pytest.skip(f"no IPv6 loopback here ({error}); the [::1] Host is checked over 127.0.0.1 above")
+    http = session()
+    try:
+        answer = http.get(
+            f"http://[::1]:{_port(gateway)}/list_lessons", headers={"X-Dylen-User": "demo"}, timeout=10
+        )
+    finally:
+        http.close()
+    assert answer.status_code == 200, answer.text  # its Host was [::1]:<port>, as a browser's would be
+
+
+@pytest.mark.parametrize("listed", ["localhost:8080", "evil example", "http://dylen.test"])
+def test_a_wrong_allowed_hosts_value_stops_the_runner_before_anything_starts(
+    database_url: str, tmp_path: Path, listed: str
+) -> None:
+    finished = subprocess.run(
+        [sys.executable, "-m", "devtools.run"],
+        cwd=ROOT,
+        env=_runner_env(tmp_path, database_url, DYLEN_DEV_ALLOWED_HOSTS=f"dylen.test,{listed}"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert finished.returncode == 1, finished
+    assert f"DYLEN_DEV_ALLOWED_HOSTS: {listed!r} is not a host name" in finished.stderr, finished.stderr
+    assert "Migrating" not in finished.stdout

@@ -1,4 +1,5 @@
-"""A token issuer for tests: RSA keys, RS256 JWTs, and their x509 certificates served on loopback.
+"""A token issuer for tests: RSA keys, RS256 JWTs, and their x509 certificates served on loopback;
+and unsigned JWTs like the Firebase Auth emulator's.
 
 Google's signing-key endpoints cannot be reached here, so tests are their own issuer; the functions
 read the certificates from DYLEN_FIREBASE_CERTS_URL / DYLEN_GOOGLE_OIDC_CERTS_URL (test-only knobs).
@@ -6,6 +7,7 @@ read the certificates from DYLEN_FIREBASE_CERTS_URL / DYLEN_GOOGLE_OIDC_CERTS_UR
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import http.server
 import json
@@ -25,7 +27,7 @@ class KeyPair:
     kid: str
     private_pem: bytes
     cert_pem: str
-    _signers: dict[str, crypt.RSASigner] = field(default_factory=dict)
+    _signers: dict[str | None, crypt.RSASigner] = field(default_factory=dict)
 
     @classmethod
     def generate(cls, kid: str) -> KeyPair:
@@ -47,11 +49,28 @@ class KeyPair:
         )
         return cls(kid, private_pem, cert.public_bytes(serialization.Encoding.PEM).decode())
 
-    def sign(self, claims: dict[str, Any], *, kid: str | None = None) -> str:
-        kid = kid or self.kid
-        if kid not in self._signers:  # loading a private key is slow (it is validated): once per kid
-            self._signers[kid] = crypt.RSASigner.from_string(self.private_pem, key_id=kid)
-        return jwt.encode(self._signers[kid], claims).decode()
+    def sign(
+        self, claims: dict[str, Any], *, kid: str | None = None, with_kid: bool = True, alg: str = "RS256"
+    ) -> str:
+        """An RS256 signature; `alg` only labels the header (a token claiming another algorithm),
+        `with_kid=False` leaves the key id out of it."""
+        key_id = (kid or self.kid) if with_kid else None
+        if key_id not in self._signers:  # loading a private key is slow (it is validated): once per kid
+            self._signers[key_id] = crypt.RSASigner.from_string(self.private_pem, key_id=key_id)
+        return jwt.encode(self._signers[key_id], claims, header={"alg": alg}).decode()
+
+
+def unsigned(claims: dict[str, Any]) -> str:
+    """An unsigned JWT (alg "none", empty signature), as the Firebase Auth emulator issues its ID
+    tokens (firebase-tools signs them with jsonwebtoken's algorithm "none")."""
+    header = {"alg": "none", "typ": "JWT"}
+    return (
+        ".".join(
+            base64.urlsafe_b64encode(json.dumps(part).encode()).decode().rstrip("=")
+            for part in (header, claims)
+        )
+        + "."
+    )
 
 
 class CertServer(http.server.ThreadingHTTPServer):

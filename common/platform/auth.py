@@ -158,12 +158,36 @@ def _check_claim_types(token: str) -> None:
         raise Unauthenticated("Invalid token: claim email_verified must be a boolean.")
 
 
-def _decode(token: str, *, certs_url: str, audience: str | list[str] | None) -> dict[str, Any]:
+def _check_header(token: str, *, unsigned_hint: str) -> None:
+    """Google signs Firebase ID tokens and its OIDC tokens RS256 with a `kid` naming the key; any
+    other header can never verify, so it is refused before the keys are fetched (a key fetch that
+    fails would answer 503, telling the caller to retry a token that will never pass)."""
+    # Lazily: google-auth (and its crypto) loads with the first token, not at cold start.
+    from google.auth import jwt
+
+    header = jwt.decode_header(token)  # the header only; the signature is verified later
+    alg = header.get("alg")
+    if alg == "none":
+        raise Unauthenticated(
+            f"Invalid token: it is unsigned (alg 'none'); only RS256 is accepted{unsigned_hint}."
+        )
+    if alg != "RS256":
+        shown = repr(alg) if isinstance(alg, str) and len(alg) <= 20 and alg.isprintable() else "another"
+        raise Unauthenticated(f"Invalid token: algorithm {shown}; only RS256 is accepted.")
+    kid = header.get("kid")
+    if not isinstance(kid, str) or not kid:
+        raise Unauthenticated("Invalid token: its header names no signing key (kid).")
+
+
+def _decode(
+    token: str, *, certs_url: str, audience: str | list[str] | None, unsigned_hint: str = ""
+) -> dict[str, Any]:
     # Lazily: google-auth (and its crypto) loads with the first token, not at cold start.
     from google.auth import exceptions as auth_exceptions
     from google.auth import jwt
 
     try:
+        _check_header(token, unsigned_hint=unsigned_hint)
         _check_claim_types(token)
         claims = jwt.decode(
             token,
@@ -204,6 +228,10 @@ def _emulator_claims(token: str, *, audience: str | None) -> dict[str, Any]:
     return claims
 
 
+# Said when an unsigned token meets a function not configured for the emulator: the likely mix-up.
+_EMULATOR_HINT = " (the Firebase Auth emulator's, only where FIREBASE_AUTH_EMULATOR_HOST is set)"
+
+
 def authenticate_user(headers: Headers, settings: Settings) -> str:
     """The caller's uid, or Unauthenticated (401)."""
     if settings.auth_mode == "dev":
@@ -222,7 +250,12 @@ def authenticate_user(headers: Headers, settings: Settings) -> str:
     if settings.firebase_auth_emulator_host:
         claims = _emulator_claims(token, audience=project)
     else:
-        claims = _decode(token, certs_url=settings.firebase_certs_url, audience=project)
+        claims = _decode(
+            token,
+            certs_url=settings.firebase_certs_url,
+            audience=project,
+            unsigned_hint=_EMULATOR_HINT,
+        )
     if claims.get("iss") != f"https://securetoken.google.com/{project}":
         raise Unauthenticated("Invalid token: wrong issuer.")
     subject = claims.get("sub")
