@@ -24,6 +24,8 @@ LAYERS = {
 # Every table of the schema, and the package that owns it (the only one that writes it).
 OWNERS = {
     "jobs": "common.jobs",
+    "job_attempts": "common.jobs",
+    "job_pruned_totals": "common.jobs",
     "users": "common.accounts",
     "lessons": "common.lessons",
     "job_done_totals": "common.dashboard",
