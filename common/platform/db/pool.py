@@ -32,17 +32,18 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime
 from typing import Any
 
 from common.platform.config import Settings, get_settings
 from common.platform.db.connect import Opened, connect_function, describe, driver
 from common.platform.db.statement import (
+    PreparedStatements,
     QueryError,
     Result,
     Statement,
     error_message,
     is_disconnect,
+    read_timestamptz,
     sqlstate,
 )
 from common.platform.errors import DatabaseUnavailable
@@ -57,9 +58,6 @@ _pool: Pool | None = None
 PING_AFTER_IDLE_SECONDS = 2.0
 RECYCLE_SECONDS = 1800.0
 
-# After these a prepared statement must be prepared again: 26000 it no longer exists (the session
-# was reset), 0A000 "cached plan must not change result type" (a migration altered a table).
-_STALE_STATEMENT_SQLSTATES = ("26000", "0A000")
 # statement_timeout (set on Cloud SQL connector connections, whose socket we cannot bound): the
 # server canceled a statement slower than the read timeout.
 _QUERY_CANCELED = "57014"
@@ -96,8 +94,7 @@ class _Record:
         # False from the first byte of an exchange until its reply was read whole (the invariant).
         self.clean = True
         self.in_transaction = False
-        # Statement -> (name, columns, input funcs) of its prepared form on this connection.
-        self.prepared: dict[Statement, Any] = {}
+        self.prepared = PreparedStatements(opened.con)
 
     @property
     def reusable(self) -> bool:
@@ -119,15 +116,23 @@ class Connection:
             statement = Statement(statement)
         numbered, make_args = statement.compiled()
         args = make_args(params or {})
+        record = self._record
         if statement.prepare:
             # Converted before the exchange: nothing is written for a value the driver cannot take.
-            params = self._record.make_params(self._record.con.py_types, args)
-            context = self._exchange(statement.sql, self._run_prepared, statement, params)
+            converted = record.make_params(record.con.py_types, args)
+            context = self._exchange(
+                statement.sql, record.prepared.run, statement, converted, record.in_transaction
+            )
         elif args:
-            context = self._exchange(statement.sql, self._record.con.execute_unnamed, numbered, args)
+            context = self._exchange(statement.sql, record.con.execute_unnamed, numbered, args)
         else:
-            context = self._exchange(statement.sql, self._record.con.execute_simple, statement.sql)
+            context = self._exchange(statement.sql, record.con.execute_simple, statement.sql)
         return statement.result(context)
+
+    @property
+    def prepared_count(self) -> int:
+        """How many statements this connection holds prepared (the server holds the same ones)."""
+        return len(self._record.prepared)
 
     def execute_simple(self, sql: str) -> Result:
         """A statement without parameters, in the simple protocol (DDL, ANALYZE, several statements)."""
@@ -174,26 +179,6 @@ class Connection:
         record.clean = True
         return context
 
-    def _run_prepared(self, statement: Statement, params: tuple[Any, ...]) -> Any:
-        record = self._record
-        con = record.con
-        entry = record.prepared.get(statement)
-        if entry is None:
-            entry = record.prepared[statement] = con.prepare_statement(statement.compiled()[0], ())
-        name, columns, input_funcs = entry
-        try:
-            return con.execute_named(name, params, columns, input_funcs, statement.sql)
-        except driver().DatabaseError as error:
-            if sqlstate(error) not in _STALE_STATEMENT_SQLSTATES:
-                raise
-            del record.prepared[statement]
-            if record.in_transaction:  # the failure aborted the transaction: nothing to retry in
-                raise
-        # Prepare it again once (a migration altered a table, or the session was reset).
-        entry = record.prepared[statement] = con.prepare_statement(statement.compiled()[0], ())
-        name, columns, input_funcs = entry
-        return con.execute_named(name, params, columns, input_funcs, statement.sql)
-
     def _translate(self, error: Exception, sql: str) -> Exception:
         if is_disconnect(error):
             self._record.clean = False
@@ -207,19 +192,6 @@ class Connection:
 
 
 # --- the pool ---------------------------------------------------------------------------------------
-
-
-def _timestamptz_in(data: str) -> Any:
-    """pg8000 parses timestamptz with strptime, the largest single cost of reading a job row;
-    PostgreSQL's ISO output is what datetime.fromisoformat reads natively. The rare values it does
-    not (infinity, BC dates, years past 9999) go to pg8000's own parser."""
-    try:
-        return datetime.fromisoformat(data)
-    except ValueError:
-        # Lazily, like the driver (connect.driver): nothing of pg8000 loads at cold start.
-        from pg8000.converters import timestamptz_in
-
-        return timestamptz_in(data)
 
 
 class Pool:
@@ -302,7 +274,7 @@ class Pool:
         record = _Record(opened, generation)
         try:
             opened.con.autocommit = True
-            opened.con.register_in_adapter(_TIMESTAMPTZ_OID, _timestamptz_in)
+            opened.con.register_in_adapter(_TIMESTAMPTZ_OID, read_timestamptz)
         except BaseException:
             self._discard(record)
             raise
