@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import uuid
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from common.platform.db import pool as common_db
 from common.platform.db.statement import PREPARED_PER_CONNECTION
 from common.platform.errors import ConfigError
 from tests.factories import make_job
+from tests.support import ROOT
 
 
 def test_transaction_rolls_back_everything_on_error(app_env: dict[str, str], db: sa.Engine) -> None:
@@ -184,6 +186,57 @@ def test_a_statement_whose_table_changed_is_replaced_not_left_on_the_server(
         assert conn.execute(select, {"a": 2}).one() == (2, 7, 8)  # outside one: prepared again at once
         assert prepared_here(conn, select) == 1
         assert prepared_on_server(conn) == conn.prepared_count == 1
+
+
+def prepared_in_functions(source: str) -> list[int]:
+    """Lines where `Statement(..., prepare=...)` is built inside a function or lambda body."""
+    found = []
+    for scope in ast.walk(ast.parse(source)):
+        if isinstance(scope, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            body: list[ast.AST] = list(scope.body)
+        elif isinstance(scope, ast.Lambda):
+            body = [scope.body]
+        else:
+            continue
+        for node in (n for part in body for n in ast.walk(part)):
+            if (
+                isinstance(node, ast.Call)
+                and (node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", None))
+                == "Statement"
+                and any(
+                    k.arg == "prepare" and not (isinstance(k.value, ast.Constant) and not k.value.value)
+                    for k in node.keywords
+                )
+            ):
+                found.append(node.lineno)
+    return sorted(set(found))
+
+
+def test_the_prepared_checker_finds_what_it_is_for() -> None:
+    sample = (
+        "A = Statement('SELECT 1', prepare=True)\n"
+        "def f(conn, s=Statement('SELECT 2', prepare=True)):\n"
+        "    plain = Statement('SELECT 3')\n"
+        "    off = db.Statement('SELECT 4', prepare=False)\n"
+        "    return conn.execute(db.Statement('SELECT 5', prepare=True))\n"
+        "class Q:\n"
+        "    B = Statement('SELECT 6', prepare=True)\n"
+        "    async def g(self, hot):\n"
+        "        return Statement('SELECT 7', prepare=hot)\n"
+        "h = lambda: Statement('SELECT 8', prepare=True)\n"
+    )
+    assert prepared_in_functions(sample) == [5, 9, 10]
+
+
+def test_prepared_statements_are_declared_at_module_level() -> None:
+    """The pool finds a prepared statement by its SQL whatever object carries it, but a Statement
+    built per call still compiles its SQL and builds its row type per call: hot SQL is declared once."""
+    offenders = [
+        f"{path.relative_to(ROOT)}:{line}"
+        for path in sorted((ROOT / "common").rglob("*.py"))
+        for line in prepared_in_functions(path.read_text(encoding="utf-8"))
+    ]
+    assert offenders == []
 
 
 def test_replies_of_any_size_arrive_whole(app_env: dict[str, str]) -> None:

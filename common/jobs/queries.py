@@ -377,11 +377,12 @@ def start_sections(
     return [Job.from_row(row) for row in rows] or None
 
 
+_GET_PLAN = Statement("SELECT request_json, plan FROM jobs WHERE id = :id", prepare=True)
+
+
 def get_plan(conn: Connection, job_id: uuid.UUID) -> Any:
     """(request_json, plan) of a parent, for its sections to run."""
-    return conn.execute(
-        Statement("SELECT request_json, plan FROM jobs WHERE id = :id", prepare=True), {"id": job_id}
-    ).first()
+    return conn.execute(_GET_PLAN, {"id": job_id}).first()
 
 
 # The parent is locked first (FOR UPDATE, re-checked after the wait): sections finishing at once
