@@ -5,9 +5,9 @@ Why not SQLAlchemy's engine at run time: importing SQLAlchemy costs ~0.3 s of CP
 whole bare functions-framework cold start, and its execution path around pg8000 costs more CPU per
 request than the statement itself (bench/RESULTS.md). The functions only ever run fixed SQL, so
 this module drives pg8000 through its public connection methods (`execute_simple`,
-`execute_unnamed`, `prepare_statement`, `execute_named`) with what the engine gave us: a bounded
-pool with overflow, a checkout wait, recycling, liveness checks, and "a lost connection replaces the
-pool". SQLAlchemy stays for migrations only (`python -m common.cli migrate`).
+`execute_unnamed`, and through statement.PreparedStatements `prepare_statement`, `execute_named`,
+`close_prepared_statement`) with what the engine gave us: a bounded pool with overflow, a checkout
+wait, recycling, liveness checks, and "a lost connection replaces the pool". SQLAlchemy stays for migrations only (`python -m common.cli migrate`).
 
 The pool's one invariant: **a connection is reused only if its last exchange ended cleanly**. Every
 exchange marks its connection unclean before the first byte goes out, and only two outcomes mark it

@@ -25,7 +25,7 @@ _DISCONNECT_SQLSTATES = ("57P01", "57P02", "57P03")
 # After these a prepared statement must be prepared again: 26000 it no longer exists (the session
 # was reset), 0A000 "cached plan must not change result type" (a migration altered a table).
 _STALE_STATEMENT_SQLSTATES = ("26000", "0A000")
-# The hot path declares about fifteen; the bound only bites SQL built per call or a new hot path.
+# Far above what the hot path declares: the bound only bites SQL built per call.
 PREPARED_PER_CONNECTION = 128
 
 
