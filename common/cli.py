@@ -179,8 +179,8 @@ def run_jobs(args: argparse.Namespace) -> int:
         else:
             print(_jobs_table(jobs) if jobs else "No jobs match.")
     elif command == "show":
-        job, sections = ops.show_job(args.job_id)
-        detail = ops.job_detail(job, sections)
+        shown = ops.show_job(args.job_id)
+        detail = ops.job_detail(shown.job, shown.sections, shown.attempts)
         print(json.dumps(detail, indent=2, ensure_ascii=False) if args.json else _job_text(detail))
     elif command == "cancel":
         job = ops.cancel_job(args.job_id)
@@ -296,7 +296,16 @@ def _job_text(detail: dict[str, Any]) -> str:
         ("kind", detail["job_kind"]),
         ("status", detail["status"]),
         ("user", detail["user_id"] or "-"),
-        ("attempts", f"{detail['attempts']} of {detail['max_attempts']}"),
+        (
+            "attempts",
+            f"{detail['attempts']} of {detail['max_attempts']}"
+            + (
+                f" ({detail['deferrals']} deferred, {detail['waited_seconds']:.0f}s waited)"
+                if detail["deferrals"]
+                else ""
+            ),
+        ),
+        ("next", detail["next_attempt_at"] or "-"),
         ("created", stamp("created_at")),
         ("dispatched", stamp("dispatched_at")),
         ("started", stamp("started_at")),
@@ -312,6 +321,23 @@ def _job_text(detail: dict[str, Any]) -> str:
     for key in ("request", "error", "result"):
         body = "-" if detail[key] is None else json.dumps(detail[key], indent=2, ensure_ascii=False)
         text += f"\n{key:<12}" + body.replace("\n", "\n" + " " * 12)
+    if "attempt_history" in detail:
+        rows = [
+            [
+                str(a["attempt"]),
+                a["outcome"],
+                a["started_at"] or "-",
+                "-" if a["seconds"] is None else ops.format_duration(a["seconds"]),
+                a["error_code"] or "",
+                a["instance"] or "",
+            ]
+            for a in detail["attempt_history"]
+        ]
+        text += "\nhistory\n" + _table(["#", "OUTCOME", "STARTED", "TOOK", "ERROR", "INSTANCE"], rows)
+        for a in detail["attempt_history"]:
+            if a["error_detail"]:
+                raw = a["error_detail"].rstrip().replace("\n", "\n" + " " * 12)
+                text += f"\n{'attempt ' + str(a['attempt']):<12}{raw}"
     if "sections" in detail:
         rows = [
             [

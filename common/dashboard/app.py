@@ -257,12 +257,14 @@ def _uuid(raw: str) -> uuid.UUID | None:
 
 
 def job_page(request: flask.Request, operator: str) -> flask.Response:
-    job, sections = ops.show_job(request.args.get("id") or "")  # sections: a fanned-out lesson's
+    shown = ops.show_job(request.args.get("id") or "")  # sections: a fanned-out lesson's
+    job, sections = shown.job, shown.sections
     with connection() as conn:
         lesson = queries.lesson_of(conn, job.id)
     return render(
         "job.html",
         job=job,
+        attempts=shown.attempts,
         detail=ops.job_detail(job),
         timeline=timeline(job),
         lesson=lesson,
