@@ -189,9 +189,19 @@ def test_a_statement_whose_table_changed_is_replaced_not_left_on_the_server(
 
 
 def prepared_in_functions(source: str) -> list[int]:
-    """Lines where `Statement(..., prepare=...)` is built inside a function or lambda body."""
+    """Lines where `Statement(..., prepare=...)`, or a `transitions.Output` (which always prepares),
+    is built inside a function or lambda body; Output's own constructor is that declaration."""
     found = []
-    for scope in ast.walk(ast.parse(source)):
+    tree = ast.parse(source)
+    declaring = {
+        id(method)
+        for cls in ast.walk(tree)
+        if isinstance(cls, ast.ClassDef) and cls.name == "Output"
+        for method in cls.body
+    }
+    for scope in ast.walk(tree):
+        if id(scope) in declaring:
+            continue
         if isinstance(scope, (ast.FunctionDef, ast.AsyncFunctionDef)):
             body: list[ast.AST] = list(scope.body)
         elif isinstance(scope, ast.Lambda):
@@ -199,10 +209,11 @@ def prepared_in_functions(source: str) -> list[int]:
         else:
             continue
         for node in (n for part in body for n in ast.walk(part)):
-            if (
-                isinstance(node, ast.Call)
-                and (node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", None))
-                == "Statement"
+            if not isinstance(node, ast.Call):
+                continue
+            name = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", None)
+            if name == "Output" or (
+                name == "Statement"
                 and any(
                     k.arg == "prepare" and not (isinstance(k.value, ast.Constant) and not k.value.value)
                     for k in node.keywords
@@ -224,8 +235,14 @@ def test_the_prepared_checker_finds_what_it_is_for() -> None:
         "    async def g(self, hot):\n"
         "        return Statement('SELECT 7', prepare=hot)\n"
         "h = lambda: Statement('SELECT 8', prepare=True)\n"
+        "LESSON = transitions.Output('INSERT ...')\n"
+        "def per_call():\n"
+        "    return transitions.Output('INSERT ...')\n"
+        "class Output:\n"
+        "    def __init__(self, sql):\n"
+        "        self.statement = Statement(sql, prepare=True)\n"
     )
-    assert prepared_in_functions(sample) == [5, 9, 10]
+    assert prepared_in_functions(sample) == [5, 9, 10, 13]
 
 
 def test_prepared_statements_are_declared_at_module_level() -> None:

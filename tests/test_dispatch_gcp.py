@@ -167,10 +167,8 @@ def test_a_retry_is_a_task_for_its_time_schedule_time_read_back_with_the_real_cl
     # Then its task waits for that time, named from the job, its attempt and its due time
     (task,) = _tasks(client, queue)
     assert task.schedule_time == due
+    # (the emulator does not enforce name uniqueness: ALREADY_EXISTS is the stand-in's test below)
     assert task.name.endswith(f"/tasks/job-{job.id}-2-{int(due.timestamp() * 1000)}")
-    # And a second hand-over of the same retry collapses into it
-    CloudTasksDispatcher(settings, job_settings.load({})).dispatch(job)
-    assert len(_tasks(client, queue)) == 1
 
 
 @pytest.mark.parametrize(("timeout", "deadline"), [(5, 15), (600, 600), (7200, 1800)])

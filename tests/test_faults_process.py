@@ -49,15 +49,17 @@ def _restart_process_job(stack: Stack) -> None:
     server.start()
 
 
-def _finish_with_rescue(stack: Stack, db: sa.Engine, ids: list[str], timeout: float = 60) -> None:
-    def done() -> bool:
+def _finish_with_rescue(
+    stack: Stack, db: sa.Engine, ids: list[str], timeout: float = 60, *, ends: tuple[str, ...] = ("done",)
+) -> None:
+    def finished() -> bool:
         statuses = job_statuses(db, ids)
-        if all(statuses.get(i) == "done" for i in ids):
+        if all(statuses.get(i) in ends for i in ids):
             return True
         rescue(stack)
         return False
 
-    wait_until(done, timeout=timeout, interval=0.5, what="every job done")
+    wait_until(finished, timeout=timeout, interval=0.5, what=f"every job {' or '.join(ends)}")
 
 
 def test_sigkill_mid_job_then_the_lease_expires_and_the_job_finishes_once(
@@ -207,7 +209,7 @@ def test_soak_jobs_finish_exactly_once_while_process_job_is_killed_at_random(
     assert len(accepted) == total
     assert kills >= 3
 
-    _finish_with_rescue(fault_stack, db, accepted, timeout=max(60, total * 0.15))
+    _finish_with_rescue(fault_stack, db, accepted, timeout=max(60, total * 0.15), ends=("done", "error"))
     statuses = job_statuses(db, accepted)
     done = [job_id for job_id in accepted if statuses[job_id] == "done"]
     per_job = lessons_per_job(db, accepted)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -13,22 +14,45 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from tests.faults import kill_all, start_stack
 from tests.generators import SECRET
-from tests.support import ROOT, Stack, StackFactory, handler_runs, lesson_body
+from tests.support import ROOT, Stack, handler_runs, lesson_body
 
 BASE, CAP = 1.0, 4.0  # the backoff stack's policy: waits of at most 1, 2, 4, 4 ... s
 
 
+# This module's stacks are its own and stop with it: every process holds database connections.
 @pytest.fixture(scope="module")
-def backoff_stack(make_stack: StackFactory) -> Stack:
-    return make_stack(
+def backoff_stack(database_url: str, logs_dir: Path, calls_dir: Path) -> Iterator[Stack]:
+    stack = start_stack(
+        database_url,
+        logs_dir,
+        names=("create_job", "get_job"),
         DYLEN_JOBS_AUTO_PROCESS="false",
         DYLEN_LESSON_GENERATOR="tests.generators:generate",
+        DYLEN_TEST_CALLS_DIR=str(calls_dir),
         DYLEN_JOB_MAX_ATTEMPTS="4",
         DYLEN_JOB_RETRY_BASE_SECONDS=str(BASE),
         DYLEN_JOB_RETRY_CAP_SECONDS=str(CAP),
         DYLEN_JOB_MAX_WAIT_SECONDS="1",
     )
+    yield stack
+    kill_all(stack)
+
+
+@pytest.fixture(scope="module")
+def sections_stack(database_url: str, logs_dir: Path, calls_dir: Path) -> Iterator[Stack]:
+    """Local dispatch on, a planner, and a policy of its own for sections (waits up to 2 s)."""
+    stack = start_stack(
+        database_url,
+        logs_dir,
+        names=("create_job", "get_job"),
+        DYLEN_LESSON_GENERATOR="tests.generators:fanout",
+        DYLEN_TEST_CALLS_DIR=str(calls_dir),
+        DYLEN_JOB_RETRY_POLICIES="lesson.section=base:2,cap:2,attempts:3",
+    )
+    yield stack
+    kill_all(stack)
 
 
 def _create(stack: Stack, user: str, topic: str) -> str:
@@ -168,30 +192,30 @@ def test_the_backoff_follows_the_policy_within_its_jitter(
     )
 
 
-def test_the_local_dispatcher_delivers_a_retry_at_its_time_without_rescue(
-    make_stack: StackFactory, db: sa.Engine, user: str
+def test_the_local_dispatcher_delivers_retries_at_their_time_without_rescue(
+    sections_stack: Stack, db: sa.Engine, user: str
 ) -> None:
-    # Given the default local dispatch and a policy of waits up to 3 s
-    stack = make_stack(
-        DYLEN_LESSON_GENERATOR="tests.generators:generate",
-        DYLEN_JOB_RETRY_BASE_SECONDS="3",
-        DYLEN_JOB_RETRY_CAP_SECONDS="3",
-    )
-    job_id = _create(stack, user, "fail-once Dispatch")
-    # When the first attempt fails, the job is done later with no rescue_jobs run at all
-    body = stack.wait_for(user, job_id, timeout=20)
-    assert (body["status"], body["attempts"]) == ("done", 2)
-    (retried,) = [
-        line
-        for line in stack.servers["process_job"].log_lines()
-        if line.get("message") == "Job will be retried" and line.get("job_id") == job_id
-    ]
-    due = datetime.fromisoformat(retried["run_after"])
+    # Given a lesson whose section 1 fails on its attempts 1 and 2 (the sections' policy: <= 2 s)
+    job_id = _create(sections_stack, user, "flaky-section:1 Dispatch")
+    # When it runs, it is done with no rescue_jobs run at all (there is none in this stack)
+    body = sections_stack.wait_for(user, job_id, timeout=30)
+    assert body["status"] == "done", body
     with db.connect() as conn:
-        second_start = conn.execute(
-            sa.text("SELECT attempt_started_at FROM jobs WHERE id = :id"), {"id": job_id}
-        ).scalar_one()
-    assert second_start >= due - timedelta(milliseconds=50)  # not before its time
+        section = conn.execute(
+            sa.text(
+                "SELECT id, attempts, attempt_started_at FROM jobs WHERE parent_id = :id AND section_index = 1"
+            ),
+            {"id": job_id},
+        ).one()
+    assert section.attempts == 3
+    # And the last retry ran at or after the time it was scheduled for
+    dues = [
+        datetime.fromisoformat(line["run_after"])
+        for line in sections_stack.servers["process_job"].log_lines()
+        if line.get("message") == "Job will be retried" and line.get("job_id") == str(section.id)
+    ]
+    assert len(dues) == 2
+    assert section.attempt_started_at >= dues[-1] - timedelta(milliseconds=50)  # not before its time
 
 
 def test_no_exception_text_reaches_a_user(
@@ -237,13 +261,12 @@ def test_no_exception_text_reaches_a_user(
 
 
 def test_a_section_failing_with_a_secret_fails_its_lesson_with_a_safe_message(
-    make_stack: StackFactory, user: str
+    sections_stack: Stack, user: str
 ) -> None:
-    stack = make_stack(DYLEN_LESSON_GENERATOR="tests.generators:fanout", DYLEN_JOB_MAX_ATTEMPTS="2")
-    job_id = _create(stack, user, "secret-section:1 Leaks")
-    body = stack.wait_for(user, job_id, timeout=30)
+    job_id = _create(sections_stack, user, "secret-section:1 Leaks")
+    body = sections_stack.wait_for(user, job_id, timeout=30)
     assert (body["status"], body["error"]["code"]) == ("error", "section_failed")
-    assert SECRET not in stack.get_job(user, job_id).text
+    assert SECRET not in sections_stack.get_job(user, job_id).text
     assert "Section 1 failed" in body["error"]["message"]
 
 
