@@ -17,6 +17,9 @@ from common.platform.errors import ConfigError
 
 PROVIDERS = ("local-http", "gcp")
 AUTH_MODES = ("firebase", "dev")
+# How the Cloud SQL connector reaches the instance: its public IP, its private IP (needs VPC egress:
+# deploy.sh's --vpc-connector), or Private Service Connect.
+DB_IP_TYPES = ("public", "private", "psc")
 DEFAULT_TIER_LIMITS = "free=3,starter=20,plus=50,pro=80"
 DEFAULT_TIER_DAILY_JOBS = "free=10,starter=50,plus=200,pro=500"
 DEFAULT_TIER_ACTIVE_JOBS = "free=2,starter=5,plus=10,pro=20"
@@ -236,6 +239,7 @@ class Settings:
     local_dispatch_workers: int
     dashboard_operators: tuple[str, ...] = ()
     dashboard_audiences: tuple[str, ...] = ()
+    db_ip_type: str = "public"
 
     @property
     def uses_cloud_sql(self) -> bool:
@@ -285,6 +289,7 @@ def load_settings(
         db_name=r.text("DYLEN_DB_NAME"),
         db_password=r.text("DYLEN_DB_PASSWORD"),
         db_iam_auth=r.boolean("DYLEN_DB_IAM_AUTH", False),
+        db_ip_type=r.choice("DYLEN_DB_IP_TYPE", "public", DB_IP_TYPES),
         db_pool_size=r.integer("DYLEN_DB_POOL_SIZE", 5, minimum=1, maximum=100),
         db_max_overflow=r.integer("DYLEN_DB_MAX_OVERFLOW", 2, minimum=0, maximum=100),
         db_connect_timeout_seconds=r.number("DYLEN_DB_CONNECT_TIMEOUT_SECONDS", 5.0, minimum=0.1),
