@@ -1254,3 +1254,23 @@ def test_staged_functions_reach_the_database(staged: dict[str, StagedServer]) ->
     )
     assert http.get(f"{staged['get_job'].url}/{uuid.uuid4()}", headers=user, timeout=30).status_code == 404
     assert http.post(staged["process_job"].url + "/", json={"job_id": job_id}, timeout=30).status_code == 401
+
+
+def test_the_deployment_guide_covers_every_option_and_identity_and_stays_in_the_repository() -> None:
+    guide = (ROOT / "docs" / "DEPLOYMENT.md").read_text()
+    help_text = subprocess.run(
+        ["bash", str(ROOT / "deploy.sh"), "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    options = set(re.findall(r"^  (--[a-z-]+)", help_text, flags=re.MULTILINE)) - {"--help"}
+    assert len(options) > 15
+    assert [o for o in sorted(options) if f"`{o}" not in guide] == []
+    for account in (
+        "dylen-api",
+        "dylen-worker",
+        "dylen-cron",
+        "dylen-dashboard",
+        "dylen-migrate",
+        "dylen-build",
+    ):
+        assert f"| `{account}` |" in guide
+    assert not re.search(r"\]\((https?:)?//", guide)  # no link out of the repository
