@@ -298,7 +298,9 @@ export CLOUDSDK_CORE_DISABLE_PROMPTS=1
 # Set to 1 once this run created a service account: until IAM settles, a permission that was just
 # granted can still be refused to the commands that act as it (builds, deploys).
 FRESH_IDENTITIES=0
-PROPAGATION_RE='does not exist|NOT_FOUND|[Nn]ot found|concurrent policy changes|ABORTED|[Pp]ropagat|UNAVAILABLE|try again'
+# Narrow on purpose: a refusal that is not propagation (a build error, a bad flag) should stop the
+# run at once, not be repeated for minutes.
+PROPAGATION_RE='does not exist|[Ss]ervice account .*not found|concurrent policy changes|ABORTED|[Pp]ropagat|UNAVAILABLE|try again'
 PERMISSION_RE='PERMISSION_DENIED|[Pp]ermission .*denied|does not have .*(permission|access)'
 NOT_FOUND_RE='NOT_FOUND|[Nn]ot [Ff]ound|404|does not exist|[Cc]annot find'
 

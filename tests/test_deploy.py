@@ -767,6 +767,21 @@ def test_a_failed_migration_fails_the_deploy_with_its_own_error_and_deploys_no_f
     assert not any(c.startswith("functions deploy") for c in calls)
 
 
+def test_a_function_that_fails_to_deploy_stops_the_run_there_without_retrying(tmp_path: Path) -> None:
+    fake_bin = _fake_gcloud(
+        tmp_path,
+        fail=[{"match": "^functions deploy get_job", "error": "OperationError: Build failed: pip install"}],
+    )
+    result = _run(tmp_path, fake_bin, *BASE_ARGS)
+    assert result.returncode == 2
+    assert "deploying get_job failed" in result.stderr and "Build failed: pip install" in result.stderr
+    assert "retrying" not in result.stderr  # not a propagation error: no point repeating a build
+    deployed = [c.split()[2] for c in _calls(tmp_path) if c.startswith("functions deploy")]
+    names = _functions(ROOT)
+    assert deployed == names[: names.index("get_job") + 1]
+    assert not any(c.startswith(("functions add-invoker", "scheduler jobs create")) for c in _calls(tmp_path))
+
+
 # --- public functions where the organisation restricts sharing --------------------------------------
 
 
