@@ -747,7 +747,7 @@ echo "== Preflight: only reads; stops here, before any change, if the project ca
 if read_value '' "a RUNNABLE PostgreSQL instance that can serve" gcloud sql instances describe "$SQL_INSTANCE_NAME" \
   --project "$SQL_PROJECT" --format json; then
   if [[ $DRY_RUN -eq 0 ]] && ! "$PY" "$ROOT/devtools/deploy_checks.py" instance "$OUT_FILE" "$DB_IAM_AUTH" "$DB_IP_TYPE" >"$ERR_FILE"; then
-    die "$(cat "$ERR_FILE")"
+    die "$(cat "$ERR_FILE"). Nothing was created."
   fi
 else
   cat "$ERR_FILE" >&2
