@@ -8,6 +8,7 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -25,11 +26,34 @@ from common.platform.errors import DylenError, ValidationFailed
 from common.platform.log import logger
 
 
-def migrate(revision: str = "head") -> None:
+def migrate(args: argparse.Namespace) -> int:
     # Lazily: the migrations module loads SQLAlchemy and Alembic, which no other command needs.
     from common.platform.db.migrate import migrate as upgrade
 
-    upgrade(revision)
+    def report(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    try:
+        granted = upgrade(
+            args.revision, grant_to=args.grant_to, wait_seconds=args.wait_for_database, report=report
+        )
+    except DylenError:
+        raise
+    except Exception as error:
+        # deploy.sh shows the migration job's last log lines: the traceback, then this one line.
+        traceback.print_exc()
+        print(f"error: migration failed: {type(error).__name__}: {error}", file=sys.stderr)
+        if "permission denied for schema public" in str(error):
+            print(
+                "hint: the migrating user needs CREATE on schema public (PostgreSQL 15+ gives ordinary "
+                "users none); deploy.sh gives the migration job's IAM user the cloudsqlsuperuser role",
+                file=sys.stderr,
+            )
+        return 1
+    print(f"migrated to {args.revision}")
+    for sql in granted:
+        print(sql)
+    return 0
 
 
 # --- users and archive (lesson history limits) ----------------------------------------------------
@@ -98,15 +122,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_migrate = sub.add_parser("migrate", help="upgrade the configured database to the latest schema")
     p_migrate.add_argument("revision", nargs="?", default="head")
+    p_migrate.add_argument(
+        "--grant-to",
+        action="append",
+        default=[],
+        metavar="USER",
+        help="after migrating, let this database user read and write the tables (repeat)",
+    )
+    p_migrate.add_argument(
+        "--wait-for-database",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="retry the first connection this long (a new identity's IAM roles take minutes)",
+    )
+    p_migrate.set_defaults(run=migrate)
     add_jobs_parser(sub)
     add_archive_commands(sub)
     args = parser.parse_args(argv)
     for_tools()  # operator commands never authenticate users or tasks: no auth settings needed
     try:
-        if args.command == "migrate":
-            migrate(args.revision)
-            print(f"migrated to {args.revision}")
-        elif args.command == "jobs":
+        if args.command == "jobs":
             return run_jobs(args)
         elif getattr(args, "run", None) is not None:
             return int(args.run(args))
