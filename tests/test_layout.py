@@ -228,3 +228,12 @@ def test_the_sql_rules_catch_a_violation(tmp_path: Path) -> None:
     )
     texts = " ".join(text for _, text in _sql_texts(bad))
     assert _READ.findall(texts) == ["lessons"] and _WRITE.findall(texts) == ["jobs"]
+
+
+def test_no_module_in_common_is_over_400_lines() -> None:
+    long = {
+        str(path.relative_to(ROOT)): n
+        for path in sorted((ROOT / "common").rglob("*.py"))
+        if (n := len(path.read_text(encoding="utf-8").splitlines())) > 400
+    }
+    assert long == {}

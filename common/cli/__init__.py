@@ -10,14 +10,13 @@ import logging
 import sys
 import traceback
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 from common.accounts import tiers, users
 from common.accounts.settings import tier_settings
 from common.accounts.tiers import usage_view
+from common.cli import text
 from common.jobs import ops
-from common.jobs.ops import STATUSES
 from common.lessons.archive import algorithm as archive
 from common.lessons.kind import LessonKind
 from common.platform.config import for_tools
@@ -213,11 +212,11 @@ def run_jobs(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps([ops.job_detail(j) for j in jobs], indent=2, ensure_ascii=False))
         else:
-            print(_jobs_table(jobs) if jobs else "No jobs match.")
+            print(text.jobs_table(jobs) if jobs else "No jobs match.")
     elif command == "show":
         shown = ops.show_job(args.job_id)
         detail = ops.job_detail(shown.job, shown.sections, shown.attempts)
-        print(json.dumps(detail, indent=2, ensure_ascii=False) if args.json else _job_text(detail))
+        print(json.dumps(detail, indent=2, ensure_ascii=False) if args.json else text.job_text(detail))
     elif command == "cancel":
         job = ops.cancel_job(args.job_id)
         print(f"canceled {job.id} ({job.job_kind})")
@@ -225,7 +224,7 @@ def run_jobs(args: argparse.Namespace) -> int:
         return _retry(args)
     elif command == "stats":
         summary = ops.stats()
-        print(json.dumps(summary, indent=2) if args.json else _stats_text(summary))
+        print(json.dumps(summary, indent=2) if args.json else text.stats_text(summary))
     return 0
 
 
@@ -242,7 +241,7 @@ def _retry(args: argparse.Namespace) -> int:
             print("No jobs match; nothing to retry.")
             return 0
         print(f"{len(candidates)} job(s) match:")
-        print(_jobs_table(candidates[:20]))
+        print(text.jobs_table(candidates[:20]))
         if len(candidates) > 20:
             print(f"... and {len(candidates) - 20} more")
         if not args.yes and not _confirm(f"Retry {len(candidates)} job(s)? [y/N] "):
@@ -285,131 +284,3 @@ def _confirm(prompt: str) -> bool:
         print(file=sys.stderr)
         return False
     return answer.strip().lower() in ("y", "yes")
-
-
-def _ago(value: datetime | None) -> str:
-    if value is None:
-        return "-"
-    return ops.format_duration((datetime.now(UTC) - value).total_seconds())
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    return "\n".join(lines)
-
-
-def _jobs_table(jobs: Sequence[Any]) -> str:
-    rows = []
-    for job in jobs:
-        error = ""
-        if job.error_json:
-            error = f"{job.error_json.get('code')}: {job.error_json.get('message')}"
-            error = error if len(error) <= 50 else error[:47] + "..."
-        rows.append(
-            [
-                str(job.id),
-                job.job_kind,
-                job.status,
-                job.user_id or "-",
-                f"{job.attempts}/{job.max_attempts}",
-                _ago(job.created_at),
-                _ago(job.updated_at),
-                error,
-            ]
-        )
-    return _table(["JOB ID", "KIND", "STATUS", "USER", "ATTEMPTS", "AGE", "UPDATED", "ERROR"], rows)
-
-
-def _job_text(detail: dict[str, Any]) -> str:
-    def stamp(key: str) -> str:
-        value = detail[key]
-        return "-" if value is None else f"{value} ({_ago(datetime.fromisoformat(value))} ago)"
-
-    lines = [
-        ("job", detail["job_id"]),
-        ("kind", detail["job_kind"]),
-        ("status", detail["status"]),
-        ("user", detail["user_id"] or "-"),
-        (
-            "attempts",
-            f"{detail['attempts']} of {detail['max_attempts']}"
-            + (
-                f" ({detail['deferrals']} deferred, {detail['waited_seconds']:.0f}s waited)"
-                if detail["deferrals"]
-                else ""
-            ),
-        ),
-        ("next", detail["next_attempt_at"] or "-"),
-        ("created", stamp("created_at")),
-        ("dispatched", stamp("dispatched_at")),
-        ("started", stamp("started_at")),
-        ("completed", stamp("completed_at")),
-        ("lease until", detail["lease_expires_at"] or "-"),
-    ]
-    if detail["started_at"] and detail["completed_at"]:
-        took = datetime.fromisoformat(detail["completed_at"]) - datetime.fromisoformat(detail["started_at"])
-        lines.append(("took", ops.format_duration(took.total_seconds())))
-    text = "\n".join(f"{k:<12}{v}" for k, v in lines)
-    if "parent_id" in detail:
-        text += f"\n{'section':<12}{detail['section_index']} of job {detail['parent_id']}"
-    for key in ("request", "error", "result"):
-        body = "-" if detail[key] is None else json.dumps(detail[key], indent=2, ensure_ascii=False)
-        text += f"\n{key:<12}" + body.replace("\n", "\n" + " " * 12)
-    if "attempt_history" in detail:
-        rows = [
-            [
-                str(a["attempt"]),
-                a["outcome"],
-                a["started_at"] or "-",
-                "-" if a["seconds"] is None else ops.format_duration(a["seconds"]),
-                a["error_code"] or "",
-                a["instance"] or "",
-            ]
-            for a in detail["attempt_history"]
-        ]
-        text += "\nhistory\n" + _table(["#", "OUTCOME", "STARTED", "TOOK", "ERROR", "INSTANCE"], rows)
-        for a in detail["attempt_history"]:
-            if a["error_detail"]:
-                raw = a["error_detail"].rstrip().replace("\n", "\n" + " " * 12)
-                text += f"\n{'attempt ' + str(a['attempt']):<12}{raw}"
-    if "sections" in detail:
-        rows = [
-            [
-                str(s["section_index"]),
-                s["job_id"],
-                s["status"],
-                f"{s['attempts']}/{s['max_attempts']}",
-                (s["heading"] or "")[:40],
-                s["error"]["code"] if s["error"] else "",
-            ]
-            for s in detail["sections"]
-        ]
-        done = sum(1 for s in detail["sections"] if s["status"] == "done")
-        text += f"\nsections    {done} of {len(rows)} done\n"
-        text += _table(["#", "SECTION JOB", "STATUS", "ATTEMPTS", "HEADING", "ERROR"], rows)
-    return text
-
-
-def _stats_text(summary: dict[str, Any]) -> str:
-
-    rows = [
-        [kind, *(str(c[s]) for s in STATUSES), str(sum(c.values()))] for kind, c in summary["counts"].items()
-    ]
-    out = [_table(["KIND", *(s.upper() for s in STATUSES), "TOTAL"], rows) if rows else "No jobs."]
-    oldest = summary["oldest_queued"]
-    out.append(
-        "oldest queued: -"
-        if oldest is None
-        else f"oldest queued: {ops.format_duration(oldest['age_seconds'])} ({oldest['job_kind']} {oldest['job_id']})"
-    )
-    hour = summary["last_hour"]
-    finished = hour["done"] + hour["error"]
-    rate = "-" if hour["error_rate"] is None else f"{hour['error_rate']:.1%}"
-    out.append(f"error rate, last hour: {rate} ({hour['error']} error of {finished} finished)")
-    return "\n".join(out)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
