@@ -28,8 +28,8 @@ OWNERS = {
     "job_pruned_totals": "common.jobs",
     "users": "common.accounts",
     "lessons": "common.lessons",
-    "job_done_totals": "common.dashboard",
-    "job_done_mark": "common.dashboard",
+    "job_done_totals": "common.jobs",
+    "job_done_mark": "common.jobs",
     "dashboard_secret": "common.dashboard",
 }
 TRANSITIONS = "common.jobs.transitions"

@@ -24,7 +24,7 @@ from common.accounts import tiers
 from common.accounts.settings import tier_settings
 from common.dashboard import queries
 from common.dashboard.csrf import check_csrf, csrf_token
-from common.jobs import ops
+from common.jobs import ops, totals
 from common.jobs import queries as job_queries
 from common.jobs.model import RETRYABLE_STATUSES, Job
 from common.platform.cursor import decode_cursor, encode_cursor
@@ -165,8 +165,8 @@ def _context(operator: str, active: str, **extra: Any) -> dict[str, Any]:
 
 def overview(request: flask.Request, operator: str) -> flask.Response:
     with connection() as conn:
-        queries.advance_done_total(conn)
-        all_time = queries.all_time_counts(conn)
+        totals.advance_done_total(conn)
+        all_time = totals.all_time_counts(conn)
         last_day = queries.last_day_counts(conn)
         minutes = queries.per_minute(conn)
         oldest = job_queries.oldest_queued(conn)

@@ -36,6 +36,7 @@ class JobSettings:
     rescue_after_seconds: int  # a queued job this long past its due time is dispatched again
     retry: RetryPolicy  # every kind's, unless DYLEN_JOB_RETRY_POLICIES names it
     max_wait_seconds: float  # the most RetryLater and infrastructure faults may defer one job
+    retention_days: int  # finished jobs older than this are deleted by the daily maintenance
     local_dispatch_min_backoff_seconds: float
     local_dispatch_max_backoff_seconds: float
     local_dispatch_workers: int
@@ -87,6 +88,7 @@ def _load(r: Reader) -> JobSettings:
         rescue_after_seconds=r.integer("DYLEN_RESCUE_AFTER_SECONDS", 300, minimum=1),
         retry=retry,
         max_wait_seconds=r.number("DYLEN_JOB_MAX_WAIT_SECONDS", 3600.0, minimum=0.0),
+        retention_days=r.integer("DYLEN_JOB_RETENTION_DAYS", 30, minimum=1, maximum=3650),
         local_dispatch_min_backoff_seconds=r.number(
             "DYLEN_LOCAL_DISPATCH_MIN_BACKOFF_SECONDS", 0.1, minimum=0.0
         ),

@@ -5,6 +5,7 @@
                                         | expire (error, lease gone, no attempts left)
     queued | running -> cancel -> canceled;  error | canceled -> requeue (operators)
     rescue: queued and stale, or running with its lease gone -> queued (or error)
+    prune: finished long enough ago -> deleted (retention)
 
 Statements that decide correctness are single set-based UPDATEs guarded by the row's state, so
 concurrent deliveries are serialised by PostgreSQL's row lock. A finish is conditional on the claim
@@ -20,7 +21,7 @@ INSERT ... SELECT ... FROM done) at module level; the transition runs it in the 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -266,11 +267,7 @@ def _end(
             "refund": 1 if refund else 0,
             "waited": delay if refund else 0.0,
             "error": jsonb({"code": record.code, "message": record.message, "attempt": attempt}),
-            "outcome": record.outcome,
-            "code": record.code,
-            "message": record.message,
-            "detail": record.detail,
-            "instance": record.instance,
+            **asdict(record),  # outcome, code, message, detail, instance
         },
     ).first()
     return Job.from_row(row) if row else None
@@ -299,18 +296,7 @@ def fail(conn: Connection, job_id: uuid.UUID, *, attempt: int, record: AttemptRe
 
 def record_attempt(conn: Connection, job_id: uuid.UUID, *, attempt: int, record: AttemptRecord) -> None:
     """Put on record an attempt that changed nothing (it lost its claim before it finished)."""
-    conn.execute(
-        _RECORD_ATTEMPT,
-        {
-            "id": job_id,
-            "attempt": attempt,
-            "outcome": record.outcome,
-            "code": record.code,
-            "message": record.message,
-            "detail": record.detail,
-            "instance": record.instance,
-        },
-    )
+    conn.execute(_RECORD_ATTEMPT, {"id": job_id, "attempt": attempt, **asdict(record)})
 
 
 _EXPIRE = Statement(_SQL["expire"])
@@ -395,3 +381,12 @@ def restore_dispatch_stamp(
     (unless something touched the job meanwhile)."""
     values = {"id": job_id, "ours": ours, "previous": previous}
     return conn.execute(_RESTORE_DISPATCH_STAMP, values).rowcount == 1
+
+
+_PRUNE = Statement(_SQL["prune"])
+
+
+def prune(conn: Connection, *, days: int, done_mark: datetime, batch: int) -> tuple[int, int]:
+    """Retention's one bounded batch: (top-level jobs, rows with their sections) deleted."""
+    row = conn.execute(_PRUNE, {"days": days, "done_mark": done_mark, "batch": batch}).one()
+    return int(row.jobs), int(row.rows)

@@ -254,3 +254,27 @@ RETURNING picked.previous_dispatched_at, {jobs_columns}
 -- name: restore_dispatch_stamp
 UPDATE jobs SET dispatched_at = :previous
  WHERE id = :id AND status = 'queued' AND dispatched_at IS NOT DISTINCT FROM :ours
+
+-- name: prune
+-- Retention: up to :batch top-level jobs finished before the cut-off, with their sections, go (their
+-- attempts go with them; a lesson keeps its content, its job_id nulled). Done jobs only once the
+-- stored done total counts them (completed before :done_mark), so all-time totals stay right; what
+-- else went is added to job_pruned_totals in the same statement.
+WITH doomed AS (
+    SELECT id FROM jobs
+     WHERE parent_id IS NULL AND status IN ('done', 'error', 'canceled')
+       AND completed_at < now() - make_interval(days => :days)
+       AND (status <> 'done' OR completed_at < CAST(:done_mark AS timestamptz))
+     ORDER BY completed_at
+     LIMIT :batch
+     FOR UPDATE SKIP LOCKED
+), gone AS (
+    DELETE FROM jobs
+     WHERE id IN (SELECT id FROM doomed) OR parent_id IN (SELECT id FROM doomed)
+    RETURNING job_kind, status, parent_id
+), counted AS (
+    INSERT INTO job_pruned_totals (job_kind, status, n)
+    SELECT job_kind, status, count(*) FROM gone GROUP BY job_kind, status
+    ON CONFLICT (job_kind, status) DO UPDATE SET n = job_pruned_totals.n + EXCLUDED.n
+)
+SELECT count(*) FILTER (WHERE parent_id IS NULL) AS jobs, count(*) AS rows FROM gone

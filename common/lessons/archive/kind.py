@@ -1,5 +1,6 @@
 """The `maintenance.archive_lessons` job kind and its daily scheduling: archive_lessons (called by
-Cloud Scheduler) submits one job per UTC day through the job system, and the job runs the archiver."""
+Cloud Scheduler) submits one job per UTC day through the job system, and the job runs the archiver,
+then the job system's retention (finished jobs past DYLEN_JOB_RETENTION_DAYS)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from typing import Any
 from common.accounts.settings import tier_settings
 from common.jobs.kinds import Completion
 from common.jobs.model import Job
+from common.jobs.retention import prune_finished
 from common.jobs.service import Created, submit_job
+from common.jobs.settings import job_settings
 from common.lessons.archive.algorithm import archive_over_limit
 from common.platform.errors import ValidationFailed
 
@@ -30,8 +33,10 @@ class ArchiveLessonsKind:
 
     def run(self, job: Job) -> Completion:
         report = archive_over_limit(tier_settings().history_limits)
-        # The archiver commits its own batches; there is nothing left to write with `done`.
-        return Completion(result=report.as_result())
+        # The day's other maintenance: finished jobs past their retention go (lessons stay).
+        pruned = prune_finished(days=job_settings().retention_days)
+        # Both commit their own batches; there is nothing left to write with `done`.
+        return Completion(result={**report.as_result(), **pruned.as_result()})
 
 
 def archive_key(today: datetime | None = None) -> str:
