@@ -82,7 +82,8 @@ Each option can also come from the environment variable named after it. Required
   --skip-migrations        do not build or run the migration job
   -h, --help               this text
 
-Tuning (environment only): DYLEN_JOB_MAX_ATTEMPTS (5), DYLEN_JOB_TIMEOUT_SECONDS (600),
+Tuning (environment only): DYLEN_JOB_MAX_ATTEMPTS (5), DYLEN_JOB_TIMEOUT_SECONDS (600, clamped to 15-1800),
+DYLEN_QUEUE_MAX_ATTEMPTS (20: the queue redelivers only what process_job could not record),
 DYLEN_QUEUE_MIN_BACKOFF (10s), DYLEN_QUEUE_MAX_BACKOFF (300s), DYLEN_QUEUE_MAX_DOUBLINGS (4),
 DYLEN_QUEUE_MAX_DISPATCHES_PER_SECOND (10), DYLEN_QUEUE_MAX_CONCURRENT_DISPATCHES (20),
 DYLEN_MIGRATE_WAIT_SECONDS (600: how long the migration job waits for IAM to let it in),
@@ -155,6 +156,10 @@ done
 
 MAX_ATTEMPTS="${DYLEN_JOB_MAX_ATTEMPTS:-5}"
 JOB_TIMEOUT="${DYLEN_JOB_TIMEOUT_SECONDS:-600}"
+# The queue's retries are the crash safety net only (docs/DEPLOYMENT.md, "The queue"): process_job
+# answers 2xx for every outcome it records and schedules its own retries, so Cloud Tasks redelivers
+# a task only when nothing could be recorded (database unavailable, the instance died mid-request).
+QUEUE_MAX_ATTEMPTS="${DYLEN_QUEUE_MAX_ATTEMPTS:-20}"
 MIN_BACKOFF="${DYLEN_QUEUE_MIN_BACKOFF:-10s}"
 MAX_BACKOFF="${DYLEN_QUEUE_MAX_BACKOFF:-300s}"
 MAX_DOUBLINGS="${DYLEN_QUEUE_MAX_DOUBLINGS:-4}"
@@ -183,6 +188,9 @@ fi
 if ! is_int "$JOB_TIMEOUT" || ((JOB_TIMEOUT < 1)); then
   die "DYLEN_JOB_TIMEOUT_SECONDS must be a positive integer, got '$JOB_TIMEOUT'"
 fi
+if ! is_int "$QUEUE_MAX_ATTEMPTS" || ((QUEUE_MAX_ATTEMPTS < 1 || QUEUE_MAX_ATTEMPTS > 1000)); then
+  die "DYLEN_QUEUE_MAX_ATTEMPTS must be an integer from 1 to 1000, got '$QUEUE_MAX_ATTEMPTS'"
+fi
 is_int "$MAX_DOUBLINGS" || die "DYLEN_QUEUE_MAX_DOUBLINGS must be an integer, got '$MAX_DOUBLINGS'"
 [[ "$MIN_BACKOFF" =~ ^[0-9.]+s$ ]] || die "DYLEN_QUEUE_MIN_BACKOFF must look like 10s, got '$MIN_BACKOFF'"
 [[ "$MAX_BACKOFF" =~ ^[0-9.]+s$ ]] || die "DYLEN_QUEUE_MAX_BACKOFF must look like 300s, got '$MAX_BACKOFF'"
@@ -208,6 +216,12 @@ fi
 # Cloud Tasks accepts HTTP dispatch deadlines of 15 s to 30 min (common/jobs/dispatch/cloud_tasks.py clamps the
 # same way); process_job's request timeout matches it, so neither side cuts the other off.
 DEADLINE=$((JOB_TIMEOUT < 15 ? 15 : (JOB_TIMEOUT > 1800 ? 1800 : JOB_TIMEOUT)))
+# The job's lease is its timeout: a lease longer than the request may live would let a dead
+# attempt hold its job past the request's end, a shorter one would let a live attempt lose it.
+if ((JOB_TIMEOUT != DEADLINE)); then
+  echo "note: DYLEN_JOB_TIMEOUT_SECONDS=$JOB_TIMEOUT is outside the 15-1800 s a Cloud Tasks HTTP task may run; the functions get $DEADLINE" >&2
+  JOB_TIMEOUT=$DEADLINE
+fi
 
 FUNCTIONS=()
 for dir in "$ROOT"/functions/*/; do
@@ -693,7 +707,7 @@ if [[ $CHECK -eq 1 ]]; then
 
   echo "== Cloud Tasks queue $QUEUE"
   if gcloud tasks queues describe "$QUEUE" --location "$REGION" --format json "${G[@]}" >"$OUT_FILE" 2>"$ERR_FILE"; then
-    if "$PY" "$ROOT/devtools/deploy_checks.py" queue "$OUT_FILE" "$MAX_ATTEMPTS" "$MIN_BACKOFF" "$MAX_BACKOFF" \
+    if "$PY" "$ROOT/devtools/deploy_checks.py" queue "$OUT_FILE" "$QUEUE_MAX_ATTEMPTS" "$MIN_BACKOFF" "$MAX_BACKOFF" \
       "$MAX_DOUBLINGS" "$MAX_DISPATCHES_PER_SECOND" "$MAX_CONCURRENT_DISPATCHES" >"$ERR_FILE"; then
       ok "queue settings"
     else
@@ -852,7 +866,7 @@ fi
 echo "== Cloud Tasks queue $QUEUE"
 QUEUE_FLAGS=(
   --location "$REGION"
-  --max-attempts "$MAX_ATTEMPTS"
+  --max-attempts "$QUEUE_MAX_ATTEMPTS"
   --min-backoff "$MIN_BACKOFF"
   --max-backoff "$MAX_BACKOFF"
   --max-doublings "$MAX_DOUBLINGS"

@@ -295,12 +295,27 @@ def test_dry_run_env_vars_are_a_valid_production_configuration(dry_run: dict[str
         assert settings.auth_mode == "firebase" and settings.firebase_project_id == PROJECT
 
 
+@pytest.mark.parametrize(("asked", "given"), [("7200", "1800"), ("5", "15")])
+def test_the_job_timeout_is_clamped_to_what_a_cloud_tasks_http_task_may_run(
+    tmp_path: Path, asked: str, given: str
+) -> None:
+    fake_bin = _fake_gcloud(tmp_path)
+    result = _run(tmp_path, fake_bin, "--dry-run", *BASE_ARGS, DYLEN_JOB_TIMEOUT_SECONDS=asked)
+    assert result.returncode == 0, result.stderr
+    assert f"DYLEN_JOB_TIMEOUT_SECONDS={asked} is outside" in result.stderr
+    (process,) = _find(_plan(result.stdout), "gcloud", "functions", "deploy", "process_job")
+    # The lease (the job's timeout) and the request's life are one and the same
+    assert _env_vars(process)["DYLEN_JOB_TIMEOUT_SECONDS"] == given
+    assert _flag(process, "--timeout") == f"{given}s"
+
+
 def test_dry_run_creates_the_queue_with_retry_config_and_rate_limits(dry_run: dict[str, Any]) -> None:
     commands = dry_run["commands"]
     assert _find(commands, "gcloud", "tasks", "queues", "describe", "dylen-jobs")  # create-or-update
     (create,) = _find(commands, "gcloud", "tasks", "queues", "create", "dylen-jobs")
     assert _flag(create, "--location") == REGION
-    assert _flag(create, "--max-attempts") == "7"
+    # The queue's retries are the crash net, not the job's (7 attempts, its own backoff)
+    assert _flag(create, "--max-attempts") == "20"
     assert _flag(create, "--min-backoff") == "10s" and _flag(create, "--max-backoff") == "300s"
     assert _flag(create, "--max-doublings") == "4"
     assert _flag(create, "--max-dispatches-per-second") == "10"
@@ -976,10 +991,10 @@ def test_check_names_what_is_missing_and_changes_nothing(tmp_path: Path) -> None
     instance = json.loads(json.dumps(READY_INSTANCE))
     instance["settings"]["databaseFlags"] = []
     _respec(fake_bin, instance=instance, org_policies={"iam.allowedPolicyMemberDomains": DOMAIN_RESTRICTED})
-    result = _run(tmp_path, fake_bin, "--check", *BASE_ARGS, DYLEN_JOB_MAX_ATTEMPTS="9")
+    result = _run(tmp_path, fake_bin, "--check", *BASE_ARGS, DYLEN_QUEUE_MAX_ATTEMPTS="9")
     assert result.returncode == 1
     assert "does not have cloudsql.iam_authentication=on" in result.stdout
-    assert "MISSING  queue --max-attempts is 5, deploy.sh sets 9" in result.stdout
+    assert "MISSING  queue --max-attempts is 20, deploy.sh sets 9" in result.stdout
     assert "ok       public access: no-invoker-iam-check" in result.stdout
 
 
