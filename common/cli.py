@@ -19,6 +19,7 @@ from common.jobs import ops
 from common.jobs.ops import STATUSES
 from common.lessons.archive import algorithm as archive
 from common.lessons.kind import LessonKind
+from common.models import ledger
 from common.platform.config import for_tools
 from common.platform.db import connection, named_errors
 from common.platform.errors import DylenError, ValidationFailed
@@ -48,6 +49,9 @@ def show_user(args: argparse.Namespace) -> int:
     if usage.tier is None:
         print(f"error: no user {args.uid!r} (users appear on their first request)", file=sys.stderr)
         return 1
+    with named_errors(), connection() as conn:
+        today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+        models = ledger.user_usage(conn, args.uid, since=today)
     view = usage_view(usage)
     daily, active = view["daily"], view["active"]
     print(f"user     {args.uid}")
@@ -55,6 +59,7 @@ def show_user(args: argparse.Namespace) -> int:
     print(f"history  keeps the newest {tiers.history_limit(view['tier'])} lessons")
     print(f"daily    {daily['used']} of {daily['limit']} lesson jobs (resets {daily['resets_at']})")
     print(f"active   {active['used']} of {active['limit']} lesson jobs queued or running")
+    print(f"models   {models.text()} today (UTC)")
     return 0
 
 
@@ -180,7 +185,7 @@ def run_jobs(args: argparse.Namespace) -> int:
             print(_jobs_table(jobs) if jobs else "No jobs match.")
     elif command == "show":
         job, sections = ops.show_job(args.job_id)
-        detail = ops.job_detail(job, sections)
+        detail = {**ops.job_detail(job, sections), **_model_calls(job)}
         print(json.dumps(detail, indent=2, ensure_ascii=False) if args.json else _job_text(detail))
     elif command == "cancel":
         job = ops.cancel_job(args.job_id)
@@ -191,6 +196,19 @@ def run_jobs(args: argparse.Namespace) -> int:
         summary = ops.stats()
         print(json.dumps(summary, indent=2) if args.json else _stats_text(summary))
     return 0
+
+
+def _model_calls(job: Any) -> dict[str, Any]:
+    """The job's model calls from the ledger (a section's: its lesson's calls for that section)."""
+    with named_errors(), connection() as conn:
+        calls = ledger.job_calls(conn, job.parent_id or job.id)
+    if job.parent_id is not None:
+        calls = [c for c in calls if c.section_index == job.section_index]
+    usage = ledger.usage_of(calls)
+    return {
+        "usage": {**usage.view(), "estimated_cost_usd": usage.cost},
+        "model_calls": [c.view() for c in calls],
+    }
 
 
 def _retry(args: argparse.Namespace) -> int:
@@ -312,6 +330,29 @@ def _job_text(detail: dict[str, Any]) -> str:
     for key in ("request", "error", "result"):
         body = "-" if detail[key] is None else json.dumps(detail[key], indent=2, ensure_ascii=False)
         text += f"\n{key:<12}" + body.replace("\n", "\n" + " " * 12)
+    usage = detail["usage"]
+    cost = "" if usage["estimated_cost_usd"] is None else f", ~${usage['estimated_cost_usd']:.4f}"
+    text += (
+        f"\n{'usage':<12}{usage['calls']} model calls, {usage['input_tokens']} input + "
+        f"{usage['output_tokens']} output tokens{cost}"
+    )
+    if detail["model_calls"]:
+        rows = [
+            [
+                c["started_at"][11:23],
+                c["model"],
+                c["purpose"] + ("" if c["section_index"] is None else f" {c['section_index']}"),
+                str(c["attempt"] or "-"),
+                c["outcome"],
+                f"{c['input_tokens'] or 0}+{c['output_tokens'] or 0}",
+                "-" if c["latency_ms"] is None else f"{c['latency_ms']} ms",
+                c["error_code"] or "",
+            ]
+            for c in detail["model_calls"]
+        ]
+        text += "\n" + _table(
+            ["STARTED", "MODEL", "CALL", "ATTEMPT", "OUTCOME", "TOKENS", "LATENCY", "ERROR"], rows
+        )
     if "sections" in detail:
         rows = [
             [

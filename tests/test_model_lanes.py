@@ -5,6 +5,7 @@ frees itself, and every call is on the ledger with its tokens."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -250,3 +251,41 @@ def test_retention_prunes_only_calls_older_than_it(
         )
     assert ledger.prune() >= 1
     assert len(_calls(db, model)) == 2
+
+
+def test_jobs_show_and_users_show_print_the_usage_and_the_calls(
+    app_env: dict[str, str],
+    db: sa.Engine,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from common import cli
+
+    model = f"m-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("DYLEN_MODEL_PRICES", f"{model}=input:1,output:10")
+    _limit(model, "rpm:100", monkeypatch)
+    with db.begin() as conn:
+        user = make_user(conn)
+        job_id = make_job(conn, user_id=user, status="running")
+    for index, tokens in ((None, (1000, 100)), (0, (2000, 300))):
+        context = CallContext(job_id=uuid.UUID(job_id), section_index=index, user_id=user, attempt=1)
+        with model_call(context, model, purpose="plan" if index is None else "section") as call:
+            call.usage(*tokens)
+    assert cli.main(["jobs", "show", job_id]) == 0
+    out = capsys.readouterr().out
+    assert "usage       2 model calls, 3000 input + 400 output tokens, ~$0.0070" in out
+    assert "section 0" in out and model in out
+    assert cli.main(["jobs", "show", job_id, "--json"]) == 0
+    detail = json.loads(capsys.readouterr().out)
+    assert detail["usage"] == {
+        "calls": 2,
+        "input_tokens": 3000,
+        "output_tokens": 400,
+        "estimated_cost_usd": 0.007,
+    }
+    assert [(c["purpose"], c["outcome"]) for c in detail["model_calls"]] == [
+        ("plan", "ok"),
+        ("section", "ok"),
+    ]
+    assert cli.main(["users", "show", user]) == 0
+    assert "models   2 calls, 3000 input + 400 output tokens, ~$0.0070 today (UTC)" in capsys.readouterr().out

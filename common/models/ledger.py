@@ -111,6 +111,28 @@ def job_calls(conn: Connection, job_id: uuid.UUID, *, limit: int = 500) -> list[
 
 
 @dataclass(frozen=True)
+class _Totals:
+    model: str
+    calls: int
+    input_tokens: int
+    output_tokens: int
+
+
+def usage_of(calls: Iterable[CallRecord]) -> Usage:
+    """The usage of some calls (e.g. one section's, of its lesson's calls), priced."""
+    totals: dict[str, _Totals] = {}
+    for call in calls:
+        was = totals.get(call.model, _Totals(call.model, 0, 0, 0))
+        totals[call.model] = _Totals(
+            call.model,
+            was.calls + 1,
+            was.input_tokens + (call.input_tokens or 0),
+            was.output_tokens + (call.output_tokens or 0),
+        )
+    return _usage(totals.values())
+
+
+@dataclass(frozen=True)
 class LaneState:
     model: str
     limits: LaneLimits
