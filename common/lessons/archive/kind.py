@@ -1,5 +1,6 @@
 """The `maintenance.archive_lessons` job kind and its daily scheduling: archive_lessons (called by
-Cloud Scheduler) submits one job per UTC day through the job system, and the job runs the archiver."""
+Cloud Scheduler) submits one job per UTC day through the job system, and the job runs the archiver,
+then prunes the model-call ledger beyond its retention (DYLEN_MODEL_CALL_RETENTION_DAYS)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from common.jobs.kinds import Completion
 from common.jobs.model import Job
 from common.jobs.service import Created, submit_job
 from common.lessons.archive.algorithm import archive_over_limit
+from common.models import ledger
 from common.platform.errors import ValidationFailed
 
 KIND = "maintenance.archive_lessons"
@@ -30,8 +32,10 @@ class ArchiveLessonsKind:
 
     def run(self, job: Job) -> Completion:
         report = archive_over_limit(tier_settings().history_limits)
-        # The archiver commits its own batches; there is nothing left to write with `done`.
-        return Completion(result=report.as_result())
+        # The daily housekeeping of the ledger rides on the same daily job.
+        pruned = ledger.prune()
+        # Both commit their own batches; there is nothing left to write with `done`.
+        return Completion(result={**report.as_result(), "model_calls_pruned": pruned})
 
 
 def archive_key(today: datetime | None = None) -> str:
