@@ -108,7 +108,7 @@ def lessons(url: str) -> dict[str, Any]:
     # Lazily: the test support (and SQLAlchemy) only when the benchmark runs.
     import sqlalchemy as sa
 
-    from tests.gemini_standin import StandIn
+    from tests.gemini_standin import StandIn, most_in_any_window
     from tests.support import FunctionServer, Stack, base_env, free_port, lesson_body
 
     logs = Path(tempfile.mkdtemp(prefix="dylen-lanes-bench-"))
@@ -176,6 +176,7 @@ def lessons(url: str) -> dict[str, Any]:
         f"(its last 2 calls wait for the window: 60 s + 1 s margin after the first call)",
         "two lessons at once, measured": f"{two[0]:.2f} s and {two[1]:.2f} s",
         "stand-in calls": len(seen),
+        "most in any 60 s at the stand-in": most_in_any_window([c["arrived"] for c in seen], 60),
     }
 
 
