@@ -66,7 +66,14 @@ DYLEN_RUNTIME_SA_NAME (dylen-runtime), DYLEN_INVOKER_SA_NAME (dylen-tasks),
 DYLEN_SCHEDULER_SA_NAME (dylen-scheduler), PYTHON (.venv/bin/python, for migrations).
 Passed through to the functions when set: DYLEN_TIER_HISTORY_LIMITS, DYLEN_TIER_DAILY_JOBS,
 DYLEN_TIER_ACTIVE_JOBS, DYLEN_RESCUE_AFTER_SECONDS, DYLEN_LESSON_GENERATOR, DYLEN_LOG_LEVEL,
-DYLEN_DASHBOARD_AUDIENCE.
+DYLEN_DASHBOARD_AUDIENCE, DYLEN_GEMINI_MODEL, DYLEN_GEMINI_VERTEX_PROJECT,
+DYLEN_GEMINI_VERTEX_LOCATION, DYLEN_GEMINI_BASE_URL, DYLEN_GEMINI_TIMEOUT_SECONDS,
+DYLEN_MODEL_LIMITS, DYLEN_MODEL_PRICES, DYLEN_MODEL_SLOT_WAIT_SECONDS, DYLEN_MODEL_CALL_BODIES,
+DYLEN_MODEL_CALL_RETENTION_DAYS.
+Gemini (DYLEN_LESSON_GENERATOR=gemini): DYLEN_GEMINI_KEY_SECRET names the Secret Manager secret
+  holding the Gemini API key, given as GEMINI_API_KEY to the functions that load the lesson kinds
+  (create_job checks the configuration, process_job calls); or DYLEN_GEMINI_VERTEX_PROJECT, on
+  which the runtime service account gets roles/aiplatform.user.
 Dashboard: DYLEN_DASHBOARD_OPERATORS (comma-separated Google accounts) get roles/run.invoker on the
 dashboard function and are the only e-mails it lets in; without it the dashboard refuses everyone.
 EOF
@@ -280,8 +287,12 @@ APIS=(
   cloudfunctions.googleapis.com run.googleapis.com cloudbuild.googleapis.com artifactregistry.googleapis.com
   cloudtasks.googleapis.com cloudscheduler.googleapis.com sqladmin.googleapis.com iam.googleapis.com
 )
-# Password auth: the functions read the password from Secret Manager (--set-secrets).
-[[ "$DB_IAM_AUTH" == true ]] || APIS+=(secretmanager.googleapis.com)
+# Password auth: the functions read the password from Secret Manager (--set-secrets); so does
+# process_job the Gemini API key.
+GEMINI_KEY_SECRET="${DYLEN_GEMINI_KEY_SECRET:-}"
+GEMINI_VERTEX_PROJECT="${DYLEN_GEMINI_VERTEX_PROJECT:-}"
+if [[ "$DB_IAM_AUTH" == false || -n "$GEMINI_KEY_SECRET" ]]; then APIS+=(secretmanager.googleapis.com); fi
+[[ -z "$GEMINI_VERTEX_PROJECT" ]] || APIS+=(aiplatform.googleapis.com)
 run gcloud services enable "${APIS[@]}" "${G[@]}"
 
 echo "== Service accounts"
@@ -306,6 +317,14 @@ else
 fi
 run gcloud iam service-accounts add-iam-policy-binding "$INVOKER_SA" --member "serviceAccount:$RUNTIME_SA" \
   --role roles/iam.serviceAccountUser "${G[@]}"
+if [[ -n "$GEMINI_KEY_SECRET" ]]; then
+  run gcloud secrets add-iam-policy-binding "$GEMINI_KEY_SECRET" --member "serviceAccount:$RUNTIME_SA" \
+    --role roles/secretmanager.secretAccessor "${G[@]}"
+fi
+if [[ -n "$GEMINI_VERTEX_PROJECT" ]]; then
+  run gcloud projects add-iam-policy-binding "$GEMINI_VERTEX_PROJECT" --member "serviceAccount:$RUNTIME_SA" \
+    --role roles/aiplatform.user --condition None
+fi
 
 echo "== Cloud SQL database $DB_NAME on $SQL_INSTANCE_NAME"
 if [[ "$DB_IAM_AUTH" == true ]]; then
@@ -415,7 +434,10 @@ add_env DYLEN_JOB_TIMEOUT_SECONDS "$JOB_TIMEOUT"
 OPERATORS="${DYLEN_DASHBOARD_OPERATORS:-}"
 [[ -z "$OPERATORS" ]] || add_env DYLEN_DASHBOARD_OPERATORS "$OPERATORS"
 for passthrough in DYLEN_TIER_HISTORY_LIMITS DYLEN_TIER_DAILY_JOBS DYLEN_TIER_ACTIVE_JOBS \
-  DYLEN_RESCUE_AFTER_SECONDS DYLEN_LESSON_GENERATOR DYLEN_LOG_LEVEL DYLEN_DASHBOARD_AUDIENCE; do
+  DYLEN_RESCUE_AFTER_SECONDS DYLEN_LESSON_GENERATOR DYLEN_LOG_LEVEL DYLEN_DASHBOARD_AUDIENCE \
+  DYLEN_GEMINI_MODEL DYLEN_GEMINI_VERTEX_PROJECT DYLEN_GEMINI_VERTEX_LOCATION DYLEN_GEMINI_BASE_URL \
+  DYLEN_GEMINI_TIMEOUT_SECONDS DYLEN_MODEL_LIMITS DYLEN_MODEL_PRICES DYLEN_MODEL_SLOT_WAIT_SECONDS \
+  DYLEN_MODEL_CALL_BODIES DYLEN_MODEL_CALL_RETENTION_DAYS; do
   if [[ -n "${!passthrough:-}" ]]; then add_env "$passthrough" "${!passthrough}"; fi
 done
 
@@ -429,9 +451,12 @@ for name in "${FUNCTIONS[@]}"; do
     --set-env-vars "$FUNCTION_ENV" --cpu 1 --memory 512Mi
     --concurrency "$concurrency" --max-instances "$max_instances" "${G[@]}"
   )
-  if [[ "$DB_IAM_AUTH" == false ]]; then
-    DEPLOY+=(--set-secrets "DYLEN_DB_PASSWORD=$DB_PASSWORD_SECRET:latest")
+  SECRETS=()
+  [[ "$DB_IAM_AUTH" == true ]] || SECRETS+=("DYLEN_DB_PASSWORD=$DB_PASSWORD_SECRET:latest")
+  if [[ -n "$GEMINI_KEY_SECRET" && ("$name" == process_job || "$name" == create_job) ]]; then
+    SECRETS+=("GEMINI_API_KEY=$GEMINI_KEY_SECRET:latest")
   fi
+  if [[ ${#SECRETS[@]} -gt 0 ]]; then DEPLOY+=(--set-secrets "$(IFS=,; echo "${SECRETS[*]}")"); fi
   case "$(caller_of "$name")" in
     tasks) DEPLOY+=(--no-allow-unauthenticated --timeout "${DEADLINE}s") ;;
     scheduler) DEPLOY+=(--no-allow-unauthenticated --timeout 540s) ;;

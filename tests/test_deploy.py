@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 
 from common.jobs.settings import job_settings
+from common.lessons.settings import lesson_settings
+from common.models.settings import model_settings
 from common.platform.config import load_settings
 from tests.support import ROOT, FunctionServer, base_env, lesson_body, session, stop_all
 
@@ -651,3 +653,46 @@ def test_grant_schema_lets_an_ordinary_user_migrate(pg_admin_url: str) -> None:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
             conn.execute(sa.text(f'DROP ROLE IF EXISTS "{role}"'))
         admin.dispose()
+
+
+@pytest.mark.parametrize("credentials", ["key", "vertex"])
+def test_gemini_gets_its_key_from_secret_manager_or_vertex_ai_rights(
+    tmp_path: Path, credentials: str
+) -> None:
+    fake_bin = _fake_gcloud(tmp_path)
+    gemini = (
+        {"DYLEN_GEMINI_KEY_SECRET": "gemini-key"}
+        if credentials == "key"
+        else {"DYLEN_GEMINI_VERTEX_PROJECT": "ai-project", "DYLEN_GEMINI_VERTEX_LOCATION": "europe-west4"}
+    )
+    limits = "gemini-2.5-flash=rpm:1000,tpm:2000000,concurrency:50; gemini-2.5-pro=rpm:100"
+    result = _deploy(
+        tmp_path,
+        *("--dry-run", "--project", PROJECT, "--region", REGION, "--sql-instance", INSTANCE),
+        PATH=f"{fake_bin}{os.pathsep}{os.environ['PATH']}",
+        DYLEN_LESSON_GENERATOR="gemini",
+        DYLEN_MODEL_LIMITS=limits,
+        **gemini,
+    )
+    assert result.returncode == 0, result.stderr
+    commands = [shlex.split(line[2:]) for line in result.stdout.splitlines() if line.startswith("+ ")]
+    (enable,) = _find(commands, "gcloud", "services", "enable")
+    deploys = {c[3]: c for c in _find(commands, "gcloud", "functions", "deploy")}
+    if credentials == "key":
+        assert "secretmanager.googleapis.com" in enable and "aiplatform.googleapis.com" not in enable
+        assert _find(commands, "gcloud", "secrets", "add-iam-policy-binding", "gemini-key")
+        # The key goes to the functions that load the lesson kinds only
+        with_key = {n for n, c in deploys.items() if "GEMINI_API_KEY=gemini-key:latest" in " ".join(c)}
+        assert with_key == {"create_job", "process_job"}
+    else:
+        assert "aiplatform.googleapis.com" in enable and "secretmanager.googleapis.com" not in enable
+        (grant,) = _find(commands, "gcloud", "projects", "add-iam-policy-binding", "ai-project")
+        assert _flag(grant, "--role") == "roles/aiplatform.user" and RUNTIME_SA in _flag(grant, "--member")
+        assert not any("--set-secrets" in c for c in deploys.values())
+    env = _env_vars(deploys["process_job"])
+    assert env["DYLEN_MODEL_LIMITS"] == limits  # commas and semicolons survive the ^|^ delimiter
+    # The cold start's own guards accept what deploy.sh sets (the secret arrives as GEMINI_API_KEY)
+    secret = {"GEMINI_API_KEY": "from-secret-manager"} if credentials == "key" else {}
+    lessons = lesson_settings.load({**env, **secret, "DYLEN_ENV_FILE": os.devnull})
+    assert lessons.gemini is not None and lessons.gemini.model == "gemini-2.5-flash"
+    assert model_settings.load({**env, "DYLEN_ENV_FILE": os.devnull}).limits["gemini-2.5-pro"].rpm == 100
