@@ -15,6 +15,7 @@ The tests marked NEEDS_ISSUE_22 rely on RetryLater rescheduling a job without us
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -202,6 +203,8 @@ def test_a_provider_500_is_an_ordinary_failure_retried_by_the_job_system(
     assert (body["status"], body["attempts"]) == ("done", 2), body
     plan_calls = [(c.purpose, c.attempt, c.outcome, c.error_code) for c in _calls(db, [job_id])][:2]
     assert plan_calls == [("plan", 1, "error", "http_500"), ("plan", 2, "ok", None)]
+    # One request per attempt: the SDK retried nothing itself
+    assert [(c["kind"], c["status"]) for c in standin.calls(run=run)][:2] == [("plan", 500), ("plan", 200)]
 
 
 # --- one lane, two process_job instances -----------------------------------------------------------
@@ -427,3 +430,68 @@ def test_a_429s_retry_delay_is_read_from_its_retry_info() -> None:
     assert retry_delay({"error": {"code": 429, "details": [{"@type": "x.QuotaFailure"}, info]}}) == 7.5
     assert retry_delay({"error": {"code": 429}}) == DEFAULT_RETRY_AFTER_SECONDS
     assert retry_delay("not json") == DEFAULT_RETRY_AFTER_SECONDS
+
+
+@pytest.fixture
+def in_process(
+    app_env: dict[str, str], standin: StandIn, db: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Any]:
+    """The Gemini generator in this process (its own lane), and a request of a real lesson job."""
+    from common.lessons import gemini as generator
+    from common.lessons.generation import LessonRequest
+    from tests.factories import make_job, make_user
+
+    model = f"gemini-inproc-{uuid.uuid4().hex[:6]}"
+    env = _gemini_env(standin, model, DYLEN_GEMINI_TIMEOUT_SECONDS="1", DYLEN_MODEL_SLOT_WAIT_SECONDS="0")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(generator, "_client", None)  # built afresh from these settings
+    with db.begin() as conn:
+        user = make_user(conn)
+        job_id = make_job(conn, user_id=user, status="running")
+
+    def request(topic: str) -> LessonRequest:
+        return LessonRequest(topic, None, "highlights", "en", job_id, user, attempt=1)
+
+    yield generator, request, job_id, model
+
+
+def test_a_429_pauses_the_lane_for_everyone_and_raises_retry_later_with_its_retry_info(
+    in_process: Any, standin: StandIn, db: sa.Engine
+) -> None:
+    from common.models import ledger
+    from common.platform.db import connection
+    from common.platform.errors import RetryLater
+
+    generator, request, job_id, model = in_process
+    standin.configure(retry_delay=2)
+    run = _run()
+    with pytest.raises(RetryLater) as later:
+        generator.plan(request(f"Reefs [run:{run}] [standin:429-once]"))
+    standin.configure(retry_delay=1)
+    assert (later.value.after_seconds, later.value.reason) == (2.0, "rate_limited")
+    assert len(standin.calls(run=run)) == 1  # no retry by the SDK
+    with connection() as conn:
+        lane = next(s for s in ledger.lane_states(conn) if s.model == model)
+    assert lane.paused_until is not None  # every instance's next take sees it
+    # Another call of the model, for anyone, now waits for the pause: RetryLater without calling
+    with pytest.raises(RetryLater) as paused:
+        generator.plan(request(f"Other [run:{run}]"))
+    assert paused.value.reason == "lane_paused" and 1.0 < paused.value.after_seconds <= 2.1  # + jitter
+    assert len(standin.calls(run=run)) == 1
+    assert [(c.outcome, c.error_code) for c in _calls(db, [job_id])] == [("rate_limited", "rate_limited")]
+
+
+def test_a_call_slower_than_its_timeout_is_an_ordinary_failure_on_the_ledger_as_timeout(
+    in_process: Any, standin: StandIn, db: sa.Engine
+) -> None:
+    from common.platform.errors import DylenError
+
+    generator, request, job_id, _ = in_process
+    started = time.monotonic()
+    with pytest.raises(Exception) as failed:
+        generator.plan(request(f"Slow [run:{_run()}] [standin:slow=3]"))
+    assert time.monotonic() - started < 2.5  # the 1 s timeout, not the stand-in's 3 s
+    assert not isinstance(failed.value, DylenError)  # not permanent, not RetryLater: retried
+    [call] = _calls(db, [job_id])
+    assert call.outcome == "timeout" and "Timeout" in call.error_code
