@@ -15,7 +15,8 @@ and scripts the provider's behaviours:
   `[standin:malformed]` JSON that does not parse, except in a repair (a conversation with a model
   turn); `[standin:malformed-always]` also in repairs; `[standin:safety]` the prompt blocked
   (promptFeedback.blockReason SAFETY, no candidates); `[standin:429-once]` / `[standin:500-once]`
-  the first time a given request is seen; `[standin:slow=<s>]` a delay. `[standin:<what>:plan]` or
+  the first time a given request is seen; `[standin:400]` 400 INVALID_ARGUMENT (a request the API
+  refuses); `[standin:slow=<s>]` a delay. `[standin:<what>:plan]` or
   `:section` limits a directive to plan calls (their schema has `sections`) or section calls.
 
 A `[run:<id>]` in a request's text is recorded with the call (`run`), so that tests sharing one
@@ -212,6 +213,8 @@ class Handler(BaseHTTPRequestHandler):
         if limited or ("429-once" in directives and first_time):
             record["kind"] = f"{kind}:429"
             return 429, _rate_limited(retry_delay), record
+        if "400" in directives:
+            return 400, _error(400, "Invalid JSON payload received.", "INVALID_ARGUMENT"), record
         if "500-once" in directives and first_time:
             return 500, _error(500, "An internal error has occurred.", "INTERNAL"), record
         input_tokens = _tokens(system + "".join(texts))

@@ -495,3 +495,29 @@ def test_a_call_slower_than_its_timeout_is_an_ordinary_failure_on_the_ledger_as_
     assert not isinstance(failed.value, DylenError)  # not permanent, not RetryLater: retried
     [call] = _calls(db, [job_id])
     assert call.outcome == "timeout" and "Timeout" in call.error_code
+
+
+def test_a_wrong_api_key_is_retried_not_failed_for_good_and_a_bad_request_is_permanent(
+    in_process: Any, standin: StandIn, db: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from common.lessons import gemini as generator
+    from common.lessons.settings import lesson_settings
+    from common.platform.errors import PermanentJobError
+
+    _, request, job_id, _ = in_process
+    monkeypatch.setenv("GEMINI_API_KEY", "not-the-key")
+    lesson_settings.reset()
+    monkeypatch.setattr(generator, "_client", None)
+    # Google answers an invalid key with 400: the configuration's fault, so an ordinary failure
+    with pytest.raises(generator.ModelCallFailed, match="400 INVALID_ARGUMENT"):
+        generator.plan(request(f"Keys [run:{_run()}]"))
+    assert [(c.outcome, c.error_code) for c in _calls(db, [job_id])] == [("error", "http_400")]
+
+    # A 400 about the request itself: resending cannot help, so the job ends (no retry)
+    monkeypatch.setenv("GEMINI_API_KEY", KEY)
+    lesson_settings.reset()
+    monkeypatch.setattr(generator, "_client", None)
+    with pytest.raises(PermanentJobError) as rejected:
+        generator.plan(request(f"Bad [run:{_run()}] [standin:400]"))
+    assert rejected.value.code == "model_request_rejected" and rejected.value.public_message
+    assert [(c.outcome, c.error_code) for c in _calls(db, [job_id])][1:] == [("error", "http_400")]

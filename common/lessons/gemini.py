@@ -306,7 +306,9 @@ def _call(
                 raise call.rate_limited(retry_delay(error.details)) from error
             call.mark("error", f"http_{error.code}")
             detail = f"Gemini answered {error.code} {error.status}: {error.message}"
-            if error.code == 400:  # the request itself is wrong: sending it again cannot help
+            if error.code == 400 and not _key_problem(
+                error
+            ):  # the request itself is wrong: resending cannot help
                 raise PermanentJobError(
                     "model_request_rejected", detail, public_message="The lesson could not be generated."
                 ) from error
@@ -333,6 +335,12 @@ def _call(
         except (ValueError, TypeError) as problem:  # not JSON, or not what the schema says
             call.mark("invalid", "reply_invalid")
             return _Reply(None, text, str(problem)[:500])
+
+
+def _key_problem(error: Any) -> bool:
+    """A 400 about the API key (Google answers an invalid key with 400): the configuration's fault,
+    fixed by operators, so the job is retried rather than failed for good."""
+    return "API_KEY" in json.dumps(error.details, default=str) or "API key" in str(error.message or "")
 
 
 def refusal_reason(response: Any) -> str | None:
