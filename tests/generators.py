@@ -6,12 +6,19 @@ The topic chooses the behaviour so one server can serve every scenario:
   "permanent ..."   raises PermanentJobError (retrying cannot help)
   "slow:<s> ..."    sleeps <s> seconds first (holds the lease)
   "block:<path>"    waits until <path> exists (for killing the process mid-job)
+  "later-twice:<s> ..."  raises RetryLater(<s>) on its first two claims (a provider's 429), then writes
+  "later-always:<s> ..." raises RetryLater(<s>) on every claim
+  "secret ..."      raises an error whose text holds a credential (SECRET), on every attempt
+  "dbdown-once ..." raises DatabaseUnavailable on its first claim (the database dropped mid-run)
+  "chaos:<fail>:<later> ..."  fails (RuntimeError) with probability <fail>, else raises RetryLater(0)
+                    with probability <later>, else writes (the soak's generator)
 Every run is recorded in $DYLEN_TEST_CALLS_DIR/<job_id>, one line per call.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +26,10 @@ from typing import Any
 from common.lessons import template
 from common.lessons.generation import LessonRequest
 from common.lessons.template import generate_lesson
-from common.platform.errors import PermanentJobError
+from common.platform.errors import DatabaseUnavailable, PermanentJobError, RetryLater
+
+# What a careless SDK puts in an exception: the request URL, API key included.
+SECRET = "AIzaSyTESTSECRET0123456789abcdefghijkl"
 
 
 def _record(request: LessonRequest) -> None:
@@ -38,6 +48,21 @@ def generate(request: LessonRequest) -> dict[str, Any]:
         raise RuntimeError("transient: the model is down")
     if topic.startswith("permanent"):
         raise PermanentJobError("unsupported_topic", "This topic cannot be taught.")
+    if topic.startswith("later-twice:") and request.attempt <= 2:
+        raise RetryLater(float(topic.split(":", 1)[1].split()[0]), "rate_limited")
+    if topic.startswith("later-always:"):
+        raise RetryLater(float(topic.split(":", 1)[1].split()[0]), "rate_limited")
+    if topic.startswith("secret"):
+        raise RuntimeError(f"HTTPError 401 for url https://models.example/v1/generate?key={SECRET}")
+    if topic.startswith("dbdown-once") and request.attempt == 1:
+        raise DatabaseUnavailable("The database is unreachable; retry shortly.")
+    if topic.startswith("chaos:"):
+        fail, later = (float(p) for p in topic.split()[0].split(":")[1:3])
+        draw = random.random()
+        if draw < fail:
+            raise RuntimeError("transient: chaos")
+        if draw < fail + later:
+            raise RetryLater(0, "rate_limited")
     if topic.startswith("slow:"):
         time.sleep(float(topic.split(":", 1)[1].split()[0]))
     if topic.startswith("block:"):
@@ -54,6 +79,7 @@ class Fanout:
       "permanent-plan ..."      plan raises PermanentJobError
       "flaky-section:<i> ..."   section i fails on its attempts 1 and 2, then succeeds
       "fail3-section:<i> ..."   section i fails on its attempts 1 to 3 (a whole run of 3 attempts)
+      "secret-section:<i> ..."  section i fails on every attempt with a credential in the error
       "slow:<s> ..."            each section sleeps <s> seconds first
       "block:<path>"            each section waits until <path> exists
     Every call is recorded in $DYLEN_TEST_CALLS_DIR/<lesson job id>: "plan <attempt>" or
@@ -73,6 +99,8 @@ class Fanout:
             raise RuntimeError(f"transient: section {index} timed out")
         if topic.startswith(f"fail3-section:{index} ") and request.attempt <= 3:
             raise RuntimeError(f"transient: section {index} model is down")
+        if topic.startswith(f"secret-section:{index} "):
+            raise RuntimeError(f"HTTPError 401 for url https://models.example/v1/generate?key={SECRET}")
         if topic.startswith("slow:"):
             time.sleep(float(topic.split(":", 1)[1].split()[0]))
         if topic.startswith("block:"):

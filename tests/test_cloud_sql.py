@@ -107,6 +107,39 @@ def test_engine_asks_the_connector_for_instance_driver_user_db_and_auth_mode(
     assert connect["kwargs"] == expected
 
 
+@pytest.mark.parametrize(("ip_type", "expected"), [(None, "PUBLIC"), ("private", "PRIVATE"), ("psc", "PSC")])
+def test_the_connector_reaches_the_instance_by_the_configured_ip_type(
+    stand_in: Path, monkeypatch: pytest.MonkeyPatch, ip_type: str | None, expected: str
+) -> None:
+    """An instance with only a private IP is reached over VPC egress (deploy.sh --db-ip-type private)."""
+    import google.cloud.sql.connector as connector_module
+    from connector_stand_in import StandInConnector  # type: ignore[import-not-found]
+    from google.cloud.sql.connector import IPTypes
+
+    monkeypatch.setattr(connector_module, "Connector", StandInConnector)
+    monkeypatch.setattr(db_connect, "_connector", None)
+    monkeypatch.setattr(db_connect.atexit, "register", lambda fn: fn)
+    env = {
+        "DYLEN_AUTH_MODE": "dev",
+        "DYLEN_CLOUD_SQL_INSTANCE": INSTANCE,
+        "DYLEN_DB_NAME": "dylen",
+        "DYLEN_DB_IAM_AUTH": "true",
+        "DYLEN_DB_USER": "dylen-api@dylen-prod.iam",
+    }
+    if ip_type:
+        env["DYLEN_DB_IP_TYPE"] = ip_type
+    db_connect.connect_function(load_settings(env), read_timeout=None)
+    (init,) = _entries(stand_in)
+    assert init["init"]["ip_type"] == str(IPTypes[expected])
+
+
+def test_an_unknown_ip_type_fails_at_start_naming_the_variable() -> None:
+    from common.platform.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="DYLEN_DB_IP_TYPE must be one of public, private, psc"):
+        load_settings({"DYLEN_AUTH_MODE": "dev", "DYLEN_DB_IP_TYPE": "vpc"})
+
+
 def test_the_connector_is_created_lazily_once_and_closed_at_exit(stand_in: Path, database_url: str) -> None:
     script = (
         "import google.cloud.sql.connector as m, connector_stand_in as s\n"

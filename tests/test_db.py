@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import uuid
 from collections.abc import Iterator
@@ -12,7 +13,10 @@ import sqlalchemy as sa
 from common.platform.config import parse_database_url, reset_settings
 from common.platform.db import connect, migrate
 from common.platform.db import pool as common_db
+from common.platform.db.statement import PREPARED_PER_CONNECTION
 from common.platform.errors import ConfigError
+from tests.factories import make_job
+from tests.support import ROOT
 
 
 def test_transaction_rolls_back_everything_on_error(app_env: dict[str, str], db: sa.Engine) -> None:
@@ -98,6 +102,158 @@ def test_a_prepared_statement_is_prepared_once_per_connection_and_then_run_by_na
         assert conn.execute(plain, {"a": 1}).value() == 1
         assert prepared_here(conn, select) == 1
         assert prepared_here(conn, plain) == 0  # run unnamed, nothing left on the server
+
+
+def prepared_on_server(conn: common_db.Connection) -> int:
+    """How many statements the server holds prepared for this session, whatever their SQL."""
+    return int(conn.execute("SELECT count(*) FROM pg_prepared_statements").value())
+
+
+@pytest.fixture
+def one_connection(app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pool of exactly one connection: every checkout meets the same session."""
+    monkeypatch.setenv("DYLEN_DB_POOL_SIZE", "1")
+    monkeypatch.setenv("DYLEN_DB_MAX_OVERFLOW", "0")
+    common_db.dispose_pool()
+
+
+# The statement a section reads its parent's plan with (get_plan), which once built its Statement on
+# every call: one pooled session then held a new prepared statement per section, 1,000 after 1,000.
+SECTION_PLAN = "SELECT request_json, plan FROM jobs WHERE id = :id"
+
+
+def test_a_thousand_sections_leave_one_prepared_statement_on_their_connection(
+    one_connection: None, db: sa.Engine
+) -> None:
+    with db.begin() as given:
+        parent = make_job(given, user_id=None, status="done")  # a row nothing else acts on
+    with common_db.connection() as conn:
+        pid = conn.execute("SELECT pg_backend_pid()").scalar()
+    for _ in range(1000):
+        with common_db.connection() as conn:
+            # A new Statement per call, as get_plan built it: the same SQL is the same statement.
+            statement = common_db.Statement(SECTION_PLAN, prepare=True)
+            assert conn.execute(statement, {"id": parent}).one().request_json["job_kind"] == "lesson"
+    with common_db.connection() as conn:
+        # The same session throughout (a reconnect would have hidden a leak).
+        assert conn.execute("SELECT pg_backend_pid()").scalar() == pid
+        assert prepared_here(conn, statement) == 1
+        assert prepared_on_server(conn) == conn.prepared_count == 1
+    assert common_db.get_pool().open == 1
+
+
+def test_more_statements_than_a_connection_keeps_close_the_least_recently_used(one_connection: None) -> None:
+    limit = PREPARED_PER_CONNECTION
+    hot = common_db.Statement("SELECT CAST(:x AS int) AS y", prepare=True)
+    others = [
+        common_db.Statement(f"SELECT CAST(:x AS int) + {i} AS y", prepare=True) for i in range(1, limit + 40)
+    ]
+    with common_db.connection() as conn:
+        for i, statement in enumerate(others, start=1):
+            assert conn.execute(statement, {"x": 1}).value() == 1 + i
+            assert conn.execute(hot, {"x": i}).value() == i  # used all along: never the one closed
+        assert prepared_on_server(conn) == conn.prepared_count == limit
+        assert prepared_here(conn, hot) == 1
+        assert prepared_here(conn, others[0]) == 0  # closed on the server, not only forgotten
+        # One closed long ago is prepared again when it comes back, and answers right.
+        assert conn.execute(others[0], {"x": 5}).value() == 6
+        assert prepared_on_server(conn) == conn.prepared_count == limit
+
+
+def test_a_statement_the_session_lost_is_prepared_again(one_connection: None) -> None:
+    select = common_db.Statement("SELECT CAST(:x AS int) AS y", prepare=True)
+    with common_db.connection() as conn:
+        assert conn.execute(select, {"x": 1}).value() == 1
+        conn.execute_simple("DEALLOCATE ALL")  # as a session reset does: 26000 on the next run
+        assert conn.execute(select, {"x": 2}).value() == 2
+        assert prepared_on_server(conn) == conn.prepared_count == 1
+
+
+def test_a_statement_whose_table_changed_is_replaced_not_left_on_the_server(
+    one_connection: None, scratch_table: str, db: sa.Engine
+) -> None:
+    select = common_db.Statement(f"SELECT * FROM {scratch_table} WHERE a = :a", prepare=True)
+    with common_db.connection() as conn:
+        assert conn.execute(select, {"a": 1}).one() == (1,)
+        with db.begin() as migration:
+            migration.execute(sa.text(f"ALTER TABLE {scratch_table} ADD COLUMN b int DEFAULT 7"))
+        # 0A000 inside a transaction: it is aborted, nothing to retry in; the old form is dropped.
+        with pytest.raises(common_db.QueryError, match="0A000"), conn.transaction():
+            conn.execute(select, {"a": 1})
+        assert conn.execute(select, {"a": 1}).one() == (1, 7)
+        with db.begin() as migration:
+            migration.execute(sa.text(f"ALTER TABLE {scratch_table} ADD COLUMN c int DEFAULT 8"))
+        assert conn.execute(select, {"a": 2}).one() == (2, 7, 8)  # outside one: prepared again at once
+        assert prepared_here(conn, select) == 1
+        assert prepared_on_server(conn) == conn.prepared_count == 1
+
+
+def prepared_in_functions(source: str) -> list[int]:
+    """Lines where `Statement(..., prepare=...)`, or a `transitions.Output` (which always prepares),
+    is built inside a function or lambda body; Output's own constructor is that declaration."""
+    found = []
+    tree = ast.parse(source)
+    declaring = {
+        id(method)
+        for cls in ast.walk(tree)
+        if isinstance(cls, ast.ClassDef) and cls.name == "Output"
+        for method in cls.body
+    }
+    for scope in ast.walk(tree):
+        if id(scope) in declaring:
+            continue
+        if isinstance(scope, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            body: list[ast.AST] = list(scope.body)
+        elif isinstance(scope, ast.Lambda):
+            body = [scope.body]
+        else:
+            continue
+        for node in (n for part in body for n in ast.walk(part)):
+            if not isinstance(node, ast.Call):
+                continue
+            name = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", None)
+            if name == "Output" or (
+                name == "Statement"
+                and any(
+                    k.arg == "prepare" and not (isinstance(k.value, ast.Constant) and not k.value.value)
+                    for k in node.keywords
+                )
+            ):
+                found.append(node.lineno)
+    return sorted(set(found))
+
+
+def test_the_prepared_checker_finds_what_it_is_for() -> None:
+    sample = (
+        "A = Statement('SELECT 1', prepare=True)\n"
+        "def f(conn, s=Statement('SELECT 2', prepare=True)):\n"
+        "    plain = Statement('SELECT 3')\n"
+        "    off = db.Statement('SELECT 4', prepare=False)\n"
+        "    return conn.execute(db.Statement('SELECT 5', prepare=True))\n"
+        "class Q:\n"
+        "    B = Statement('SELECT 6', prepare=True)\n"
+        "    async def g(self, hot):\n"
+        "        return Statement('SELECT 7', prepare=hot)\n"
+        "h = lambda: Statement('SELECT 8', prepare=True)\n"
+        "LESSON = transitions.Output('INSERT ...')\n"
+        "def per_call():\n"
+        "    return transitions.Output('INSERT ...')\n"
+        "class Output:\n"
+        "    def __init__(self, sql):\n"
+        "        self.statement = Statement(sql, prepare=True)\n"
+    )
+    assert prepared_in_functions(sample) == [5, 9, 10, 13]
+
+
+def test_prepared_statements_are_declared_at_module_level() -> None:
+    """The pool finds a prepared statement by its SQL whatever object carries it, but a Statement
+    built per call still compiles its SQL and builds its row type per call: hot SQL is declared once."""
+    offenders = [
+        f"{path.relative_to(ROOT)}:{line}"
+        for path in sorted((ROOT / "common").rglob("*.py"))
+        for line in prepared_in_functions(path.read_text(encoding="utf-8"))
+    ]
+    assert offenders == []
 
 
 def test_replies_of_any_size_arrive_whole(app_env: dict[str, str]) -> None:

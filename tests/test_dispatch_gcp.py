@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent import futures
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +151,24 @@ def test_a_queued_task_carries_url_body_headers_oidc_and_deadline(
     finally:
         client.resume_queue(name=QUEUE_PATH)
     assert stack.wait_for(user, job_id, timeout=30)["status"] == "done"
+
+
+def test_a_retry_is_a_task_for_its_time_schedule_time_read_back_with_the_real_client(
+    emulator: TasksEmulator, client: Any
+) -> None:
+    # Given a job whose retry is due in 90 s (what transitions.retry leaves: queued, run_after and
+    # dispatched_at at its time, one more attempt on the counter)
+    queue = _paused_queue(client)
+    settings = _settings(emulator.host, DYLEN_CLOUD_TASKS_QUEUE_PATH=queue)
+    due = (datetime.now(UTC) + timedelta(seconds=90)).replace(microsecond=0)
+    job = dataclasses.replace(_job(), attempts=2, run_after=due, dispatched_at=due)
+    # When it is dispatched
+    CloudTasksDispatcher(settings, job_settings.load({})).dispatch(job)
+    # Then its task waits for that time, named from the job, its attempt and its due time
+    (task,) = _tasks(client, queue)
+    assert task.schedule_time == due
+    # (the emulator does not enforce name uniqueness: ALREADY_EXISTS is the stand-in's test below)
+    assert task.name.endswith(f"/tasks/job-{job.id}-2-{int(due.timestamp() * 1000)}")
 
 
 @pytest.mark.parametrize(("timeout", "deadline"), [(5, 15), (600, 600), (7200, 1800)])

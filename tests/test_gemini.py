@@ -393,10 +393,10 @@ def test_gemini_settings_need_one_credential_and_a_timeout_inside_the_lease() ->
 
 
 def test_replies_are_checked_against_the_schema_and_the_contract() -> None:
-    from common.lessons import gemini
+    from common.lessons import replies
 
     plan = {"title": "T", "summary": "S", "sections": [{"heading": "H", "brief": "B"}] * 2}
-    assert gemini._checked_plan(plan, 2)["title"] == "T"
+    assert replies.checked_plan(plan, 2)["title"] == "T"
     for bad, says in [
         ({**plan, "sections": plan["sections"][:1]}, "reply.sections must have 2 to 2 items"),
         ({**plan, "title": " "}, "reply.title must be a text"),
@@ -404,7 +404,7 @@ def test_replies_are_checked_against_the_schema_and_the_contract() -> None:
         ({**plan, "sections": [{"heading": "H"}] * 2}, "reply.sections[0] lacks `brief`"),
     ]:
         with pytest.raises(ValueError) as raised:
-            gemini._checked_plan(bad, 2)
+            replies.checked_plan(bad, 2)
         assert says in str(raised.value)
     section = {
         "heading": "H",
@@ -412,14 +412,14 @@ def test_replies_are_checked_against_the_schema_and_the_contract() -> None:
         "key_points": ["a", "b"],
         "quiz": {"question": "Q", "options": ["x", "y", "z"], "answer_index": 2},
     }
-    assert gemini._checked_section(section, 0) == section
+    assert replies.checked_section(section, 0) == section
     for quiz, says in [
         ({"answer_index": 3}, "answer_index must name one of the options"),
         ({"answer_index": True}, "must be a JSON integer"),
         ({"options": ["x", "y"]}, "options must have 3 to 4 items"),
     ]:
         with pytest.raises(ValueError) as raised:
-            gemini._checked_section({**section, "quiz": {**section["quiz"], **quiz}}, 0)
+            replies.checked_section({**section, "quiz": {**section["quiz"], **quiz}}, 0)
         assert says in str(raised.value)
 
 

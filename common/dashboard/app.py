@@ -24,7 +24,7 @@ from common.accounts import tiers
 from common.accounts.settings import tier_settings
 from common.dashboard import queries
 from common.dashboard.csrf import check_csrf, csrf_token
-from common.jobs import ops
+from common.jobs import ops, totals
 from common.jobs import queries as job_queries
 from common.jobs.model import RETRYABLE_STATUSES, Job
 from common.models import ledger
@@ -166,8 +166,8 @@ def _context(operator: str, active: str, **extra: Any) -> dict[str, Any]:
 
 def overview(request: flask.Request, operator: str) -> flask.Response:
     with connection() as conn:
-        queries.advance_done_total(conn)
-        all_time = queries.all_time_counts(conn)
+        totals.advance_done_total(conn)
+        all_time = totals.all_time_counts(conn)
         last_day = queries.last_day_counts(conn)
         minutes = queries.per_minute(conn)
         oldest = job_queries.oldest_queued(conn)
@@ -258,7 +258,8 @@ def _uuid(raw: str) -> uuid.UUID | None:
 
 
 def job_page(request: flask.Request, operator: str) -> flask.Response:
-    job, sections = ops.show_job(request.args.get("id") or "")  # sections: a fanned-out lesson's
+    shown = ops.show_job(request.args.get("id") or "")  # sections: a fanned-out lesson's
+    job, sections = shown.job, shown.sections
     with connection() as conn:
         lesson = queries.lesson_of(conn, job.id)
         calls = ledger.job_calls(conn, job.parent_id or job.id)
@@ -267,6 +268,7 @@ def job_page(request: flask.Request, operator: str) -> flask.Response:
     return render(
         "job.html",
         job=job,
+        attempts=shown.attempts,
         calls=calls,
         usage=ledger.usage_of(calls),
         detail=ops.job_detail(job),

@@ -31,7 +31,8 @@ RETRYABLE_STATUSES = (JobStatus.ERROR, JobStatus.CANCELED)
 JOB_COLUMNS = (
     "id, user_id, job_kind, status, idempotency_key, request_json, result_json, error_json, "
     "attempts, max_attempts, lease_expires_at, dispatched_at, created_at, updated_at, "
-    "started_at, completed_at, parent_id, section_index"
+    "started_at, completed_at, parent_id, section_index, run_after, deferrals, waited_seconds, "
+    "attempt_started_at"
 )
 
 
@@ -55,6 +56,10 @@ class Job:
     completed_at: datetime | None
     parent_id: uuid.UUID | None = None  # set on a section: the job that planned it
     section_index: int | None = None
+    run_after: datetime | None = None  # a scheduled retry or deferral: not claimed before this
+    deferrals: int = 0  # claims given back (RetryLater, infrastructure faults): not attempts used
+    waited_seconds: float = 0.0  # deferred so far by RetryLater and infrastructure faults
+    attempt_started_at: datetime | None = None  # when the current (or last) attempt began
 
     @classmethod
     def queued(
@@ -97,6 +102,11 @@ class Job:
     @property
     def final(self) -> bool:
         return self.status in FINAL_STATUSES
+
+    @property
+    def attempts_used(self) -> int:
+        """Attempts that counted: `attempts` is every claim (the finish's fence), deferrals aside."""
+        return self.attempts - self.deferrals
 
     @property
     def waiting(self) -> bool:

@@ -116,15 +116,21 @@ def list_jobs(filters: Filters, *, limit: int = 50) -> list[Job]:
         return queries.list_jobs(conn, filters.resolve(conn), limit=limit)
 
 
-def show_job(raw_id: str) -> tuple[Job, list[Job]]:
-    """The job and, for a parent, its sections in plan order."""
+@dataclass(frozen=True)
+class Shown:
+    job: Job
+    sections: list[Job]  # a parent's, in plan order
+    attempts: list[queries.Attempt]
+
+
+def show_job(raw_id: str) -> Shown:
+    """The job, its attempts and, for a parent, its sections in plan order."""
     job_id = parse_id(raw_id, what="job", caller="operator")
     with _db() as conn:
         job = queries.get_job(conn, job_id)
-        sections = queries.list_sections(conn, job_id) if job is not None else []
-    if job is None:
-        raise NotFound(f"No job {job_id}.")
-    return job, sections
+        if job is None:
+            raise NotFound(f"No job {job_id}.")
+        return Shown(job, queries.list_sections(conn, job_id), queries.list_attempts(conn, job))
 
 
 def cancel_job(raw_id: str) -> Job:
@@ -261,7 +267,9 @@ def _iso(value: Any) -> str | None:
     return value.isoformat() if value is not None else None
 
 
-def job_detail(job: Job, sections: Sequence[Job] = ()) -> dict[str, Any]:
+def job_detail(
+    job: Job, sections: Sequence[Job] = (), attempts: Sequence[queries.Attempt] = ()
+) -> dict[str, Any]:
     """Everything an operator needs about one job, JSON-ready; a parent's sections with their
     status and attempts, a section's parent."""
     detail: dict[str, Any] = {
@@ -269,7 +277,10 @@ def job_detail(job: Job, sections: Sequence[Job] = ()) -> dict[str, Any]:
         "user_id": job.user_id,
         "job_kind": job.job_kind,
         "status": job.status,
-        "attempts": job.attempts,
+        "attempts": job.attempts_used,
+        "deferrals": job.deferrals,
+        "waited_seconds": job.waited_seconds,
+        "next_attempt_at": _iso(job.run_after),
         "max_attempts": job.max_attempts,
         "idempotency_key": job.idempotency_key,
         "created_at": _iso(job.created_at),
@@ -284,6 +295,21 @@ def job_detail(job: Job, sections: Sequence[Job] = ()) -> dict[str, Any]:
     }
     if job.parent_id is not None:
         detail.update(parent_id=str(job.parent_id), section_index=job.section_index)
+    if attempts:
+        detail["attempt_history"] = [
+            {
+                "attempt": a.attempt,
+                "outcome": a.outcome,
+                "started_at": _iso(a.started_at),
+                "ended_at": _iso(a.ended_at),
+                "seconds": a.seconds,
+                "error_code": a.error_code,
+                "error_message": a.error_message,
+                "error_detail": a.error_detail,
+                "instance": a.instance,
+            }
+            for a in attempts
+        ]
     if sections:
         detail["sections"] = [
             {

@@ -85,6 +85,42 @@ def list_sections(conn: Connection, parent_id: uuid.UUID) -> list[Job]:
     return [Job.from_row(row) for row in rows]
 
 
+_ATTEMPTS = Statement(
+    "SELECT attempt, started_at, ended_at, outcome, error_code, error_message, error_detail, instance "
+    "FROM job_attempts WHERE job_id = :id ORDER BY attempt"
+)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One attempt of a job, for operators: the raw error (`error_detail`) included."""
+
+    attempt: int
+    started_at: datetime | None
+    ended_at: datetime | None
+    outcome: str
+    error_code: str | None
+    error_message: str | None
+    error_detail: str | None
+    instance: str | None
+
+    @property
+    def seconds(self) -> float | None:
+        if self.started_at is None or self.ended_at is None:
+            return None
+        return (self.ended_at - self.started_at).total_seconds()
+
+
+def list_attempts(conn: Connection, job: Job) -> list[Attempt]:
+    """Every attempt on record, and the one that finished the job (its own row says how)."""
+    attempts = [Attempt(*row) for row in conn.execute(_ATTEMPTS, {"id": job.id})]
+    if job.status == "done" and all(a.attempt != job.attempts for a in attempts):
+        attempts.append(
+            Attempt(job.attempts, job.attempt_started_at, job.completed_at, "done", None, None, None, None)
+        )
+    return attempts
+
+
 # --- operator queries and the cancel / retry transitions ------------------------------------------
 
 

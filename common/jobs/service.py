@@ -74,7 +74,7 @@ def submit_job(
             job_kind=job_kind,
             idempotency_key=idempotency_key,
             request_json=request_json,
-            max_attempts=settings.max_attempts,
+            max_attempts=settings.policy(job_kind).max_attempts,
             limits=admission.limits() if admission is not None else None,
         )
         if isinstance(job, transitions.Refused):
@@ -134,7 +134,8 @@ def _iso(value: Any) -> str | None:
 
 
 def job_view(job: Job, progress: Progress | None = None) -> dict[str, Any]:
-    """The user's view; `progress` where it was read with the job (get_job)."""
+    """The user's view; `progress` where it was read with the job (get_job). An error is a code and
+    the safe message the job system wrote for it, never an exception's text."""
     error = None
     if job.error_json:
         error = {"code": job.error_json.get("code"), "message": job.error_json.get("message")}
@@ -142,7 +143,8 @@ def job_view(job: Job, progress: Progress | None = None) -> dict[str, Any]:
         "job_id": str(job.id),
         "job_kind": job.job_kind,
         "status": job.status,
-        "attempts": job.attempts,
+        "attempts": job.attempts_used,
+        "next_attempt_at": _iso(job.run_after) if job.status == JobStatus.QUEUED else None,
         "created_at": _iso(job.created_at),
         "started_at": _iso(job.started_at),
         "completed_at": _iso(job.completed_at),

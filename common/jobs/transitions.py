@@ -1,9 +1,11 @@
 """A job's life: every change of `jobs` happens here, each a named, guarded transition.
 
     create -> queued -> claim -> running -> complete | plan (waiting) -> fan_in -> done
-                                        -> fail (queued again, or error) | expire
+                                        -> retry | defer (queued, run_after) | fail (error)
+                                        | expire (error, lease gone, no attempts left)
     queued | running -> cancel -> canceled;  error | canceled -> requeue (operators)
     rescue: queued and stale, or running with its lease gone -> queued (or error)
+    prune: finished long enough ago -> deleted (retention)
 
 Statements that decide correctness are single set-based UPDATEs guarded by the row's state, so
 concurrent deliveries are serialised by PostgreSQL's row lock. A finish is conditional on the claim
@@ -19,7 +21,7 @@ INSERT ... SELECT ... FROM done) at module level; the transition runs it in the 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -125,9 +127,16 @@ class Claim:
 _CLAIM = Statement(_SQL["claim"], prepare=True)
 
 
+# A delivery this much before its job's run_after still runs it: Cloud Tasks' clock and the
+# database's differ a little, and a scheduled task turned away would wait for rescue_jobs.
+EARLY_SECONDS = 2.0
+
+
 def claim(conn: Connection, job_id: uuid.UUID, *, lease_seconds: int) -> Claim:
-    """`queued` (or `running` with its lease gone) -> `running`, attempts + 1, a new lease."""
-    row = conn.execute(_CLAIM, {"id": job_id, "lease_seconds": lease_seconds}).first()
+    """`queued` (due: no run_after in the future) or `running` with its lease gone -> `running`,
+    attempts + 1, a new lease."""
+    params = {"id": job_id, "lease_seconds": lease_seconds, "early_seconds": EARLY_SECONDS}
+    row = conn.execute(_CLAIM, params).first()
     if row is None:
         return Claim(claimed=False, job=None)
     return Claim(claimed=bool(row.claimed), job=Job.from_row(row), now=row.db_now)
@@ -193,6 +202,7 @@ def plan(
     plan: dict[str, Any],
     section_kind: str,
     max_attempts: int,
+    instance: str | None = None,
 ) -> list[Job] | None:
     """Store the plan, leave the job waiting (`running`, no lease) and insert one queued section per
     `plan["sections"]` entry, one statement; None if this attempt lost its claim."""
@@ -204,6 +214,7 @@ def plan(
             "plan": jsonb(plan),
             "kind": section_kind,
             "max_attempts": max_attempts,
+            "instance": instance,
         },
     ).all()
     return [Job.from_row(row) for row in rows] or None
@@ -221,21 +232,85 @@ def finish_section(conn: Connection, section: Job, *, attempt: int, result: dict
 
 # --- failure ------------------------------------------------------------------------------------------
 
-_FAIL = Statement(_SQL["fail"], prepare=True)
+_END_ATTEMPT = Statement(_SQL["end_attempt"], prepare=True)
+_RECORD_ATTEMPT = Statement(_SQL["record_attempt"])
 
 
-def fail(conn: Connection, job_id: uuid.UUID, *, attempt: int, error: dict[str, Any], final: bool) -> bool:
-    """A failed attempt: back to `queued` (error kept) or, when `final`, `error`."""
-    values = {"id": job_id, "attempt": attempt, "error": jsonb(error), "final": final}
-    return conn.execute(_FAIL, values).rowcount == 1
+@dataclass(frozen=True)
+class AttemptRecord:
+    """What operators keep of an attempt that did not finish its job (job_attempts)."""
+
+    outcome: str  # retry | deferred | failed | superseded
+    code: str
+    message: str  # the safe text users may see
+    detail: str | None  # the raw error (exception, traceback), for operators only
+    instance: str | None  # which instance ran it
+
+
+def _end(
+    conn: Connection,
+    job_id: uuid.UUID,
+    *,
+    attempt: int,
+    record: AttemptRecord,
+    final: bool,
+    delay: float = 0.0,
+    refund: bool = False,
+) -> Job | None:
+    row = conn.execute(
+        _END_ATTEMPT,
+        {
+            "id": job_id,
+            "attempt": attempt,
+            "final": final,
+            "delay": delay,
+            "refund": 1 if refund else 0,
+            "waited": delay if refund else 0.0,
+            "error": jsonb({"code": record.code, "message": record.message, "attempt": attempt}),
+            **asdict(record),  # outcome, code, message, detail, instance
+        },
+    ).first()
+    return Job.from_row(row) if row else None
+
+
+def retry(
+    conn: Connection, job_id: uuid.UUID, *, attempt: int, record: AttemptRecord, delay: float
+) -> Job | None:
+    """A failed attempt with attempts left -> `queued` for `delay` seconds from now (its backoff);
+    None if this attempt no longer held the claim."""
+    return _end(conn, job_id, attempt=attempt, record=record, final=False, delay=delay)
+
+
+def defer(
+    conn: Connection, job_id: uuid.UUID, *, attempt: int, record: AttemptRecord, delay: float
+) -> Job | None:
+    """ "Not now" (RetryLater, an infrastructure fault) -> `queued` for `delay` seconds from now,
+    the attempt given back and the wait added to the job's `waited_seconds`."""
+    return _end(conn, job_id, attempt=attempt, record=record, final=False, delay=delay, refund=True)
+
+
+def fail(conn: Connection, job_id: uuid.UUID, *, attempt: int, record: AttemptRecord) -> Job | None:
+    """The last attempt failed, or retrying cannot help -> `error`."""
+    return _end(conn, job_id, attempt=attempt, record=record, final=True)
+
+
+def record_attempt(conn: Connection, job_id: uuid.UUID, *, attempt: int, record: AttemptRecord) -> None:
+    """Put on record an attempt that changed nothing (it lost its claim before it finished)."""
+    conn.execute(_RECORD_ATTEMPT, {"id": job_id, "attempt": attempt, **asdict(record)})
 
 
 _EXPIRE = Statement(_SQL["expire"])
 
 
-def expire(conn: Connection, job_id: uuid.UUID, *, error: dict[str, Any]) -> bool:
-    """A job out of attempts whose last lease ran out -> `error`."""
-    return conn.execute(_EXPIRE, {"id": job_id, "error": jsonb(error)}).rowcount == 1
+def expire(conn: Connection, job_id: uuid.UUID, *, code: str, message: str) -> bool:
+    """A job out of attempts whose last lease ran out -> `error`, the lost attempt on record."""
+    params = {
+        "id": job_id,
+        "error": jsonb({"code": code, "message": message}),
+        "code": code,
+        "message": message,
+    }
+    return conn.execute(_EXPIRE, params).rowcount == 1
 
 
 # Run right after a section's last attempt fails, and by rescue_jobs for every parent, so a crash
@@ -306,3 +381,12 @@ def restore_dispatch_stamp(
     (unless something touched the job meanwhile)."""
     values = {"id": job_id, "ours": ours, "previous": previous}
     return conn.execute(_RESTORE_DISPATCH_STAMP, values).rowcount == 1
+
+
+_PRUNE = Statement(_SQL["prune"])
+
+
+def prune(conn: Connection, *, days: int, done_mark: datetime, batch: int) -> tuple[int, int]:
+    """Retention's one bounded batch: (top-level jobs, rows with their sections) deleted."""
+    row = conn.execute(_PRUNE, {"days": days, "done_mark": done_mark, "batch": batch}).one()
+    return int(row.jobs), int(row.rows)

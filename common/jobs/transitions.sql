@@ -23,16 +23,20 @@ SELECT outcome, id, created_at, tier, quota_limit, used, resets_at, db_now
 
 -- name: claim
 -- A section starts only while its parent waits on it and no sibling has failed: checked inside the
--- claim, so nothing starts after a cancel or a failed section commits. When the claim loses, the
--- row comes back as it stood, in the same round trip, so the caller answers without a second query.
+-- claim, so nothing starts after a cancel or a failed section commits. A job scheduled for later
+-- (run_after) is not claimed before its time, give or take a clock's skew between the queue and
+-- the database. When the claim loses, the row comes back as it stood, in the same round trip, so
+-- the caller answers without a second query.
 WITH claimed AS (
     UPDATE jobs
        SET status = 'running', attempts = attempts + 1,
            lease_expires_at = now() + make_interval(secs => :lease_seconds),
-           started_at = coalesce(started_at, now()), updated_at = now()
+           started_at = coalesce(started_at, now()), attempt_started_at = now(), run_after = NULL,
+           updated_at = now()
      WHERE id = :id
        AND attempts < max_attempts
        AND (status = 'queued' OR (status = 'running' AND lease_expires_at < now()))
+       AND (run_after IS NULL OR run_after <= now() + make_interval(secs => :early_seconds))
        AND (parent_id IS NULL OR (
             EXISTS (SELECT 1 FROM jobs parent
                      WHERE parent.id = jobs.parent_id AND parent.status = 'running'
@@ -71,7 +75,11 @@ WITH done AS (
 WITH parent AS (
     UPDATE jobs SET plan = CAST(:plan AS jsonb), lease_expires_at = NULL, updated_at = now()
      WHERE {attempt_holds}
-    RETURNING id, user_id
+    RETURNING id, user_id, attempts, attempt_started_at
+), recorded AS (
+    INSERT INTO job_attempts (job_id, attempt, started_at, outcome, instance)
+    SELECT id, attempts, attempt_started_at, 'planned', :instance FROM parent
+    ON CONFLICT (job_id, attempt) DO NOTHING
 )
 INSERT INTO jobs (id, user_id, job_kind, status, idempotency_key, request_json,
                   attempts, max_attempts, dispatched_at, parent_id, section_index)
@@ -95,19 +103,53 @@ WITH parent AS (
 )
 UPDATE jobs SET {done} WHERE {attempt_holds} AND parent_id = (SELECT id FROM parent)
 
--- name: fail
-UPDATE jobs
-   SET status = CASE WHEN CAST(:final AS boolean) THEN 'error' ELSE 'queued' END,
-       error_json = CAST(:error AS jsonb), lease_expires_at = NULL,
-       completed_at = CASE WHEN CAST(:final AS boolean) THEN now() END, updated_at = now()
- WHERE {attempt_holds}
+-- name: end_attempt
+-- An attempt that did not finish its job: back to `queued` for `run_after` (a retry uses the
+-- attempt; a deferral gives it back by raising max_attempts, since attempts is the claim's fence
+-- and never goes down) or, when final, `error`. The attempt goes on record in the same statement.
+-- dispatched_at is when the new task is due, so rescue_jobs sees the job stale only past that.
+WITH ended AS (
+    UPDATE jobs
+       SET status = CASE WHEN CAST(:final AS boolean) THEN 'error' ELSE 'queued' END,
+           error_json = CAST(:error AS jsonb), lease_expires_at = NULL,
+           run_after = CASE WHEN CAST(:final AS boolean) THEN NULL
+                            ELSE now() + make_interval(secs => CAST(:delay AS float8)) END,
+           dispatched_at = CASE WHEN CAST(:final AS boolean) THEN dispatched_at
+                                ELSE now() + make_interval(secs => CAST(:delay AS float8)) END,
+           max_attempts = max_attempts + CAST(:refund AS integer),
+           deferrals = deferrals + CAST(:refund AS integer),
+           waited_seconds = waited_seconds + CAST(:waited AS float8),
+           completed_at = CASE WHEN CAST(:final AS boolean) THEN now() END, updated_at = now()
+     WHERE {attempt_holds}
+    RETURNING {columns}
+), recorded AS (
+    INSERT INTO job_attempts (job_id, attempt, started_at, outcome, error_code, error_message,
+                              error_detail, instance)
+    SELECT id, attempts, attempt_started_at, :outcome, :code, :message, :detail, :instance FROM ended
+    ON CONFLICT (job_id, attempt) DO NOTHING
+)
+SELECT {columns} FROM ended
+
+-- name: record_attempt
+-- An attempt that lost its claim before it could finish (canceled, or a newer attempt took over).
+INSERT INTO job_attempts (job_id, attempt, started_at, outcome, error_code, error_message,
+                          error_detail, instance)
+SELECT id, :attempt, attempt_started_at, :outcome, :code, :message, :detail, :instance
+  FROM jobs WHERE id = :id
+ON CONFLICT (job_id, attempt) DO NOTHING
 
 -- name: expire
-UPDATE jobs
-   SET status = 'error', error_json = CAST(:error AS jsonb), lease_expires_at = NULL,
-       completed_at = now(), updated_at = now()
- WHERE id = :id AND attempts >= max_attempts
-   AND (status = 'queued' OR (status = 'running' AND lease_expires_at < now()))
+WITH expired AS (
+    UPDATE jobs
+       SET status = 'error', error_json = CAST(:error AS jsonb), lease_expires_at = NULL,
+           completed_at = now(), updated_at = now()
+     WHERE id = :id AND attempts >= max_attempts
+       AND (status = 'queued' OR (status = 'running' AND lease_expires_at < now()))
+    RETURNING id, attempts, attempt_started_at
+)
+INSERT INTO job_attempts (job_id, attempt, started_at, outcome, error_code, error_message)
+SELECT id, attempts, attempt_started_at, 'lease_expired', :code, :message FROM expired
+ON CONFLICT (job_id, attempt) DO NOTHING
 
 -- name: fail_parents
 -- A waiting parent with a failed section fails (`section_failed`, naming the section and its error)
@@ -153,14 +195,15 @@ WITH retried AS (
     UPDATE jobs
        SET status = CASE WHEN plan IS NULL THEN 'queued' ELSE 'running' END,
            max_attempts = attempts + :extra, lease_expires_at = NULL, result_json = NULL,
-           started_at = CASE WHEN plan IS NULL THEN NULL ELSE started_at END,
-           completed_at = NULL, dispatched_at = now(), updated_at = now()
+           started_at = CASE WHEN plan IS NULL THEN NULL ELSE started_at END, run_after = NULL,
+           waited_seconds = 0, completed_at = NULL, dispatched_at = now(), updated_at = now()
      WHERE id = ANY(CAST(:ids AS uuid[])) AND status IN ('error', 'canceled') AND parent_id IS NULL
     RETURNING {columns}
 ), sections AS (
     UPDATE jobs
        SET status = 'queued', max_attempts = jobs.attempts + :extra, lease_expires_at = NULL,
-           result_json = NULL, completed_at = NULL, dispatched_at = now(), updated_at = now()
+           result_json = NULL, run_after = NULL, waited_seconds = 0, completed_at = NULL,
+           dispatched_at = now(), updated_at = now()
       FROM retried
      WHERE jobs.parent_id = retried.id AND jobs.status <> 'done'
     RETURNING {jobs_columns}
@@ -170,14 +213,25 @@ SELECT * FROM retried UNION ALL SELECT * FROM sections
 -- name: rescue
 -- A bounded batch: rows another rescuer or a claim holds are skipped (SKIP LOCKED), and
 -- `dispatched_at` moves forward in the same UPDATE, so a concurrent rescuer never dispatches them.
+-- A queued job's dispatched_at is when its task is due (a retry's: its run_after), so nothing is
+-- delivered before its time. An attempt whose lease ran out goes on record.
 WITH picked AS (
-    SELECT id, dispatched_at AS previous_dispatched_at FROM jobs
+    SELECT id, dispatched_at AS previous_dispatched_at, status AS previous_status, attempts,
+           attempt_started_at
+      FROM jobs
      WHERE (status = 'queued'
-            AND (dispatched_at IS NULL OR dispatched_at < now() - make_interval(secs => :stale)))
+            AND (dispatched_at IS NULL OR dispatched_at < now() - make_interval(secs => :stale))
+            AND (run_after IS NULL OR run_after <= now()))
         OR (status = 'running' AND lease_expires_at < now())
      ORDER BY dispatched_at NULLS FIRST
      LIMIT :limit
      FOR UPDATE SKIP LOCKED
+), lost AS (
+    INSERT INTO job_attempts (job_id, attempt, started_at, outcome, error_code, error_message)
+    SELECT id, attempts, attempt_started_at, 'lease_expired', 'lease_expired',
+           'The attempt did not finish within its lease.'
+      FROM picked WHERE previous_status = 'running'
+    ON CONFLICT (job_id, attempt) DO NOTHING
 )
 UPDATE jobs
    SET status = CASE WHEN jobs.attempts >= jobs.max_attempts THEN 'error' ELSE 'queued' END,
@@ -200,3 +254,27 @@ RETURNING picked.previous_dispatched_at, {jobs_columns}
 -- name: restore_dispatch_stamp
 UPDATE jobs SET dispatched_at = :previous
  WHERE id = :id AND status = 'queued' AND dispatched_at IS NOT DISTINCT FROM :ours
+
+-- name: prune
+-- Retention: up to :batch top-level jobs finished before the cut-off, with their sections, go (their
+-- attempts go with them; a lesson keeps its content, its job_id nulled). Done jobs only once the
+-- stored done total counts them (completed before :done_mark), so all-time totals stay right; what
+-- else went is added to job_pruned_totals in the same statement.
+WITH doomed AS (
+    SELECT id FROM jobs
+     WHERE parent_id IS NULL AND status IN ('done', 'error', 'canceled')
+       AND completed_at < now() - make_interval(days => :days)
+       AND (status <> 'done' OR completed_at < CAST(:done_mark AS timestamptz))
+     ORDER BY completed_at
+     LIMIT :batch
+     FOR UPDATE SKIP LOCKED
+), gone AS (
+    DELETE FROM jobs
+     WHERE id IN (SELECT id FROM doomed) OR parent_id IN (SELECT id FROM doomed)
+    RETURNING job_kind, status, parent_id
+), counted AS (
+    INSERT INTO job_pruned_totals (job_kind, status, n)
+    SELECT job_kind, status, count(*) FROM gone GROUP BY job_kind, status
+    ON CONFLICT (job_kind, status) DO UPDATE SET n = job_pruned_totals.n + EXCLUDED.n
+)
+SELECT count(*) FILTER (WHERE parent_id IS NULL) AS jobs, count(*) AS rows FROM gone

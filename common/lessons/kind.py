@@ -34,6 +34,7 @@ from common.lessons.queries import ONE_STEP_LESSON, PLANNED_LESSON, jobs_with_le
 from common.lessons.settings import GEMINI, lesson_settings
 from common.platform.db import Connection, connection, jsonb
 from common.platform.errors import PermanentJobError, ValidationFailed
+from common.platform.log import instance_id
 from common.platform.validation import FieldErrors, check_text, reject_unknown
 
 LANGUAGE_MAX = 35  # BCP 47 tags are short; this bounds them without a registry lookup
@@ -139,7 +140,7 @@ class LessonKind:
 
     def _plan(self, generator: Planner, request: LessonRequest) -> Completion:
         plan = check_plan(generator.plan(request))
-        max_attempts = job_settings().max_attempts
+        max_attempts = job_settings().policy(SECTION_KIND).max_attempts
 
         def finish(conn: Connection, job_id: uuid.UUID, attempt: int) -> list[Job] | None:
             return transitions.plan(
@@ -149,6 +150,7 @@ class LessonKind:
                 plan=plan,
                 section_kind=SECTION_KIND,
                 max_attempts=max_attempts,
+                instance=instance_id(),
             )
 
         return Completion(result={"sections": len(plan["sections"])}, finish=finish, status=JobStatus.RUNNING)

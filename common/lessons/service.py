@@ -35,7 +35,7 @@ def get_lesson(user_id: str, raw_id: str) -> dict[str, Any]:
         raise LessonArchived(f"This lesson was archived on {row.archived_at.date().isoformat()}.")
     return {
         "lesson_id": str(row.id),
-        "job_id": str(row.job_id),
+        "job_id": str(row.job_id) if row.job_id else None,  # None: its job was pruned
         "topic": row.topic,
         "title": row.title,
         "created_at": row.created_at.isoformat(),
@@ -69,7 +69,7 @@ def list_lessons(user_id: str, *, limit: int, cursor: str | None) -> dict[str, A
         "lessons": [
             {
                 "lesson_id": str(r.id),
-                "job_id": str(r.job_id),
+                "job_id": str(r.job_id) if r.job_id else None,
                 "topic": r.topic,
                 "title": r.title,
                 "created_at": r.created_at.isoformat(),

@@ -17,6 +17,9 @@ from common.platform.errors import ConfigError
 
 PROVIDERS = ("local-http", "gcp")
 AUTH_MODES = ("firebase", "dev")
+# How the Cloud SQL connector reaches the instance: its public IP, its private IP (needs VPC egress:
+# deploy.sh's --vpc-connector), or Private Service Connect.
+DB_IP_TYPES = ("public", "private", "psc")
 FIREBASE_CERTS_URL = (
     "https://www.googleapis.com/robot/v1/metadata/x509/securetoken@system.gserviceaccount.com"
 )
@@ -113,6 +116,7 @@ class Settings:
     firebase_auth_emulator_host: str | None
     dashboard_operators: tuple[str, ...] = ()
     dashboard_audiences: tuple[str, ...] = ()
+    db_ip_type: str = "public"
 
     @property
     def uses_cloud_sql(self) -> bool:
@@ -157,6 +161,7 @@ def load_settings(
         db_name=r.text("DYLEN_DB_NAME"),
         db_password=r.text("DYLEN_DB_PASSWORD"),
         db_iam_auth=r.boolean("DYLEN_DB_IAM_AUTH", False),
+        db_ip_type=r.choice("DYLEN_DB_IP_TYPE", "public", DB_IP_TYPES),
         db_pool_size=r.integer("DYLEN_DB_POOL_SIZE", 5, minimum=1, maximum=100),
         db_max_overflow=r.integer("DYLEN_DB_MAX_OVERFLOW", 2, minimum=0, maximum=100),
         db_connect_timeout_seconds=r.number("DYLEN_DB_CONNECT_TIMEOUT_SECONDS", 5.0, minimum=0.1),

@@ -183,7 +183,7 @@ class PermanentJobError(DylenError):
 
 
 class RetryLater(DylenError):
-    """"Not now" from a kind or a generator (a provider's 429 with its retry delay, a lane with no
+    """ "Not now" from a kind or a generator (a provider's 429 with its retry delay, a lane with no
     free slot): the job is rescheduled `after_seconds` from now without using an attempt, up to
     the job's maximum total wait. `reason` is a short code operators read (e.g. `rate_limited`)."""
 

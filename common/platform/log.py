@@ -6,6 +6,7 @@ import contextvars
 import json
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -83,3 +84,15 @@ def set_trace(header: str | None) -> contextvars.Token[str | None]:
 
 def reset_trace(token: contextvars.Token[str | None]) -> None:
     _trace.reset(token)
+
+
+_instance: str | None = None
+
+
+def instance_id() -> str:
+    """Which instance this is, for operators reading an attempt's record: Cloud Run's revision
+    (K_REVISION) or `local`, the host and the process."""
+    global _instance
+    if _instance is None:
+        _instance = f"{os.environ.get('K_REVISION', 'local')}/{socket.gethostname()}/{os.getpid()}"
+    return _instance

@@ -17,10 +17,13 @@ def upgrade() -> None:
     op.execute(
         """
         -- run_after: a queued job scheduled for later (a retry's backoff, a RetryLater) is not
-        -- claimed before it. waited_seconds: the time RetryLater and infrastructure faults have
-        -- deferred it so far (bounded per job). attempt_started_at: when the current attempt began.
+        -- claimed before it. deferrals / waited_seconds: the claims RetryLater and infrastructure
+        -- faults gave back, and the time they deferred the job so far (bounded per job); attempts
+        -- counts every claim (it fences the finish), so attempts - deferrals is what was used.
+        -- attempt_started_at: when the current attempt began.
         ALTER TABLE jobs
             ADD COLUMN run_after          timestamptz,
+            ADD COLUMN deferrals          integer NOT NULL DEFAULT 0,
             ADD COLUMN waited_seconds     double precision NOT NULL DEFAULT 0,
             ADD COLUMN attempt_started_at timestamptz;
 
@@ -48,6 +51,23 @@ def upgrade() -> None:
             ADD CONSTRAINT lessons_job_id_fkey FOREIGN KEY (job_id) REFERENCES jobs (id) ON DELETE SET NULL;
         ALTER TABLE jobs DROP CONSTRAINT jobs_parent_id_fkey,
             ADD CONSTRAINT jobs_parent_id_fkey FOREIGN KEY (parent_id) REFERENCES jobs (id) ON DELETE CASCADE;
+        -- Errors recorded before this version carried the raw exception text (an API key in a URL,
+        -- once) into what users read: each moves to its attempt's record, for operators, and the
+        -- job keeps a safe message.
+        INSERT INTO job_attempts (job_id, attempt, outcome, error_code, error_message, error_detail)
+        SELECT id, greatest(attempts, 1), CASE WHEN status = 'error' THEN 'failed' ELSE 'retry' END,
+               error_json ->> 'code', 'An earlier attempt failed.', error_json ->> 'message'
+          FROM jobs
+         WHERE error_json ->> 'code' IN ('handler_failed', 'attempts_exhausted', 'section_failed')
+        ON CONFLICT (job_id, attempt) DO NOTHING;
+        UPDATE jobs
+           SET error_json = (error_json - 'section_error') || jsonb_build_object('message',
+                   CASE error_json ->> 'code'
+                       WHEN 'handler_failed' THEN 'This attempt failed; the job will be retried.'
+                       WHEN 'attempts_exhausted' THEN 'The job failed on every attempt it had.'
+                       ELSE format('Section %s failed.', error_json ->> 'section_index') END)
+         WHERE error_json ->> 'code' IN ('handler_failed', 'attempts_exhausted', 'section_failed');
+
         -- What retention deleted, per kind and final status: all-time totals stay right after it.
         CREATE TABLE job_pruned_totals (
             job_kind text NOT NULL,
@@ -69,6 +89,7 @@ def downgrade() -> None:
             ADD CONSTRAINT lessons_job_id_fkey FOREIGN KEY (job_id) REFERENCES jobs (id),
             ALTER COLUMN job_id SET NOT NULL;
         DROP TABLE job_attempts;
-        ALTER TABLE jobs DROP COLUMN attempt_started_at, DROP COLUMN waited_seconds, DROP COLUMN run_after;
+        ALTER TABLE jobs DROP COLUMN attempt_started_at, DROP COLUMN waited_seconds, DROP COLUMN deferrals,
+            DROP COLUMN run_after;
         """
     )

@@ -11,11 +11,12 @@ LOCAL_QUEUE_NAME = "dylen-local"
 
 
 def task_name_for(job: Job) -> str:
-    """One task id per (job, dispatch): re-enqueueing the same dispatch is a no-op (ALREADY_EXISTS),
-    while a rescue, which moves `dispatched_at`, gets a fresh id. Cloud Tasks keeps ids of finished
-    tasks for a while, so a bare job id would block every re-dispatch."""
+    """One task id per (job, attempt, dispatch): re-enqueueing the same dispatch is a no-op
+    (ALREADY_EXISTS), while a retry (a new attempt, `dispatched_at` at its time) or a rescue (which
+    moves `dispatched_at`) gets a fresh id. Cloud Tasks keeps ids of finished tasks for a while, so
+    a bare job id would block every re-dispatch."""
     stamp = int(job.dispatched_at.timestamp() * 1000) if job.dispatched_at else 0
-    return f"job-{job.id}-{stamp}"
+    return f"job-{job.id}-{job.attempts}-{stamp}"
 
 
 @dataclass(frozen=True)

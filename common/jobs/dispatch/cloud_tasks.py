@@ -80,13 +80,17 @@ class CloudTasksDispatcher:
             http_request.oidc_token = tasks_v2.OidcToken(
                 service_account_email=s.tasks_invoker_sa, audience=s.oidc_audience
             )
-        return tasks_v2.Task(
+        task = tasks_v2.Task(
             name=f"{self.queue_path}/tasks/{task_name_for(job)}",
             http_request=http_request,
             dispatch_deadline=duration_pb2.Duration(
                 seconds=dispatch_deadline_seconds(self.jobs.timeout_seconds)
             ),
         )
+        if job.run_after is not None:
+            # A retry or a deferral: Cloud Tasks holds the task until then (the job's own backoff).
+            task.schedule_time = job.run_after
+        return task
 
     def dispatch(self, job: Job) -> None:
         # Lazily: google-cloud-tasks loads on the first dispatch, not at cold start.

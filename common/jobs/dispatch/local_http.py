@@ -1,13 +1,18 @@
 """The `local-http` dispatcher (dev only): a direct HTTP POST to process_job with the headers Cloud
-Tasks sends, retried with Cloud Tasks-like backoff."""
+Tasks sends, retried with Cloud Tasks-like backoff; a job scheduled for later (a retry, a deferral)
+is delivered at its time, as Cloud Tasks' schedule_time would."""
 
 from __future__ import annotations
 
+import heapq
 import http.client
+import itertools
 import json
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
@@ -22,6 +27,33 @@ from common.platform.log import logger
 class _Response(NamedTuple):
     status_code: int
     retry_after: str
+
+
+class _Later:
+    """Runs callables at their time on one daemon thread (a heap of deadlines), so a retry's
+    backoff holds no pool thread while it waits."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Callable[[], object]]] = []
+        self._order = itertools.count()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def call_in(self, seconds: float, action: Callable[[], object]) -> None:
+        with self._cond:
+            heapq.heappush(self._heap, (time.monotonic() + seconds, next(self._order), action))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="dylen-dispatch-later", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._heap or self._heap[0][0] > time.monotonic():
+                    self._cond.wait(self._heap[0][0] - time.monotonic() if self._heap else None)
+                _, _, action = heapq.heappop(self._heap)
+            action()
 
 
 class LocalHttpDispatcher:
@@ -48,6 +80,7 @@ class LocalHttpDispatcher:
             max_workers=jobs.local_dispatch_workers, thread_name_prefix="dylen-dispatch"
         )
         self._local = threading.local()
+        self._later = _Later()
 
     def _connection(self) -> http.client.HTTPConnection:
         conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
@@ -94,7 +127,16 @@ class LocalHttpDispatcher:
 
     def dispatch(self, job: Job) -> None:
         logger.info(f"Dispatching task locally to {self.url}", extra={"job_id": str(job.id)})
-        self._executor.submit(self._deliver, str(job.id), task_name_for(job), job.max_attempts)
+        job_id, task_name, tries = str(job.id), task_name_for(job), job.max_attempts
+
+        def submit() -> None:
+            self._executor.submit(self._deliver, job_id, task_name, tries)
+
+        wait = (job.run_after - datetime.now(UTC)).total_seconds() if job.run_after else 0.0
+        if wait > 0:
+            self._later.call_in(wait, submit)
+        else:
+            submit()
 
     def deliver(self, job: Job) -> Delivery:
         """Deliver in the caller's thread, with the same retries, and say how it ended."""

@@ -1,5 +1,6 @@
-"""The database layer: the pool and statement runner (pool), opening connections (connect), and
-migrations (migrate, imported only by the CLI: it loads SQLAlchemy)."""
+"""The database layer: the pool and statement runner (pool), statements and their results
+(statement), opening connections (connect), and migrations (migrate, imported only by the CLI: it
+loads SQLAlchemy)."""
 
 from common.platform.db.connect import Opened, connect_function
 from common.platform.db.errors import named_errors
@@ -7,15 +8,12 @@ from common.platform.db.pool import (
     PING_AFTER_IDLE_SECONDS,
     Connection,
     Pool,
-    QueryError,
-    Result,
-    Statement,
     connection,
     dispose_pool,
     get_pool,
-    jsonb,
     transaction,
 )
+from common.platform.db.statement import QueryError, Result, Statement, jsonb
 
 __all__ = [
     "PING_AFTER_IDLE_SECONDS",

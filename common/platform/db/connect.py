@@ -160,7 +160,7 @@ def _cloud_sql_connect(settings: Settings, *, read_timeout: float | None) -> Cal
     from google.cloud.sql.connector import Connector, IPTypes
 
     if _connector is None:
-        _connector = Connector(refresh_strategy="lazy", ip_type=IPTypes.PUBLIC)
+        _connector = Connector(refresh_strategy="lazy", ip_type=IPTypes[settings.db_ip_type.upper()])
         atexit.register(_connector.close)
     connector = _connector
     kwargs: dict[str, Any] = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from common.platform.db.pool import QueryError
+from common.platform.db.statement import QueryError
 from common.platform.errors import DatabaseUnavailable, DylenError
 
 

@@ -1,13 +1,13 @@
 """The pool of pg8000 connections (created lazily, once per process), the statement runner, and the
-`connection()` / `transaction()` helpers.
+`connection()` / `transaction()` helpers. What they run and return is in `statement`.
 
 Why not SQLAlchemy's engine at run time: importing SQLAlchemy costs ~0.3 s of CPU, more than the
 whole bare functions-framework cold start, and its execution path around pg8000 costs more CPU per
 request than the statement itself (bench/RESULTS.md). The functions only ever run fixed SQL, so
 this module drives pg8000 through its public connection methods (`execute_simple`,
-`execute_unnamed`, `prepare_statement`, `execute_named`) with what the engine gave us: a bounded
-pool with overflow, a checkout wait, recycling, liveness checks, and "a lost connection replaces the
-pool". SQLAlchemy stays for migrations only (`python -m common.cli migrate`).
+`execute_unnamed`, and through statement.PreparedStatements `prepare_statement`, `execute_named`,
+`close_prepared_statement`) with what the engine gave us: a bounded pool with overflow, a checkout
+wait, recycling, liveness checks, and "a lost connection replaces the pool". SQLAlchemy stays for migrations only (`python -m common.cli migrate`).
 
 The pool's one invariant: **a connection is reused only if its last exchange ended cleanly**. Every
 exchange marks its connection unclean before the first byte goes out, and only two outcomes mark it
@@ -26,18 +26,26 @@ this package's source to keep it so).
 from __future__ import annotations
 
 import contextlib
-import json
 import socket
 import threading
 import time
-from collections import deque, namedtuple
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime
 from typing import Any
 
 from common.platform.config import Settings, get_settings
 from common.platform.db.connect import Opened, connect_function, describe, driver
+from common.platform.db.statement import (
+    PreparedStatements,
+    QueryError,
+    Result,
+    Statement,
+    error_message,
+    is_disconnect,
+    read_timestamptz,
+    sqlstate,
+)
 from common.platform.errors import DatabaseUnavailable
 from common.platform.log import logger
 
@@ -50,12 +58,6 @@ _pool: Pool | None = None
 PING_AFTER_IDLE_SECONDS = 2.0
 RECYCLE_SECONDS = 1800.0
 
-# SQLSTATE classes 08 (connection exception) and 57P (the server is shutting down or terminated the
-# session: restart, failover, pg_terminate_backend).
-_DISCONNECT_SQLSTATES = ("57P01", "57P02", "57P03")
-# After these a prepared statement must be prepared again: 26000 it no longer exists (the session
-# was reset), 0A000 "cached plan must not change result type" (a migration altered a table).
-_STALE_STATEMENT_SQLSTATES = ("26000", "0A000")
 # statement_timeout (set on Cloud SQL connector connections, whose socket we cannot bound): the
 # server canceled a statement slower than the read timeout.
 _QUERY_CANCELED = "57014"
@@ -63,126 +65,6 @@ _TIMESTAMPTZ_OID = 1184
 # Class 53, insufficient resources (53300 too_many_connections, out of memory, disk full): the server
 # is there but cannot take us now, so retrying later can help.
 _BUSY_SQLSTATE_CLASS = "53"
-
-
-# --- statements and results -------------------------------------------------------------------------
-
-
-class Result:
-    """Rows (named tuples: attribute access by column name) and the count of rows written."""
-
-    __slots__ = ("_rows", "rowcount")
-
-    def __init__(self, rows: list[Any], rowcount: int) -> None:
-        self._rows = rows
-        self.rowcount = rowcount
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(self._rows)
-
-    def all(self) -> list[Any]:
-        return list(self._rows)
-
-    def first(self) -> Any:
-        return self._rows[0] if self._rows else None
-
-    def one(self) -> Any:
-        if len(self._rows) != 1:
-            raise LookupError(f"expected one row, got {len(self._rows)}")
-        return self._rows[0]
-
-    def scalar(self) -> Any:
-        """The first column of the first row, or None when there is no row."""
-        return self._rows[0][0] if self._rows else None
-
-    def value(self) -> Any:
-        """The first column of the only row (LookupError unless exactly one row came back)."""
-        return self.one()[0]
-
-
-class Statement:
-    """Fixed SQL with `:name` parameters. Parameters are sent as text and typed by the server from
-    their context, so one whose type the context does not fix needs a CAST in the SQL.
-
-    Statements of the hot path are declared with `prepare=True` at module level: prepared once per
-    pooled connection, then executed by name in one exchange. Others are parsed on every execution
-    (three exchanges: Parse, Describe, Bind/Execute), which is fine for SQL run now and then.
-    """
-
-    __slots__ = ("_make_args", "_numbered", "_row_types", "prepare", "sql")
-
-    def __init__(self, sql: str, *, prepare: bool = False) -> None:
-        self.sql = sql
-        self.prepare = prepare
-        self._numbered: str | None = None
-        self._make_args: Any = None
-        self._row_types: dict[tuple[str, ...], Any] = {}
-
-    def compiled(self) -> tuple[str, Any]:
-        if self._numbered is None:
-            # Lazily, like the driver (connect.driver): nothing of pg8000 loads at cold start.
-            from pg8000.native import to_statement
-
-            self._numbered, self._make_args = to_statement(self.sql)
-        return self._numbered, self._make_args
-
-    def result(self, context: Any) -> Result:
-        rows = context.rows
-        if not rows:
-            return Result([], context.row_count)
-        names = tuple(column["name"] for column in context.columns)
-        row_type: Any = self._row_types.get(names)
-        if row_type is None:
-            row_type = self._row_types[names] = namedtuple("Row", names, rename=True)
-        return Result([row_type(*row) for row in rows], context.row_count)
-
-
-# Built once: json.dumps(..., ensure_ascii=False) builds an encoder per call.
-_JSONB = json.JSONEncoder(ensure_ascii=False)
-
-
-def jsonb(value: Any) -> str | None:
-    """A value for a `CAST(:x AS jsonb)` parameter."""
-    return None if value is None else _JSONB.encode(value)
-
-
-class QueryError(Exception):
-    """The database refused a statement (not a lost connection: that is DatabaseUnavailable)."""
-
-    def __init__(self, error: Exception, sql: str, *, where: str | None = None) -> None:
-        self.orig = error
-        self.where = where  # set when connecting failed: which server refused us
-        detail = error.args[0] if error.args else {}
-        self.sqlstate = str(detail.get("C", "")) if isinstance(detail, dict) else ""
-        message = detail.get("M", str(error)) if isinstance(detail, dict) else str(error)
-        super().__init__(f"{message} (SQLSTATE {self.sqlstate or '?'})\n[SQL: {' '.join(sql.split())[:500]}]")
-
-    @property
-    def unique_violation(self) -> bool:
-        return self.sqlstate == "23505"
-
-
-def _sqlstate(error: BaseException | None) -> str:
-    args = getattr(error, "args", ())
-    if args and isinstance(args[0], dict):
-        return str(args[0].get("C", ""))
-    return ""
-
-
-def _message(error: BaseException) -> str:
-    args = getattr(error, "args", ())
-    if args and isinstance(args[0], dict):
-        return str(args[0].get("M", ""))
-    return str(error)
-
-
-def _is_disconnect(error: BaseException) -> bool:
-    if isinstance(error, (ConnectionError, OSError)):
-        return True
-    if isinstance(error, driver().InterfaceError):
-        return True
-    code = _sqlstate(error)
-    return code in _DISCONNECT_SQLSTATES or code.startswith("08")
 
 
 class _Record:
@@ -212,8 +94,7 @@ class _Record:
         # False from the first byte of an exchange until its reply was read whole (the invariant).
         self.clean = True
         self.in_transaction = False
-        # Statement -> (name, columns, input funcs) of its prepared form on this connection.
-        self.prepared: dict[Statement, Any] = {}
+        self.prepared = PreparedStatements(opened.con)
 
     @property
     def reusable(self) -> bool:
@@ -235,15 +116,23 @@ class Connection:
             statement = Statement(statement)
         numbered, make_args = statement.compiled()
         args = make_args(params or {})
+        record = self._record
         if statement.prepare:
             # Converted before the exchange: nothing is written for a value the driver cannot take.
-            params = self._record.make_params(self._record.con.py_types, args)
-            context = self._exchange(statement.sql, self._run_prepared, statement, params)
+            converted = record.make_params(record.con.py_types, args)
+            context = self._exchange(
+                statement.sql, record.prepared.run, statement, converted, record.in_transaction
+            )
         elif args:
-            context = self._exchange(statement.sql, self._record.con.execute_unnamed, numbered, args)
+            context = self._exchange(statement.sql, record.con.execute_unnamed, numbered, args)
         else:
-            context = self._exchange(statement.sql, self._record.con.execute_simple, statement.sql)
+            context = self._exchange(statement.sql, record.con.execute_simple, statement.sql)
         return statement.result(context)
+
+    @property
+    def prepared_count(self) -> int:
+        """How many statements this connection holds prepared (the server holds the same ones)."""
+        return len(self._record.prepared)
 
     def execute_simple(self, sql: str) -> Result:
         """A statement without parameters, in the simple protocol (DDL, ANALYZE, several statements)."""
@@ -290,52 +179,19 @@ class Connection:
         record.clean = True
         return context
 
-    def _run_prepared(self, statement: Statement, params: tuple[Any, ...]) -> Any:
-        record = self._record
-        con = record.con
-        entry = record.prepared.get(statement)
-        if entry is None:
-            entry = record.prepared[statement] = con.prepare_statement(statement.compiled()[0], ())
-        name, columns, input_funcs = entry
-        try:
-            return con.execute_named(name, params, columns, input_funcs, statement.sql)
-        except driver().DatabaseError as error:
-            if _sqlstate(error) not in _STALE_STATEMENT_SQLSTATES:
-                raise
-            del record.prepared[statement]
-            if record.in_transaction:  # the failure aborted the transaction: nothing to retry in
-                raise
-        # Prepare it again once (a migration altered a table, or the session was reset).
-        entry = record.prepared[statement] = con.prepare_statement(statement.compiled()[0], ())
-        name, columns, input_funcs = entry
-        return con.execute_named(name, params, columns, input_funcs, statement.sql)
-
     def _translate(self, error: Exception, sql: str) -> Exception:
-        if _is_disconnect(error):
+        if is_disconnect(error):
             self._record.clean = False
             self._pool.invalidate_all()
             return DatabaseUnavailable("The database is unreachable; retry shortly.")
         if isinstance(error, driver().DatabaseError):
-            if _sqlstate(error) == _QUERY_CANCELED:  # statement_timeout: slow, not refused
+            if sqlstate(error) == _QUERY_CANCELED:  # statement_timeout: slow, not refused
                 return DatabaseUnavailable("The database did not answer in time; retry shortly.")
             return QueryError(error, sql)
         return error
 
 
 # --- the pool ---------------------------------------------------------------------------------------
-
-
-def _timestamptz_in(data: str) -> Any:
-    """pg8000 parses timestamptz with strptime, the largest single cost of reading a job row;
-    PostgreSQL's ISO output is what datetime.fromisoformat reads natively. The rare values it does
-    not (infinity, BC dates, years past 9999) go to pg8000's own parser."""
-    try:
-        return datetime.fromisoformat(data)
-    except ValueError:
-        # Lazily, like the driver (connect.driver): nothing of pg8000 loads at cold start.
-        from pg8000.converters import timestamptz_in
-
-        return timestamptz_in(data)
 
 
 class Pool:
@@ -401,24 +257,24 @@ class Pool:
             with self._cond:
                 self._open -= 1
                 self._cond.notify()
-            if isinstance(error, Exception) and _is_disconnect(error):
+            if isinstance(error, Exception) and is_disconnect(error):
                 cause = error.__cause__ or error
                 raise DatabaseUnavailable(
                     "The database is unreachable; retry shortly.",
                     log_detail=f"Cannot connect to {self.where}: {type(cause).__name__}: {cause}",
                 ) from error
             if isinstance(error, driver().DatabaseError):
-                if _sqlstate(error).startswith(_BUSY_SQLSTATE_CLASS):  # too many clients: transient
+                if sqlstate(error).startswith(_BUSY_SQLSTATE_CLASS):  # too many clients: transient
                     raise DatabaseUnavailable(
                         "The database is busy; retry shortly.",
-                        log_detail=f"{self.where} refused a connection: {_message(error)}",
+                        log_detail=f"{self.where} refused a connection: {error_message(error)}",
                     ) from error
                 raise QueryError(error, "(connect)", where=self.where) from error  # no such database, ...
             raise
         record = _Record(opened, generation)
         try:
             opened.con.autocommit = True
-            opened.con.register_in_adapter(_TIMESTAMPTZ_OID, _timestamptz_in)
+            opened.con.register_in_adapter(_TIMESTAMPTZ_OID, read_timestamptz)
         except BaseException:
             self._discard(record)
             raise

@@ -8,6 +8,7 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -15,8 +16,8 @@ from typing import Any
 from common.accounts import tiers, users
 from common.accounts.settings import tier_settings
 from common.accounts.tiers import usage_view
+from common.cli import text
 from common.jobs import ops
-from common.jobs.ops import STATUSES
 from common.lessons.archive import algorithm as archive
 from common.lessons.kind import LessonKind
 from common.models import ledger
@@ -26,11 +27,34 @@ from common.platform.errors import DylenError, ValidationFailed
 from common.platform.log import logger
 
 
-def migrate(revision: str = "head") -> None:
+def migrate(args: argparse.Namespace) -> int:
     # Lazily: the migrations module loads SQLAlchemy and Alembic, which no other command needs.
     from common.platform.db.migrate import migrate as upgrade
 
-    upgrade(revision)
+    def report(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    try:
+        granted = upgrade(
+            args.revision, grant_to=args.grant_to, wait_seconds=args.wait_for_database, report=report
+        )
+    except DylenError:
+        raise
+    except Exception as error:
+        # deploy.sh shows the migration job's last log lines: the traceback, then this one line.
+        traceback.print_exc()
+        print(f"error: migration failed: {type(error).__name__}: {error}", file=sys.stderr)
+        if "permission denied for schema public" in str(error):
+            print(
+                "hint: the migrating user needs CREATE on schema public (PostgreSQL 15+ gives ordinary "
+                "users none); deploy.sh gives the migration job's IAM user the cloudsqlsuperuser role",
+                file=sys.stderr,
+            )
+        return 1
+    print(f"migrated to {args.revision}")
+    for sql in granted:
+        print(sql)
+    return 0
 
 
 # --- users and archive (lesson history limits) ----------------------------------------------------
@@ -103,15 +127,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_migrate = sub.add_parser("migrate", help="upgrade the configured database to the latest schema")
     p_migrate.add_argument("revision", nargs="?", default="head")
+    p_migrate.add_argument(
+        "--grant-to",
+        action="append",
+        default=[],
+        metavar="USER",
+        help="after migrating, let this database user read and write the tables (repeat)",
+    )
+    p_migrate.add_argument(
+        "--wait-for-database",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="retry the first connection this long (a new identity's IAM roles take minutes)",
+    )
+    p_migrate.set_defaults(run=migrate)
     add_jobs_parser(sub)
     add_archive_commands(sub)
     args = parser.parse_args(argv)
     for_tools()  # operator commands never authenticate users or tasks: no auth settings needed
     try:
-        if args.command == "migrate":
-            migrate(args.revision)
-            print(f"migrated to {args.revision}")
-        elif args.command == "jobs":
+        if args.command == "jobs":
             return run_jobs(args)
         elif getattr(args, "run", None) is not None:
             return int(args.run(args))
@@ -182,11 +218,11 @@ def run_jobs(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps([ops.job_detail(j) for j in jobs], indent=2, ensure_ascii=False))
         else:
-            print(_jobs_table(jobs) if jobs else "No jobs match.")
+            print(text.jobs_table(jobs) if jobs else "No jobs match.")
     elif command == "show":
-        job, sections = ops.show_job(args.job_id)
-        detail = {**ops.job_detail(job, sections), **_model_calls(job)}
-        print(json.dumps(detail, indent=2, ensure_ascii=False) if args.json else _job_text(detail))
+        shown = ops.show_job(args.job_id)
+        detail = {**ops.job_detail(shown.job, shown.sections, shown.attempts), **_model_calls(shown.job)}
+        print(json.dumps(detail, indent=2, ensure_ascii=False) if args.json else text.job_text(detail))
     elif command == "cancel":
         job = ops.cancel_job(args.job_id)
         print(f"canceled {job.id} ({job.job_kind})")
@@ -194,7 +230,7 @@ def run_jobs(args: argparse.Namespace) -> int:
         return _retry(args)
     elif command == "stats":
         summary = ops.stats()
-        print(json.dumps(summary, indent=2) if args.json else _stats_text(summary))
+        print(json.dumps(summary, indent=2) if args.json else text.stats_text(summary))
     return 0
 
 
@@ -224,7 +260,7 @@ def _retry(args: argparse.Namespace) -> int:
             print("No jobs match; nothing to retry.")
             return 0
         print(f"{len(candidates)} job(s) match:")
-        print(_jobs_table(candidates[:20]))
+        print(text.jobs_table(candidates[:20]))
         if len(candidates) > 20:
             print(f"... and {len(candidates) - 20} more")
         if not args.yes and not _confirm(f"Retry {len(candidates)} job(s)? [y/N] "):
@@ -267,128 +303,3 @@ def _confirm(prompt: str) -> bool:
         print(file=sys.stderr)
         return False
     return answer.strip().lower() in ("y", "yes")
-
-
-def _ago(value: datetime | None) -> str:
-    if value is None:
-        return "-"
-    return ops.format_duration((datetime.now(UTC) - value).total_seconds())
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    return "\n".join(lines)
-
-
-def _jobs_table(jobs: Sequence[Any]) -> str:
-    rows = []
-    for job in jobs:
-        error = ""
-        if job.error_json:
-            error = f"{job.error_json.get('code')}: {job.error_json.get('message')}"
-            error = error if len(error) <= 50 else error[:47] + "..."
-        rows.append(
-            [
-                str(job.id),
-                job.job_kind,
-                job.status,
-                job.user_id or "-",
-                f"{job.attempts}/{job.max_attempts}",
-                _ago(job.created_at),
-                _ago(job.updated_at),
-                error,
-            ]
-        )
-    return _table(["JOB ID", "KIND", "STATUS", "USER", "ATTEMPTS", "AGE", "UPDATED", "ERROR"], rows)
-
-
-def _job_text(detail: dict[str, Any]) -> str:
-    def stamp(key: str) -> str:
-        value = detail[key]
-        return "-" if value is None else f"{value} ({_ago(datetime.fromisoformat(value))} ago)"
-
-    lines = [
-        ("job", detail["job_id"]),
-        ("kind", detail["job_kind"]),
-        ("status", detail["status"]),
-        ("user", detail["user_id"] or "-"),
-        ("attempts", f"{detail['attempts']} of {detail['max_attempts']}"),
-        ("created", stamp("created_at")),
-        ("dispatched", stamp("dispatched_at")),
-        ("started", stamp("started_at")),
-        ("completed", stamp("completed_at")),
-        ("lease until", detail["lease_expires_at"] or "-"),
-    ]
-    if detail["started_at"] and detail["completed_at"]:
-        took = datetime.fromisoformat(detail["completed_at"]) - datetime.fromisoformat(detail["started_at"])
-        lines.append(("took", ops.format_duration(took.total_seconds())))
-    text = "\n".join(f"{k:<12}{v}" for k, v in lines)
-    if "parent_id" in detail:
-        text += f"\n{'section':<12}{detail['section_index']} of job {detail['parent_id']}"
-    for key in ("request", "error", "result"):
-        body = "-" if detail[key] is None else json.dumps(detail[key], indent=2, ensure_ascii=False)
-        text += f"\n{key:<12}" + body.replace("\n", "\n" + " " * 12)
-    usage = detail["usage"]
-    cost = "" if usage["estimated_cost_usd"] is None else f", ~${usage['estimated_cost_usd']:.4f}"
-    text += (
-        f"\n{'usage':<12}{usage['calls']} model calls, {usage['input_tokens']} input + "
-        f"{usage['output_tokens']} output tokens{cost}"
-    )
-    if detail["model_calls"]:
-        rows = [
-            [
-                c["started_at"][11:23],
-                c["model"],
-                c["purpose"] + ("" if c["section_index"] is None else f" {c['section_index']}"),
-                str(c["attempt"] or "-"),
-                c["outcome"],
-                f"{c['input_tokens'] or 0}+{c['output_tokens'] or 0}",
-                "-" if c["latency_ms"] is None else f"{c['latency_ms']} ms",
-                c["error_code"] or "",
-            ]
-            for c in detail["model_calls"]
-        ]
-        text += "\n" + _table(
-            ["STARTED", "MODEL", "CALL", "ATTEMPT", "OUTCOME", "TOKENS", "LATENCY", "ERROR"], rows
-        )
-    if "sections" in detail:
-        rows = [
-            [
-                str(s["section_index"]),
-                s["job_id"],
-                s["status"],
-                f"{s['attempts']}/{s['max_attempts']}",
-                (s["heading"] or "")[:40],
-                s["error"]["code"] if s["error"] else "",
-            ]
-            for s in detail["sections"]
-        ]
-        done = sum(1 for s in detail["sections"] if s["status"] == "done")
-        text += f"\nsections    {done} of {len(rows)} done\n"
-        text += _table(["#", "SECTION JOB", "STATUS", "ATTEMPTS", "HEADING", "ERROR"], rows)
-    return text
-
-
-def _stats_text(summary: dict[str, Any]) -> str:
-
-    rows = [
-        [kind, *(str(c[s]) for s in STATUSES), str(sum(c.values()))] for kind, c in summary["counts"].items()
-    ]
-    out = [_table(["KIND", *(s.upper() for s in STATUSES), "TOTAL"], rows) if rows else "No jobs."]
-    oldest = summary["oldest_queued"]
-    out.append(
-        "oldest queued: -"
-        if oldest is None
-        else f"oldest queued: {ops.format_duration(oldest['age_seconds'])} ({oldest['job_kind']} {oldest['job_id']})"
-    )
-    hour = summary["last_hour"]
-    finished = hour["done"] + hour["error"]
-    rate = "-" if hour["error_rate"] is None else f"{hour['error_rate']:.1%}"
-    out.append(f"error rate, last hour: {rate} ({hour['error']} error of {finished} finished)")
-    return "\n".join(out)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
