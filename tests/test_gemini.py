@@ -9,8 +9,7 @@ tests and benchmarks change; 60 s in production) and 10 calls per window, and th
 checked against THAT window: never more than 10 calls in any 3 s. Six lessons a run, more calls than
 one window allows, so the limit binds.
 
-The tests marked NEEDS_ISSUE_22 rely on RetryLater rescheduling a job without using an attempt
-(issue 22, the processor's side); until the processor handles it they are expected to fail.
+The 429 tests rely on the processor rescheduling a RetryLater without using an attempt (issue 22).
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ import sqlalchemy as sa
 from tests.faults import wait_until
 from tests.gemini_standin import StandIn, most_in_any_window
 from tests.support import (
-    ROOT,
     FunctionServer,
     Stack,
     StackFactory,
@@ -40,11 +38,6 @@ KEY = "test-gemini-key"
 MODEL = "gemini-2.5-flash"
 LANE_MODEL = "gemini-lane-test"  # the shared-lane tests' own lane (lanes are per model)
 WINDOW, RPM, CONCURRENCY = 3, 10, 3
-
-ISSUE_22 = "RetryLater" in (ROOT / "common/jobs/processor.py").read_text(encoding="utf-8")
-NEEDS_ISSUE_22 = pytest.mark.xfail(
-    not ISSUE_22, reason="issue 22: RetryLater reschedules without using an attempt", strict=True
-)
 
 
 @pytest.fixture(scope="module")
@@ -333,7 +326,6 @@ def test_two_process_job_instances_share_one_lane_and_the_limit_holds_across_the
         assert "Job planned; its sections are dispatched" in text and "Job completed successfully." in text
 
 
-@NEEDS_ISSUE_22
 def test_429s_pause_the_lane_reschedule_without_using_an_attempt_and_answer_no_5xx(
     two_instances: dict[str, str], standin: StandIn, db: sa.Engine, user: str
 ) -> None:
