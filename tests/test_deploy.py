@@ -27,6 +27,7 @@ import pytest
 import sqlalchemy as sa
 
 from common.jobs.settings import job_settings
+from common.models.settings import model_settings
 from common.platform.config import load_settings
 from devtools import deploy_checks
 from tests.support import ROOT, FunctionServer, base_env, lesson_body, session, stop_all
@@ -197,6 +198,9 @@ def test_deploy_sh_is_valid_bash_and_shellcheck_clean_where_available() -> None:
 # --- the dry run -------------------------------------------------------------------------------------
 
 
+MODEL_LIMITS = "gemini-2.5-flash=rpm:1000,tpm:2000000,concurrency:50; gemini-2.5-pro=rpm:100"
+
+
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """deploy.sh --dry-run on a copy of the repository that also has the scheduler-called functions
@@ -225,6 +229,7 @@ def dry_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         DYLEN_JOB_TIMEOUT_SECONDS="900",
         DYLEN_TIER_HISTORY_LIMITS="free=3,pro=80",
         DYLEN_DASHBOARD_OPERATORS=", ".join(OPERATORS),
+        DYLEN_MODEL_LIMITS=MODEL_LIMITS,
     )
     assert result.returncode == 0, result.stderr
     return {
@@ -284,6 +289,7 @@ def test_dry_run_env_vars_are_a_valid_production_configuration(dry_run: dict[str
         assert env["DYLEN_TASKS_INVOKER_SA"] == INVOKER_SA
         assert env["DYLEN_TASKS_ALLOWED_SA"] == f"{INVOKER_SA},{SCHEDULER_SA}"
         assert env["DYLEN_TIER_HISTORY_LIMITS"] == "free=3,pro=80"  # commas survive the ^|^ delimiter
+        assert model_settings.load({**env, "DYLEN_ENV_FILE": os.devnull}).limits["gemini-2.5-pro"].rpm == 100
         # The same guards that run at cold start accept what deploy.sh sets.
         settings = load_settings({**env, "DYLEN_ENV_FILE": os.devnull})
         jobs = job_settings.load({**env, "DYLEN_ENV_FILE": os.devnull})

@@ -10,6 +10,7 @@ import logging
 import sys
 import traceback
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from common.accounts import tiers, users
@@ -19,6 +20,7 @@ from common.cli import text
 from common.jobs import ops
 from common.lessons.archive import algorithm as archive
 from common.lessons.kind import LessonKind
+from common.models import ledger
 from common.platform.config import for_tools
 from common.platform.db import connection, named_errors
 from common.platform.errors import DylenError, ValidationFailed
@@ -71,6 +73,9 @@ def show_user(args: argparse.Namespace) -> int:
     if usage.tier is None:
         print(f"error: no user {args.uid!r} (users appear on their first request)", file=sys.stderr)
         return 1
+    with named_errors(), connection() as conn:
+        today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+        models = ledger.user_usage(conn, args.uid, since=today)
     view = usage_view(usage)
     daily, active = view["daily"], view["active"]
     print(f"user     {args.uid}")
@@ -78,6 +83,7 @@ def show_user(args: argparse.Namespace) -> int:
     print(f"history  keeps the newest {tiers.history_limit(view['tier'])} lessons")
     print(f"daily    {daily['used']} of {daily['limit']} lesson jobs (resets {daily['resets_at']})")
     print(f"active   {active['used']} of {active['limit']} lesson jobs queued or running")
+    print(f"models   {models.text()} today (UTC)")
     return 0
 
 
@@ -215,7 +221,7 @@ def run_jobs(args: argparse.Namespace) -> int:
             print(text.jobs_table(jobs) if jobs else "No jobs match.")
     elif command == "show":
         shown = ops.show_job(args.job_id)
-        detail = ops.job_detail(shown.job, shown.sections, shown.attempts)
+        detail = {**ops.job_detail(shown.job, shown.sections, shown.attempts), **_model_calls(shown.job)}
         print(json.dumps(detail, indent=2, ensure_ascii=False) if args.json else text.job_text(detail))
     elif command == "cancel":
         job = ops.cancel_job(args.job_id)
@@ -226,6 +232,19 @@ def run_jobs(args: argparse.Namespace) -> int:
         summary = ops.stats()
         print(json.dumps(summary, indent=2) if args.json else text.stats_text(summary))
     return 0
+
+
+def _model_calls(job: Any) -> dict[str, Any]:
+    """The job's model calls from the ledger (a section's: its lesson's calls for that section)."""
+    with named_errors(), connection() as conn:
+        calls = ledger.job_calls(conn, job.parent_id or job.id)
+    if job.parent_id is not None:
+        calls = [c for c in calls if c.section_index == job.section_index]
+    usage = ledger.usage_of(calls)
+    return {
+        "usage": {**usage.view(), "estimated_cost_usd": usage.cost},
+        "model_calls": [c.view() for c in calls],
+    }
 
 
 def _retry(args: argparse.Namespace) -> int:
