@@ -1,6 +1,6 @@
 """Every request-path statement is index-bound: planned over a realistic volume (tests/volume.py:
 ~200k jobs with sections, ~225k lessons, 10k users over 30 days, then VACUUM ANALYZE), none may
-read `jobs`, `lessons` or `users` with a sequential scan.
+read `jobs`, `lessons` or `users` whole: no Seq Scan, no index read whole (see full_scans).
 
 How a statement joins, by construction:
 - every module-level `Statement` of `common/` (and the `.statement` of every
@@ -8,7 +8,7 @@ How a statement joins, by construction:
   each needs parameters in STATEMENTS, or a reason in FULL_SCANS;
 - every function of `common/` that builds SQL inline (a `Statement(...)` call, or SQL text handed to
   `execute` / `execute_simple`) is found by reading the source; each needs representative calls
-  in CALLS (run for real, every statement they execute recorded), or a reason in FULL_SCANS.
+  in `_calls()` (run for real, every statement they execute recorded), or a reason in FULL_SCANS.
 
 What is checked, for each statement and parameter set:
 - the custom plan (`EXPLAIN (FORMAT JSON)` with the parameters bound, as every unnamed statement
