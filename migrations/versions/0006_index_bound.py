@@ -37,6 +37,14 @@ def upgrade() -> None:
         ALTER TABLE jobs SET (autovacuum_vacuum_insert_threshold = 20000,
                               autovacuum_vacuum_insert_scale_factor = 0);
 
+        -- The dashboard's Jobs page filtered on error or canceled walked every job newest first
+        -- until it had a page of them (thousands of rows read for 50 shown); ordered by created_at
+        -- within the status, it reads the page. The overview's all-time counts by status and kind
+        -- still read it index-only (job_kind included).
+        DROP INDEX jobs_failed_idx;
+        CREATE INDEX jobs_failed_idx ON jobs (status, created_at) INCLUDE (job_kind)
+            WHERE status IN ('error', 'canceled');
+
         -- The dashboard's Users page lists the newest users: without this, a sort of the whole table.
         CREATE INDEX users_created_idx ON users (created_at DESC, id);
 
@@ -57,6 +65,8 @@ def downgrade() -> None:
         DROP INDEX lessons_user_archived_idx;
         CREATE INDEX lessons_user_idx ON lessons (user_id);
         DROP INDEX users_created_idx;
+        DROP INDEX jobs_failed_idx;
+        CREATE INDEX jobs_failed_idx ON jobs (status, job_kind) WHERE status IN ('error', 'canceled');
         ALTER TABLE jobs RESET (autovacuum_vacuum_insert_threshold, autovacuum_vacuum_insert_scale_factor);
         DROP INDEX jobs_user_kind_created_idx;
         CREATE INDEX jobs_user_kind_created_idx ON jobs (user_id, job_kind, created_at);
