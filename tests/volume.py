@@ -1,8 +1,8 @@
 """A realistic volume for the plan test (tests/test_plans.py) and the growth benchmark
-(bench/growth_bench.py): users, 30 days of jobs with sections, lessons, built by generate_series.
+(bench/growth_bench.py): users, `days` days of jobs with sections, lessons, built by generate_series.
 
 Shape, per `lesson_jobs` L: users L/8 with a heavy head (user `u0000001`, a pro, owns a few percent
-of every job); lesson jobs spread evenly over the last 30 days in created_at order (the heap is
+of every job); lesson jobs spread evenly over the last `days` days in created_at order (the heap is
 append-only, as in production); 40% planned into 3-5 sections; ~93% done, 3% error, 2% canceled,
 and the last 40 live (queued, stale queued, leased, lease expired, waiting parents with sections);
 one maintenance job per day (no user); a lesson per done lesson job, plus `old_lessons` older
@@ -15,13 +15,13 @@ VACUUM ANALYZE: statistics and visibility map as autovacuum would leave them.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
 
 HEAVY_USER = "u0000001"
-DAYS = 30
 LIVE = 40  # the newest lesson jobs are live
 
 
@@ -30,6 +30,7 @@ class Volume:
     users: int
     jobs: int
     lessons: int
+    seconds: dict[str, float]  # "load", each index rebuilt ("index <name>"), "vacuum analyze"
 
 
 def _user(expr: str, users: int) -> str:
@@ -45,7 +46,7 @@ def _content(title: str) -> str:
     )
 
 
-def load_sql(lesson_jobs: int, old_lessons: int) -> list[str]:
+def load_sql(lesson_jobs: int, old_lessons: int, days: int) -> list[str]:
     L = lesson_jobs
     U = max(100, L // 8)
     return [
@@ -55,14 +56,14 @@ def load_sql(lesson_jobs: int, old_lessons: int) -> list[str]:
         SELECT 'u' || lpad(u::text, 7, '0'),
                CASE WHEN u = 1 OR u % 50 = 0 THEN 'pro' WHEN u % 10 = 0 THEN 'plus'
                     WHEN u % 4 = 0 THEN 'starter' ELSE 'free' END,
-               now() - interval '120 days' + (u::float8 / {U}) * interval '119 days'
+               now() - interval '{days + 90} days' + (u::float8 / {U}) * interval '{days + 89} days'
           FROM generate_series(1, {U}) u
         """,
         # Lesson jobs. `s` is the final state; planned ones (40%) carry a plan of n sections.
         f"""
         CREATE TEMPORARY TABLE spec AS
         SELECT g, {_user("random()", U)} AS user_id,
-               now() - interval '{DAYS} days' + (g::float8 / {L}) * (interval '{DAYS} days' - interval '2 minutes') AS t,
+               now() - interval '{days} days' + (g::float8 / {L}) * (interval '{days} days' - interval '2 minutes') AS t,
                CASE WHEN g > {L - LIVE} THEN (ARRAY['queued', 'stale', 'leased', 'expired', 'waiting'])[1 + g % 5]
                     WHEN r < 0.03 THEN 'error' WHEN r < 0.05 THEN 'canceled' ELSE 'done' END AS s,
                g % 5 < 2 OR (g > {L - LIVE} AND g % 5 = 4) AS planned, 3 + g % 3 AS n
@@ -132,7 +133,7 @@ def load_sql(lesson_jobs: int, old_lessons: int) -> list[str]:
         SELECT gen_random_uuid(), NULL, 'maintenance.archive_lessons', 'done',
                'archive-' || to_char(d, 'YYYY-MM-DD'), '{{"job_kind": "maintenance.archive_lessons", "payload": {{}}}}',
                '{{"archived": 0}}', 1, 5, d, d, d, d, d, d + interval '10 seconds'
-          FROM generate_series(date_trunc('day', now(), 'UTC') - interval '{DAYS - 1} days',
+          FROM generate_series(date_trunc('day', now(), 'UTC') - interval '{days - 1} days',
                                date_trunc('day', now(), 'UTC'), interval '1 day') d
         """,
         f"""
@@ -148,7 +149,7 @@ def load_sql(lesson_jobs: int, old_lessons: int) -> list[str]:
         INSERT INTO lessons (id, user_id, job_id, topic, title, content, created_at, archived_at)
         SELECT gen_random_uuid(), {_user("random()", U)}, NULL, 'Topic ' || (g % 5000), 'Lesson ' || g,
                {_content("'Lesson ' || g")}, t, CASE WHEN random() < 0.6 THEN t + interval '1 day' END
-          FROM (SELECT g, now() - interval '90 days' + (g::float8 / {max(old_lessons, 1)}) * interval '{90 - DAYS} days' AS t
+          FROM (SELECT g, now() - interval '{days + 60} days' + (g::float8 / {max(old_lessons, 1)}) * interval '60 days' AS t
                   FROM generate_series(1, {old_lessons}) g) x
         """,
         # The dashboard's done total, as its overview leaves it: everything done an hour ago counted.
@@ -167,8 +168,10 @@ def load_sql(lesson_jobs: int, old_lessons: int) -> list[str]:
 TABLES = ("users", "jobs", "lessons")
 
 
-def build(engine: sa.Engine, *, lesson_jobs: int, old_lessons: int) -> Volume:
-    """Fill an empty migrated database (see the module docstring); returns what it holds."""
+def build(engine: sa.Engine, *, lesson_jobs: int, old_lessons: int, days: int = 30) -> Volume:
+    """Fill an empty migrated database (see the module docstring); returns what it holds and how
+    long each part took (an index's build time is what a migration creating it would lock for)."""
+    seconds: dict[str, float] = {}
     with engine.begin() as conn:
         # Secondary indexes only: primary keys and unique constraints stay (foreign keys need them).
         indexes = conn.execute(
@@ -184,14 +187,20 @@ def build(engine: sa.Engine, *, lesson_jobs: int, old_lessons: int) -> Volume:
         # The rows are consistent by construction; checking each foreign key would double the load.
         conn.execute(sa.text("SET LOCAL session_replication_role = replica"))
         conn.execute(sa.text("SET LOCAL maintenance_work_mem = '512MB'"))
-        for statement in load_sql(lesson_jobs, old_lessons):
+        started = time.perf_counter()
+        for statement in load_sql(lesson_jobs, old_lessons, days):
             conn.execute(sa.text(statement))
-        for _, definition in indexes:
+        seconds["load"] = time.perf_counter() - started
+        for name, definition in indexes:
+            started = time.perf_counter()
             conn.execute(sa.text(definition))
+            seconds[f"index {name}"] = time.perf_counter() - started
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        started = time.perf_counter()
         for table in TABLES:
             conn.execute(sa.text(f"VACUUM (ANALYZE) {table}"))
+        seconds["vacuum analyze"] = time.perf_counter() - started
         counts: dict[str, Any] = {
             t: conn.execute(sa.text(f"SELECT count(*) FROM {t}")).scalar() for t in TABLES
         }
-    return Volume(users=counts["users"], jobs=counts["jobs"], lessons=counts["lessons"])
+    return Volume(users=counts["users"], jobs=counts["jobs"], lessons=counts["lessons"], seconds=seconds)
