@@ -186,6 +186,16 @@ def round_steps(per_round: int) -> list[tuple[str, Callable[[Side], None]]]:
         for _ in range(per_round):
             side.call("list_lessons", "list_lessons", "GET", "/?limit=20", expect=200, user=side.user())
 
+    def heaviest(side: Side) -> None:
+        # The volume's heaviest user has the same day on both sides (same traffic): its quota count
+        # and lesson list read as many rows; its years of history are on the big side only.
+        for _ in range(per_round // 5):
+            user, body = volume.HEAVY_USER, _body("Heavy")
+            side.call("create (heaviest user)", "create_job", "POST", "/", expect=202, body=body, user=user)
+            side.call(
+                "list_lessons (heaviest user)", "list_lessons", "GET", "/?limit=20", expect=200, user=user
+            )
+
     def get_lesson(side: Side) -> None:
         for user, lesson_id in side.lessons[-per_round:]:
             side.call("get_lesson", "get_lesson", "GET", f"/{lesson_id}", expect=200, user=user)
@@ -217,6 +227,7 @@ def round_steps(per_round: int) -> list[tuple[str, Callable[[Side], None]]]:
         ("process", process),
         ("get_job", get_job),
         ("list_lessons", list_lessons),
+        ("heaviest", heaviest),
         ("get_lesson", get_lesson),
         ("cancel", cancel),
         ("rescue", rescue),
