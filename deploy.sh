@@ -273,6 +273,65 @@ BASE_URL="https://$REGION-$PROJECT.cloudfunctions.net"
 QUEUE_PATH="projects/$PROJECT/locations/$REGION/queues/$QUEUE"
 G=(--project "$PROJECT")
 
+# The connection budget (docs/PERFORMANCE.md, "Connection budget"): every function at its max
+# instances with its pool full (DYLEN_DB_POOL_SIZE + DYLEN_DB_MAX_OVERFLOW) must fit the instance's
+# max_connections minus a reserve (PostgreSQL's superuser slots, Cloud SQL's own agents, migrations,
+# operators), or at full scale requests fail with "too many clients". The instance's value is its
+# max_connections flag, else Cloud SQL's default for its memory; DYLEN_DB_MAX_CONNECTIONS overrides
+# both (and is what a dry run, which reads no instance, checks against).
+check_connection_budget() {
+  local name threads pool overflow concurrency max_instances total=0 parts=() limit origin flags tier mb
+  local reserve="${DYLEN_DB_RESERVED_CONNECTIONS:-10}"
+  is_int "$reserve" || die "DYLEN_DB_RESERVED_CONNECTIONS must be an integer, got '$reserve'"
+  for name in "${FUNCTIONS[@]}"; do
+    read -r threads pool overflow concurrency max_instances <<<"$(runtime_of "$name")"
+    total=$((total + max_instances * (pool + overflow)))
+    parts+=("$name ${max_instances}x($pool+$overflow)")
+  done
+  limit="${DYLEN_DB_MAX_CONNECTIONS:-}"
+  origin="DYLEN_DB_MAX_CONNECTIONS"
+  if [[ -z "$limit" && $DRY_RUN -eq 1 ]]; then
+    echo "(connection budget: at most $total connections; a dry run reads no instance, so nothing is checked: set DYLEN_DB_MAX_CONNECTIONS to check it)"
+    return 0
+  fi
+  if [[ -z "$limit" ]]; then
+    origin="Cloud SQL instance $SQL_INSTANCE_NAME"
+    flags="$(gcloud sql instances describe "$SQL_INSTANCE_NAME" --project "$SQL_PROJECT" \
+      --flatten settings.databaseFlags \
+      --format "value(settings.databaseFlags.name,settings.databaseFlags.value)")" \
+      || die "cannot describe Cloud SQL instance $SQL_INSTANCE_NAME in $SQL_PROJECT (for its max_connections)"
+    limit="$(awk '$1 == "max_connections" { print $2 }' <<<"$flags")"
+    if [[ -z "$limit" ]]; then
+      tier="$(gcloud sql instances describe "$SQL_INSTANCE_NAME" --project "$SQL_PROJECT" \
+        --format "value(settings.tier)")" || die "cannot read the tier of Cloud SQL instance $SQL_INSTANCE_NAME"
+      # Cloud SQL's default max_connections by the tier's memory (its "Quotas and limits" page).
+      mb=""
+      case "$tier" in
+        db-f1-micro) limit=25 ;;
+        db-g1-small) limit=50 ;;
+        db-custom-*-*) mb="${tier##*-}" ;;
+      esac
+      if is_int "$mb"; then
+        if ((mb < 6144)); then limit=100; elif ((mb < 7680)); then limit=200; elif ((mb < 15360)); then limit=400
+        elif ((mb < 30720)); then limit=500; elif ((mb < 61440)); then limit=600; elif ((mb < 122880)); then limit=800
+        else limit=1000; fi
+      fi
+      [[ -n "$limit" ]] || die "cannot tell the max_connections of Cloud SQL instance $SQL_INSTANCE_NAME (tier" \
+        "'$tier', no max_connections flag): set DYLEN_DB_MAX_CONNECTIONS to its value (SHOW max_connections)"
+      origin="$origin (tier $tier's default)"
+    fi
+  fi
+  is_int "$limit" || die "max_connections of $origin must be an integer, got '$limit'"
+  if ((total > limit - reserve)); then
+    die "the functions may open $total database connections (max instances x (pool + overflow): ${parts[*]})," \
+      "more than the $((limit - reserve)) that $origin allows (max_connections $limit minus" \
+      "DYLEN_DB_RESERVED_CONNECTIONS $reserve). Lower max-instances, pool or overflow in RUNTIME_SETTINGS" \
+      "(deploy.sh), or raise the instance's max_connections (its flag or a larger tier)"
+  fi
+  echo "(connection budget: at most $total of the $((limit - reserve)) connections $origin allows)"
+}
+check_connection_budget
+
 echo "== Deploying ${FUNCTIONS[*]} to $PROJECT ($REGION)"
 
 echo "== APIs"

@@ -651,3 +651,97 @@ def test_grant_schema_lets_an_ordinary_user_migrate(pg_admin_url: str) -> None:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
             conn.execute(sa.text(f'DROP ROLE IF EXISTS "{role}"'))
         admin.dispose()
+
+
+def _fake_instance_gcloud(tmp_path: Path, *, flags: dict[str, str], tier: str) -> Path:
+    """A recording stand-in gcloud whose Cloud SQL instance has these database flags and tier
+    (IAM authentication on); every other describe answers "absent"."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir(exist_ok=True)
+    flag_lines = "".join(
+        f"{name}\\t{value}\\n" for name, value in {**flags, "cloudsql.iam_authentication": "on"}.items()
+    )
+    (fake_bin / "gcloud").write_text(
+        "\n".join(
+            [
+                "#!/bin/sh",
+                f'echo "$*" >> {tmp_path / "calls"}',
+                'if [ "$1 $2 $3" = "sql instances describe" ]; then',
+                '  case "$*" in',
+                f"    *settings.tier*) echo {shlex.quote(tier)} ;;",
+                f"    *) printf {shlex.quote(flag_lines)} ;;",
+                "  esac",
+                "  exit 0",
+                "fi",
+                'for arg in "$@"; do [ "$arg" = describe ] && exit 1; done',
+                "exit 0",
+                "",
+            ]
+        )
+    )
+    (fake_bin / "gcloud").chmod(0o755)
+    return fake_bin
+
+
+# The defaults: create_job 5x(2+2), process_job 5x(4+2), archive_lessons and rescue_jobs 1x(1+1),
+# dashboard 2x(2+1), and get_job, get_lesson, list_lessons, cancel_job 3x(2+2) each.
+DEFAULT_CONNECTIONS = 5 * 4 + 5 * 6 + 2 * (1 * 2) + 2 * 3 + 4 * (3 * 4)
+
+
+@pytest.mark.parametrize(
+    ("flags", "tier", "refused", "allows"),
+    [
+        ({"max_connections": "150"}, "db-custom-2-7680", False, "Cloud SQL instance dylen allows"),
+        ({"max_connections": "100"}, "db-custom-8-30720", True, "max_connections 100 minus"),
+        ({}, "db-custom-1-3840", True, "tier db-custom-1-3840's default"),  # 100 by default
+        ({}, "db-custom-2-7680", False, "tier db-custom-2-7680's default"),  # 400 by default
+    ],
+)
+def test_a_real_run_refuses_more_connections_than_the_instance_allows(
+    tmp_path: Path, flags: dict[str, str], tier: str, refused: bool, allows: str
+) -> None:
+    fake_bin = _fake_instance_gcloud(tmp_path, flags=flags, tier=tier)
+    result = _deploy(
+        tmp_path,
+        "--project",
+        PROJECT,
+        "--region",
+        REGION,
+        "--sql-instance",
+        INSTANCE,
+        "--skip-migrations",
+        PATH=f"{fake_bin}{os.pathsep}{os.environ['PATH']}",
+    )
+    ran = (tmp_path / "calls").read_text().splitlines()
+    deployed = [c for c in ran if c.startswith("functions deploy")]
+    if refused:
+        assert result.returncode == 2, result.stdout
+        assert f"may open {DEFAULT_CONNECTIONS} database connections" in result.stderr, result.stderr
+        assert allows in result.stderr and "RUNTIME_SETTINGS" in result.stderr
+        assert "create_job 5x(2+2)" in result.stderr and "process_job 5x(4+2)" in result.stderr
+        assert deployed == [], "nothing is deployed past a refused budget"
+    else:
+        assert result.returncode == 0, result.stderr
+        assert f"at most {DEFAULT_CONNECTIONS} of the" in result.stdout and allows in result.stdout
+        assert len(deployed) == len(_functions(ROOT))
+
+
+def test_the_budget_counts_what_runtime_settings_say_and_the_reserve(tmp_path: Path) -> None:
+    """A dry run reads no instance: DYLEN_DB_MAX_CONNECTIONS is what it checks against."""
+    fake_bin = _fake_gcloud(tmp_path)
+    common_args = ["--dry-run", "--project", PROJECT, "--region", REGION, "--sql-instance", INSTANCE]
+    path = f"{fake_bin}{os.pathsep}{os.environ['PATH']}"
+    fits = _deploy(tmp_path, *common_args, PATH=path, DYLEN_DB_MAX_CONNECTIONS=str(DEFAULT_CONNECTIONS + 10))
+    assert fits.returncode == 0, fits.stderr
+    over = _deploy(
+        tmp_path,
+        *common_args,
+        PATH=path,
+        DYLEN_DB_MAX_CONNECTIONS=str(DEFAULT_CONNECTIONS + 10),
+        DYLEN_DB_RESERVED_CONNECTIONS="11",
+    )
+    assert over.returncode == 2
+    assert f"more than the {DEFAULT_CONNECTIONS - 1} that DYLEN_DB_MAX_CONNECTIONS allows" in over.stderr
+    unchecked = _deploy(tmp_path, *common_args, PATH=path)
+    assert unchecked.returncode == 0 and f"at most {DEFAULT_CONNECTIONS} connections" in unchecked.stdout
+    assert not (tmp_path / "calls").exists(), "the dry run called gcloud"
