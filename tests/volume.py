@@ -199,6 +199,13 @@ def build(engine: sa.Engine, *, lesson_jobs: int, old_lessons: int, days: int = 
         started = time.perf_counter()
         for table in TABLES:
             conn.execute(sa.text(f"VACUUM (ANALYZE) {table}"))
+            # PostgreSQL 18 (the embedded test server) sets no page all-visible in the first
+            # VACUUM after the load, only the hint bits; a second one sets the visibility map.
+            pages, visible = conn.execute(
+                sa.text("SELECT relpages, relallvisible FROM pg_class WHERE relname = :t"), {"t": table}
+            ).one()
+            if visible < pages // 2:
+                conn.execute(sa.text(f"VACUUM {table}"))
         seconds["vacuum analyze"] = time.perf_counter() - started
         counts: dict[str, Any] = {
             t: conn.execute(sa.text(f"SELECT count(*) FROM {t}")).scalar() for t in TABLES
