@@ -20,7 +20,7 @@ help:
 	@echo "make soak   the full fault soak (2,000 jobs while process_job is killed at random)"
 	@echo "make bench-load  64 clients creating jobs for 30 s (figures in bench/RESULTS.md)"
 	@echo "make bench-archive  archiver vs naive UPDATE on 1M lessons; writes bench/RESULTS.md"
-	@echo "make bench-growth  every endpoint at ~10M jobs vs one day of them (PostgreSQL at 127.0.0.1:5432); writes bench/RESULTS.md"
+	@echo "make bench-growth  every endpoint at ~10M jobs vs one day of them (~10 GB, minutes); writes bench/RESULTS.md"
 
 # The project itself goes in editable (`pip install -e .`): `common` and `devtools` then import from
 # this checkout in any process of the venv, e.g. a bare `.venv/bin/functions-framework`.
@@ -91,7 +91,7 @@ fmt: $(STAMP)
 bench-archive: $(STAMP)
 	$(BIN)/python -m bench.archive_bench $(BENCH_ARGS)
 
-# Builds ~10M jobs (several minutes, ~10 GB) on the server BENCH_ARGS="--admin-url ..." names.
+# Builds ~10M jobs (minutes, ~10 GB) on DYLEN_BENCH_ADMIN_URL or BENCH_ARGS="--admin-url ...", else embedded.
 bench-growth: $(STAMP)
 	$(BIN)/python -m bench.growth_bench $(BENCH_ARGS)
 

@@ -20,7 +20,8 @@ Afterwards: which index each statement used (pg_stat_user_indexes of the big dat
 the build), and how long each index took to build (what a migration creating it locks for).
 
     make bench-growth                      # ~10M jobs
-    PYTHONPATH=. .venv/bin/python -m bench.growth_bench [--lesson-jobs N] [--days D] [--revision 0005]
+    PYTHONPATH=. .venv/bin/python -m bench.growth_bench [--admin-url URL] [--lesson-jobs N] [--days D]
+        [--revision 0005]     # both sides at the schema before migration 0006
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ import argparse
 import contextlib
 import http.client
 import json
+import os
+import shutil
 import statistics
+import sys
 import tempfile
 import time
 import uuid
@@ -261,6 +265,23 @@ def functions(url: str, logs: Path) -> Iterator[dict[str, FunctionServer]]:
         stop_all(servers.values())
 
 
+@contextlib.contextmanager
+def server(admin_url: str | None) -> Iterator[str]:
+    """The given server, else an embedded one for the run (removed afterwards)."""
+    if admin_url is not None:
+        yield admin_url
+        return
+    from devtools.embedded_pg import EmbeddedPostgres
+
+    scratch = Path(tempfile.mkdtemp(prefix="dylen-growth-pg-"))
+    pg = EmbeddedPostgres(scratch / "data", durable=False)
+    try:
+        yield pg.start()
+    finally:
+        pg.destroy()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def _engine(url: str) -> sa.Engine:
     return sa.create_engine(sa.engine.make_url(url).set(drivername="postgresql+pg8000"), poolclass=NullPool)
 
@@ -374,7 +395,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument(
+        "--admin-url",
+        default=os.environ.get("DYLEN_BENCH_ADMIN_URL"),
+        help="the server to build both databases on (default: an embedded one, fsync off)",
+    )
     parser.add_argument("--lesson-jobs", type=int, default=3_850_000, help="~2.6 jobs each (sections)")
     parser.add_argument("--days", type=int, default=365, help="history of the big side, in days of traffic")
     parser.add_argument("--old-lessons", type=int, help="lessons whose jobs are gone (default: half)")
@@ -394,8 +419,9 @@ def main() -> int:
         "rounds": args.rounds,
     }
     with (
-        migrated_database(args.admin_url, args.revision) as base_url,
-        migrated_database(args.admin_url, args.revision) as big_url,
+        server(args.admin_url) as admin_url,
+        migrated_database(admin_url, args.revision) as base_url,
+        migrated_database(admin_url, args.revision) as big_url,
     ):
         day = max(1000, args.lesson_jobs // args.days)  # the same traffic, one day of it
         built = volume.build(_engine(base_url), lesson_jobs=day, old_lessons=day // 2, days=1)
@@ -433,12 +459,8 @@ def main() -> int:
         }
     results["figures"] = figures
     results["replay_vs_create"] = figures["replay"]["big"][0] / figures["create"]["big"][0]
-    command = "make bench-growth"
-    if args.lesson_jobs != 3_850_000 or args.days != 365 or args.revision != "head":
-        command = (
-            f"PYTHONPATH=. .venv/bin/python -m bench.growth_bench --lesson-jobs {args.lesson_jobs} "
-            f"--days {args.days}" + (f" --revision {args.revision}" if args.revision != "head" else "")
-        )
+    flags = [a for a in sys.argv[1:] if a != "--no-write"]
+    command = "make bench-growth" + (f' BENCH_ARGS="{" ".join(flags)}"' if flags else "")
     section = render(results, command)
     print(section)
     if not args.no_write:
