@@ -32,6 +32,7 @@ import http.client
 import json
 import os
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -410,6 +411,8 @@ def main() -> int:
     parser.add_argument("--per-round", type=int, default=25)
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
+    # A kill must still drop the two databases (several GB): SIGTERM unwinds like Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     old_lessons = args.old_lessons if args.old_lessons is not None else args.lesson_jobs // 2
     logs = Path(tempfile.mkdtemp(prefix="dylen-growth-"))
     results: dict[str, Any] = {
