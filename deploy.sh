@@ -202,6 +202,10 @@ if ! is_int "$RETRIES" || ((RETRIES < 1)); then
   die "DYLEN_DEPLOY_RETRIES must be a positive integer, got '$RETRIES'"
 fi
 is_int "$RETRY_SECONDS" || die "DYLEN_DEPLOY_RETRY_SECONDS must be an integer, got '$RETRY_SECONDS'"
+is_int "${DYLEN_DB_RESERVED_CONNECTIONS:-10}" \
+  || die "DYLEN_DB_RESERVED_CONNECTIONS must be an integer, got '${DYLEN_DB_RESERVED_CONNECTIONS}'"
+[[ -z "${DYLEN_DB_MAX_CONNECTIONS:-}" ]] || is_int "$DYLEN_DB_MAX_CONNECTIONS" \
+  || die "DYLEN_DB_MAX_CONNECTIONS must be an integer, got '${DYLEN_DB_MAX_CONNECTIONS}'"
 case "$DB_IP_TYPE" in public | private | psc) ;; *) die "--db-ip-type must be public, private or psc, got '$DB_IP_TYPE'" ;; esac
 case "$PUBLIC_ACCESS_REQUESTED" in
   auto | all-users | no-invoker-iam-check) ;;
@@ -765,6 +769,22 @@ if read_value '' "a RUNNABLE PostgreSQL instance that can serve" gcloud sql inst
   --project "$SQL_PROJECT" --format json; then
   if [[ $DRY_RUN -eq 0 ]] && ! "$PY" "$ROOT/devtools/deploy_checks.py" instance "$OUT_FILE" "$DB_IAM_AUTH" "$DB_IP_TYPE" >"$ERR_FILE"; then
     die "$(cat "$ERR_FILE"). Nothing was created."
+  fi
+  # The connection budget (docs/PERFORMANCE.md, "Connection budget"). A dry run reads no instance:
+  # it checks against DYLEN_DB_MAX_CONNECTIONS when that is set.
+  BUDGET_TOTAL=0 BUDGET_PARTS=""
+  for name in "${FUNCTIONS[@]}"; do
+    read -r _threads pool overflow _concurrency max_instances <<<"$(runtime_of "$name")"
+    BUDGET_TOTAL=$((BUDGET_TOTAL + max_instances * (pool + overflow)))
+    BUDGET_PARTS+="${BUDGET_PARTS:+ }$name ${max_instances}x($pool+$overflow)"
+  done
+  if [[ $DRY_RUN -eq 0 || -n "${DYLEN_DB_MAX_CONNECTIONS:-}" ]]; then
+    "$PY" "$ROOT/devtools/deploy_checks.py" connections "$OUT_FILE" "$BUDGET_TOTAL" "$BUDGET_PARTS" \
+      "${DYLEN_DB_RESERVED_CONNECTIONS:-10}" "${DYLEN_DB_MAX_CONNECTIONS:-}" >"$ERR_FILE" \
+      || die "$(cat "$ERR_FILE"). Nothing was created."
+    cat "$ERR_FILE"
+  else
+    echo "(connection budget: at most $BUDGET_TOTAL connections; set DYLEN_DB_MAX_CONNECTIONS to check it in a dry run)"
   fi
 else
   cat "$ERR_FILE" >&2

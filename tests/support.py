@@ -240,8 +240,8 @@ def lesson_body(topic: str = "Photosynthesis", key: str | None = None, **payload
 
 
 @contextlib.contextmanager
-def migrated_database(pg_admin_url: str) -> Iterator[str]:
-    """A new database built by `python -m common.cli migrate`, dropped afterwards."""
+def migrated_database(pg_admin_url: str, revision: str = "head") -> Iterator[str]:
+    """A new database built by `python -m common.cli migrate [revision]`, dropped afterwards."""
     from devtools.embedded_pg import create_database
 
     name = f"dylen_test_{uuid.uuid4().hex[:10]}"
@@ -249,7 +249,11 @@ def migrated_database(pg_admin_url: str) -> Iterator[str]:
     url = sa.engine.make_url(pg_admin_url).set(database=name).render_as_string(hide_password=False)
     env = {**os.environ, "DYLEN_DATABASE_URL": url, "DYLEN_AUTH_MODE": "dev", "PYTHONPATH": str(ROOT)}
     subprocess.run(
-        [sys.executable, "-m", "common.cli", "migrate"], env=env, cwd=ROOT, check=True, capture_output=True
+        [sys.executable, "-m", "common.cli", "migrate", revision],
+        env=env,
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
     )
     try:
         yield url

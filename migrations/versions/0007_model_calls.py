@@ -2,14 +2,14 @@
 ledger of every call
 
 Revision ID: 0007
-Revises: 0005
+Revises: 0006
 Create Date: 2026-12-14
 """
 
 from alembic import op
 
 revision = "0007"
-down_revision = "0005"  # 0006 is another branch's; the merge rechains them
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 
