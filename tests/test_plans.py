@@ -241,8 +241,8 @@ STATEMENTS: dict[str, ParamSets] = {
     "common.jobs.queries._GET_PLAN": lambda d: [{"id": d.waiting}],
     "common.jobs.queries._LIST_SECTIONS": lambda d: [{"id": d.parent}],
     "common.jobs.transitions._CLAIM": lambda d: [
-        {"id": d.queued, "lease_seconds": 600},
-        {"id": d.queued_section, "lease_seconds": 600},
+        {"id": d.queued, "lease_seconds": 600, "early_seconds": 2.0},
+        {"id": d.queued_section, "lease_seconds": 600, "early_seconds": 2.0},
     ],
     "common.jobs.transitions._COMPLETE": lambda d: [
         {"id": d.running, "attempt": d.running_attempt, "result": '{"ok": true}'}
@@ -254,6 +254,7 @@ STATEMENTS: dict[str, ParamSets] = {
             "kind": "lesson.section",
             "max_attempts": 5,
             "plan": '{"title": "T", "sections": [{"heading": "a"}, {"heading": "b"}, {"heading": "c"}]}',
+            "instance": "local/host/1",
         }
     ],
     "common.jobs.transitions._FINISH_SECTION": lambda d: [
@@ -264,11 +265,41 @@ STATEMENTS: dict[str, ParamSets] = {
             "result": '{"body": "x"}',
         }
     ],
-    "common.jobs.transitions._FAIL": lambda d: [
-        {"id": d.running, "attempt": d.running_attempt, "error": '{"code": "x"}', "final": final}
-        for final in (False, True)
+    # retry, defer and fail: one statement with the attempt's record
+    "common.jobs.transitions._END_ATTEMPT": lambda d: [
+        {
+            "id": d.running,
+            "attempt": d.running_attempt,
+            "final": final,
+            "delay": 12.5,
+            "refund": refund,
+            "waited": 12.5 * refund,
+            "error": '{"code": "x", "message": "m"}',
+            "outcome": outcome,
+            "code": "x",
+            "message": "m",
+            "detail": "RuntimeError: x",
+            "instance": "local/host/1",
+        }
+        for final, refund, outcome in ((False, 0, "retry"), (False, 1, "deferred"), (True, 0, "failed"))
     ],
-    "common.jobs.transitions._EXPIRE": lambda d: [{"id": d.running, "error": '{"code": "x"}'}],
+    "common.jobs.transitions._RECORD_ATTEMPT": lambda d: [
+        {
+            "id": d.running,
+            "attempt": d.running_attempt,
+            "outcome": "superseded",
+            "code": "superseded",
+            "message": "m",
+            "detail": None,
+            "instance": "local/host/1",
+        }
+    ],
+    "common.jobs.queries._ATTEMPTS": lambda d: [{"id": d.done_id}],
+    "common.jobs.transitions._EXPIRE": lambda d: [
+        {"id": d.running, "error": '{"code": "x"}', "code": "attempts_exhausted", "message": "m"}
+    ],
+    # retention, in the daily maintenance: the oldest finished jobs first, by completed_at
+    "common.jobs.transitions._PRUNE": lambda d: [{"days": 30, "done_mark": d.through, "batch": 2000}],
     "common.jobs.transitions._FAIL_PARENTS": lambda d: [{"parent_id": None}, {"parent_id": d.waiting}],
     "common.jobs.transitions._CANCEL": lambda d: [
         {"id": d.queued, "owner": d.heavy},
@@ -302,9 +333,49 @@ STATEMENTS: dict[str, ParamSets] = {
     "common.accounts.users._USAGES": lambda d: [{"user_ids": d.newest_users, "job_kind": "lesson"}],
     "common.accounts.users._SET_TIER": lambda d: [{"id": d.heavy, "tier": "pro"}],
     # the dashboard's overview
-    "common.dashboard.queries._LOCK_STALE_MARK": lambda d: [{}],
-    "common.dashboard.queries._ADD_DONE": lambda d: [{"through": d.through - timedelta(hours=2)}],
-    "common.dashboard.queries._ALL_TIME": lambda d: [{"through": d.through}],
+    "common.jobs.totals._LOCK_STALE_MARK": lambda d: [{}],
+    "common.jobs.totals._ADD_DONE": lambda d: [{"through": d.through - timedelta(hours=2)}],
+    "common.jobs.totals._ALL_TIME": lambda d: [{"through": d.through}],
+    "common.jobs.totals._MARK": lambda d: [{}],
+    # model calls: a lane's take and settle, a job's usage (get_job), the ledger's views
+    "common.models.lanes._TAKE": lambda d: [
+        {
+            "model": "gemini-2.5-flash",
+            "rpm": 1000,
+            "tpm": 2000000,
+            "concurrency": 50,
+            "window": 61.0,
+            "estimated_tokens": 2000,
+            "lease": 120.0,
+            "job_id": d.running,
+            "section_index": None,
+            "attempt": 1,
+            "user_id": d.heavy,
+            "purpose": "plan",
+            "prompt_version": "plan@1",
+        }
+    ],
+    "common.models.lanes._SETTLE": lambda d: [
+        {
+            "id": 1,
+            "model": "gemini-2.5-flash",
+            "outcome": "ok",
+            "error_code": None,
+            "input_tokens": 100,
+            "output_tokens": 200,
+            "latency_ms": 900,
+            "pause_seconds": None,
+            "request_body": None,
+            "response_body": None,
+        }
+    ],
+    "common.models.ledger._JOB_USAGE": lambda d: [{"job_id": d.done_id}],
+    "common.models.ledger._JOB_CALLS": lambda d: [{"job_id": d.done_id, "limit": 200}],
+    "common.models.ledger._USER_USAGE": lambda d: [{"user_id": d.heavy, "since": d.now - timedelta(days=1)}],
+    "common.models.ledger._DAILY": lambda d: [{"days": 14}],
+    "common.models.ledger._TOP_USERS": lambda d: [{"since": d.now - timedelta(days=1)}],
+    "common.models.ledger._LANES": lambda d: [{"window": 61.0}],
+    "common.models.ledger._PRUNE": lambda d: [{"days": 30, "batch": 5000}],
     "common.dashboard.queries._LAST_DAY": lambda d: [{}],
     "common.dashboard.queries._PER_MINUTE": lambda d: [{}],
 }
@@ -347,6 +418,7 @@ def _jobs(**filters: Any) -> Call:
 def _calls() -> dict[str, list[Call]]:
     from common.dashboard import queries as dash
     from common.jobs import queries as jq
+    from common.jobs import totals
     from common.lessons import queries as lq
     from common.lessons.archive import queries as aq
 
@@ -381,7 +453,7 @@ def _calls() -> dict[str, list[Call]]:
         ],
         "common.jobs.queries.oldest_queued": [lambda c, d: jq.oldest_queued(c)],
         "common.jobs.queries.finished_counts": [lambda c, d: jq.finished_counts(c, within_seconds=3600)],
-        "common.dashboard.queries.all_time_counts": [lambda c, d: dash.all_time_counts(c)],
+        "common.jobs.totals.all_time_counts": [lambda c, d: totals.all_time_counts(c)],
         "common.dashboard.queries.failure_groups": [lambda c, d: dash.failure_groups(c)],
         "common.dashboard.queries.lesson_of": [lambda c, d: dash.lesson_of(c, d.done_id)],
         "common.dashboard.queries.users": [
@@ -425,7 +497,12 @@ def _runner(site: str) -> bool:
 
 
 def _modules() -> list[ModuleType]:
-    names = [info.name for info in pkgutil.walk_packages(common.__path__, "common.")]
+    # A package's __main__ runs its command when imported (python -m common.cli): it declares nothing.
+    names = [
+        info.name
+        for info in pkgutil.walk_packages(common.__path__, "common.")
+        if not info.name.endswith(".__main__")
+    ]
     return [importlib.import_module(name) for name in sorted(names)]
 
 

@@ -268,10 +268,13 @@ WITH doomed AS (
      ORDER BY completed_at
      LIMIT :batch
      FOR UPDATE SKIP LOCKED
+), doomed_rows AS (  -- the jobs and their sections: each an index probe (no OR across columns)
+    SELECT id FROM doomed
+    UNION ALL
+    SELECT s.id FROM jobs s JOIN doomed ON s.parent_id = doomed.id
 ), gone AS (
-    DELETE FROM jobs
-     WHERE id IN (SELECT id FROM doomed) OR parent_id IN (SELECT id FROM doomed)
-    RETURNING job_kind, status, parent_id
+    DELETE FROM jobs USING doomed_rows WHERE jobs.id = doomed_rows.id
+    RETURNING jobs.job_kind, jobs.status, jobs.parent_id
 ), counted AS (
     INSERT INTO job_pruned_totals (job_kind, status, n)
     SELECT job_kind, status, count(*) FROM gone GROUP BY job_kind, status
