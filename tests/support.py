@@ -164,6 +164,8 @@ def base_env(database_url: str, **overrides: str) -> dict[str, str]:
         # tests about them, which set the limits they test.
         DYLEN_TIER_DAILY_JOBS="free=1000000",
         DYLEN_TIER_ACTIVE_JOBS="free=1000000",
+        DYLEN_TIER_DAILY_TOKENS="free=1000000000000",
+        DYLEN_TIER_CONCURRENT_CALLS="free=1000000",
         # A failed attempt is retried at once (no backoff) unless a test is about the backoff.
         DYLEN_JOB_RETRY_BASE_SECONDS="0",
         DYLEN_JOB_RETRY_CAP_SECONDS="0",
