@@ -1,4 +1,5 @@
-"""spending: quotas count what was spent (model calls, attempts), token budgets, operators' grants
+"""spending: quotas count what was spent (model calls, attempts), token budgets, each user's share
+of the calls in flight, operators' grants
 
 Revision ID: 0009
 Revises: 0007
@@ -14,7 +15,7 @@ depends_on = None
 
 
 def upgrade() -> None:
-    # The result types of job_usage and insert_limited_job change, so they are
+    # The result types of job_usage, insert_limited_job and take_model_slot change, so they are
     # dropped and created again (CREATE OR REPLACE cannot change a result or parameter list).
     # Each stays one VOLATILE plpgsql call for its caller: a lock, then statements each taking a
     # fresh snapshot after it (migration 0002 says why that makes the counts exact).
@@ -22,6 +23,8 @@ def upgrade() -> None:
         """
         DROP FUNCTION insert_limited_job(text, text, text, jsonb, integer, jsonb, jsonb, timestamptz);
         DROP FUNCTION job_usage(text, text, timestamptz);
+        DROP FUNCTION take_model_slot(text, integer, integer, integer, double precision, integer,
+                                      double precision, uuid, integer, integer, text, text, text);
 
         -- What operators gave back of a user's day (`users refund`: a failure of ours), subtracted
         -- from the day's count and tokens. One row per user and UTC day, added to.
@@ -34,7 +37,7 @@ def upgrade() -> None:
             PRIMARY KEY (user_id, day)
         );
 
-        -- A user's calls in flight (the jobs still spending): small, a row leaves
+        -- A user's calls in flight (their share, and the jobs still spending): small, a row leaves
         -- it when its call ends.
         CREATE INDEX model_calls_user_in_flight_idx ON model_calls (user_id, lease_expires_at)
             WHERE ended_at IS NULL;
@@ -140,14 +143,119 @@ def upgrade() -> None:
                           NULL::timestamptz, v_now;
         END
         $$;
+
+        -- As in 0007, with two checks first. A call for a job that has ended (canceled, failed, or
+        -- done by another attempt) is refused: 'job_ended', its result could only be discarded.
+        -- p_user_shares (tier -> calls in flight; NULL, or no entry for the tier nor 'free': not
+        -- limited): the user's calls in flight, any model, under a per-user lock taken before the
+        -- lane's (one order everywhere: user, then lane), refused with 'user_share' at the share.
+        CREATE FUNCTION take_model_slot(
+            p_model text, p_rpm integer, p_tpm integer, p_concurrency integer,
+            p_window_seconds double precision, p_estimated_tokens integer, p_lease_seconds double precision,
+            p_job_id uuid, p_section_index integer, p_attempt integer, p_user_id text,
+            p_purpose text, p_prompt_version text, p_user_shares jsonb
+        )
+        RETURNS TABLE (call_id bigint, wait_seconds double precision, reason text)
+        LANGUAGE plpgsql VOLATILE AS $$
+        DECLARE
+            v_now timestamptz;
+            v_since timestamptz;
+            v_paused timestamptz;
+            v_share integer;
+            v_count integer;
+            v_tokens bigint;
+            v_until timestamptz;
+            v_id bigint;
+        BEGIN
+            IF p_job_id IS NOT NULL AND EXISTS (
+                SELECT 1 FROM jobs j WHERE j.id = p_job_id AND j.status IN ('canceled', 'error', 'done')
+            ) THEN
+                RETURN QUERY SELECT NULL::bigint, 0.0::double precision, 'job_ended';
+                RETURN;
+            END IF;
+            IF p_user_id IS NOT NULL AND p_user_shares IS NOT NULL THEN
+                SELECT coalesce((p_user_shares ->> u.tier)::integer, (p_user_shares ->> 'free')::integer)
+                  INTO v_share FROM users u WHERE u.id = p_user_id;
+                IF NOT FOUND THEN
+                    v_share := (p_user_shares ->> 'free')::integer;
+                END IF;
+            END IF;
+            IF v_share IS NOT NULL THEN
+                PERFORM pg_advisory_xact_lock(hashtext('dylen.model_share'), hashtext(p_user_id));
+                SELECT count(*) INTO v_count FROM model_calls c
+                 WHERE c.user_id = p_user_id AND c.ended_at IS NULL
+                   AND c.lease_expires_at > clock_timestamp();
+                IF v_count >= v_share THEN
+                    RETURN QUERY SELECT NULL::bigint, 0.0::double precision, 'user_share';
+                    RETURN;
+                END IF;
+            END IF;
+            INSERT INTO model_lanes (model) VALUES (p_model) ON CONFLICT (model) DO NOTHING;
+            SELECT l.paused_until INTO v_paused FROM model_lanes l WHERE l.model = p_model FOR UPDATE;
+            v_now := clock_timestamp();  -- after the locks: the moment this call would start
+            v_since := v_now - make_interval(secs => p_window_seconds);
+            IF v_paused > v_now THEN
+                RETURN QUERY SELECT NULL::bigint, extract(epoch FROM v_paused - v_now)::double precision,
+                                    'paused';
+                RETURN;
+            END IF;
+            IF p_concurrency IS NOT NULL THEN
+                SELECT count(*) INTO v_count FROM model_calls c
+                 WHERE c.model = p_model AND c.ended_at IS NULL AND c.lease_expires_at > v_now;
+                IF v_count >= p_concurrency THEN
+                    RETURN QUERY SELECT NULL::bigint, 0.0::double precision, 'concurrency';
+                    RETURN;
+                END IF;
+            END IF;
+            IF p_rpm IS NOT NULL THEN
+                SELECT count(*) INTO v_count FROM model_calls c
+                 WHERE c.model = p_model AND c.started_at > v_since;
+                IF v_count >= p_rpm THEN
+                    SELECT c.started_at INTO v_until FROM model_calls c
+                     WHERE c.model = p_model AND c.started_at > v_since
+                     ORDER BY c.started_at OFFSET v_count - p_rpm LIMIT 1;
+                    RETURN QUERY SELECT NULL::bigint,
+                        extract(epoch FROM v_until - v_since)::double precision, 'rpm';
+                    RETURN;
+                END IF;
+            END IF;
+            IF p_tpm IS NOT NULL THEN
+                SELECT coalesce(sum(coalesce(c.input_tokens + c.output_tokens, c.estimated_tokens)), 0)
+                  INTO v_tokens FROM model_calls c
+                 WHERE c.model = p_model AND c.started_at > v_since;
+                IF v_tokens > 0 AND v_tokens + p_estimated_tokens > p_tpm THEN
+                    SELECT w.started_at INTO v_until FROM (
+                        SELECT c.started_at, sum(coalesce(c.input_tokens + c.output_tokens,
+                                                          c.estimated_tokens))
+                                   OVER (ORDER BY c.started_at, c.id) AS freed
+                          FROM model_calls c
+                         WHERE c.model = p_model AND c.started_at > v_since) w
+                     WHERE w.freed >= v_tokens + p_estimated_tokens - p_tpm
+                     ORDER BY w.started_at LIMIT 1;
+                    RETURN QUERY SELECT NULL::bigint,
+                        extract(epoch FROM coalesce(v_until, v_now) - v_since)::double precision, 'tpm';
+                    RETURN;
+                END IF;
+            END IF;
+            INSERT INTO model_calls (model, job_id, section_index, attempt, user_id, purpose,
+                                     prompt_version, started_at, lease_expires_at, estimated_tokens)
+            VALUES (p_model, p_job_id, p_section_index, p_attempt, p_user_id, p_purpose,
+                    p_prompt_version, v_now, v_now + make_interval(secs => p_lease_seconds),
+                    p_estimated_tokens)
+            RETURNING id INTO v_id;
+            RETURN QUERY SELECT v_id, 0.0::double precision, NULL::text;
+        END
+        $$;
         """
     )
 
 
 def downgrade() -> None:
-    # Back to 0002's usage rule, as that revision made it.
+    # Back to 0002's usage rule and 0007's take_model_slot, as those revisions made them.
     op.execute(
         """
+        DROP FUNCTION take_model_slot(text, integer, integer, integer, double precision, integer,
+                                      double precision, uuid, integer, integer, text, text, text, jsonb);
         DROP FUNCTION insert_limited_job(text, text, text, jsonb, integer, jsonb, jsonb, jsonb, timestamptz);
         DROP FUNCTION job_usage(text, text, timestamptz);
         DROP INDEX model_calls_user_in_flight_idx;
@@ -212,6 +320,80 @@ def downgrade() -> None:
                 ON CONFLICT (user_id, job_kind, idempotency_key) DO NOTHING
                 RETURNING 'created', j.id, j.created_at, v_tier, NULL::integer, NULL::integer,
                           NULL::timestamptz, v_now;
+        END
+        $$;
+
+        CREATE FUNCTION take_model_slot(
+            p_model text, p_rpm integer, p_tpm integer, p_concurrency integer,
+            p_window_seconds double precision, p_estimated_tokens integer, p_lease_seconds double precision,
+            p_job_id uuid, p_section_index integer, p_attempt integer, p_user_id text,
+            p_purpose text, p_prompt_version text
+        )
+        RETURNS TABLE (call_id bigint, wait_seconds double precision, reason text)
+        LANGUAGE plpgsql VOLATILE AS $$
+        DECLARE
+            v_now timestamptz;
+            v_since timestamptz;
+            v_paused timestamptz;
+            v_count integer;
+            v_tokens bigint;
+            v_until timestamptz;
+            v_id bigint;
+        BEGIN
+            INSERT INTO model_lanes (model) VALUES (p_model) ON CONFLICT (model) DO NOTHING;
+            SELECT l.paused_until INTO v_paused FROM model_lanes l WHERE l.model = p_model FOR UPDATE;
+            v_now := clock_timestamp();
+            v_since := v_now - make_interval(secs => p_window_seconds);
+            IF v_paused > v_now THEN
+                RETURN QUERY SELECT NULL::bigint, extract(epoch FROM v_paused - v_now)::double precision,
+                                    'paused';
+                RETURN;
+            END IF;
+            IF p_concurrency IS NOT NULL THEN
+                SELECT count(*) INTO v_count FROM model_calls c
+                 WHERE c.model = p_model AND c.ended_at IS NULL AND c.lease_expires_at > v_now;
+                IF v_count >= p_concurrency THEN
+                    RETURN QUERY SELECT NULL::bigint, 0.0::double precision, 'concurrency';
+                    RETURN;
+                END IF;
+            END IF;
+            IF p_rpm IS NOT NULL THEN
+                SELECT count(*) INTO v_count FROM model_calls c
+                 WHERE c.model = p_model AND c.started_at > v_since;
+                IF v_count >= p_rpm THEN
+                    SELECT c.started_at INTO v_until FROM model_calls c
+                     WHERE c.model = p_model AND c.started_at > v_since
+                     ORDER BY c.started_at OFFSET v_count - p_rpm LIMIT 1;
+                    RETURN QUERY SELECT NULL::bigint,
+                        extract(epoch FROM v_until - v_since)::double precision, 'rpm';
+                    RETURN;
+                END IF;
+            END IF;
+            IF p_tpm IS NOT NULL THEN
+                SELECT coalesce(sum(coalesce(c.input_tokens + c.output_tokens, c.estimated_tokens)), 0)
+                  INTO v_tokens FROM model_calls c
+                 WHERE c.model = p_model AND c.started_at > v_since;
+                IF v_tokens > 0 AND v_tokens + p_estimated_tokens > p_tpm THEN
+                    SELECT w.started_at INTO v_until FROM (
+                        SELECT c.started_at, sum(coalesce(c.input_tokens + c.output_tokens,
+                                                          c.estimated_tokens))
+                                   OVER (ORDER BY c.started_at, c.id) AS freed
+                          FROM model_calls c
+                         WHERE c.model = p_model AND c.started_at > v_since) w
+                     WHERE w.freed >= v_tokens + p_estimated_tokens - p_tpm
+                     ORDER BY w.started_at LIMIT 1;
+                    RETURN QUERY SELECT NULL::bigint,
+                        extract(epoch FROM coalesce(v_until, v_now) - v_since)::double precision, 'tpm';
+                    RETURN;
+                END IF;
+            END IF;
+            INSERT INTO model_calls (model, job_id, section_index, attempt, user_id, purpose,
+                                     prompt_version, started_at, lease_expires_at, estimated_tokens)
+            VALUES (p_model, p_job_id, p_section_index, p_attempt, p_user_id, p_purpose,
+                    p_prompt_version, v_now, v_now + make_interval(secs => p_lease_seconds),
+                    p_estimated_tokens)
+            RETURNING id INTO v_id;
+            RETURN QUERY SELECT v_id, 0.0::double precision, NULL::text;
         END
         $$;
         """
