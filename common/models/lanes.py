@@ -1,7 +1,8 @@
 """Every model call goes through its model's lane and onto the ledger: one round trip before the
 call (the slot: a `model_calls` row, taken by the database function `take_model_slot` of migration
-0009 under the user's share lock and the lane row's lock) and one after it (the settle: tokens, latency and outcome written to
-that row, and a provider's 429 pause written to the lane, one statement).
+0009 under the user's share lock and the lane row's lock) and one after it (the settle: tokens,
+latency and outcome written to that row, and a provider's 429 pause written to the lane, one
+statement).
 
     with model_call(context, "gemini-2.5-flash", purpose="plan", prompt_version="plan-1") as call:
         reply = provider(...)                    # raise call.rate_limited(delay) on a 429
