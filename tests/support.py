@@ -12,6 +12,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +165,8 @@ def base_env(database_url: str, **overrides: str) -> dict[str, str]:
         # tests about them, which set the limits they test.
         DYLEN_TIER_DAILY_JOBS="free=1000000",
         DYLEN_TIER_ACTIVE_JOBS="free=1000000",
+        DYLEN_TIER_DAILY_TOKENS="free=1000000000000",
+        DYLEN_TIER_CONCURRENT_CALLS="free=1000000",
         # A failed attempt is retried at once (no backoff) unless a test is about the backoff.
         DYLEN_JOB_RETRY_BASE_SECONDS="0",
         DYLEN_JOB_RETRY_CAP_SECONDS="0",
@@ -288,6 +291,37 @@ def section_calls(calls_dir: Path, job_id: str) -> list[int]:
     return [
         int(line.split()[1]) for line in generator_calls(calls_dir, job_id) if line.startswith("section ")
     ]
+
+
+@dataclass(frozen=True)
+class CountedCall:
+    """One model call of tests.generators:counting, as its calls file has it."""
+
+    job_id: str
+    what: str  # "plan" or "section:<i>"
+    attempt: int
+    start: float  # time.time()
+    end: float
+
+
+def counted_calls(calls_dir: Path, user: str) -> list[CountedCall]:
+    """Every model call tests.generators:counting made for `user`, in the order they ended."""
+    path = calls_dir / f"{user}.calls"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [
+        CountedCall(job_id, what, int(attempt), float(start), float(end))
+        for job_id, what, attempt, start, end in (line.split() for line in lines)
+    ]
+
+
+def most_at_once(calls: Iterable[CountedCall]) -> int:
+    """The most calls in flight at one moment (an end before a start at the same stamp)."""
+    events = sorted([(c.start, 1) for c in calls] + [(c.end, -1) for c in calls])
+    most = inside = 0
+    for _, step in events:
+        inside += step
+        most = max(most, inside)
+    return most
 
 
 # A lesson's sections are jobs of the same user (parent_id set), written when it fans out: a count

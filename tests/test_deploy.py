@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from common.accounts.settings import tier_settings
 from common.jobs.settings import job_settings
 from common.models.settings import model_settings
 from common.platform.config import load_settings
@@ -228,6 +229,8 @@ def dry_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         DYLEN_JOB_MAX_ATTEMPTS="7",
         DYLEN_JOB_TIMEOUT_SECONDS="900",
         DYLEN_TIER_HISTORY_LIMITS="free=3,pro=80",
+        DYLEN_TIER_DAILY_TOKENS="free=50000,pro=9000000",
+        DYLEN_TIER_CONCURRENT_CALLS="free=1,pro=32",
         DYLEN_DASHBOARD_OPERATORS=", ".join(OPERATORS),
         DYLEN_MODEL_LIMITS=MODEL_LIMITS,
     )
@@ -289,6 +292,8 @@ def test_dry_run_env_vars_are_a_valid_production_configuration(dry_run: dict[str
         assert env["DYLEN_TASKS_INVOKER_SA"] == INVOKER_SA
         assert env["DYLEN_TASKS_ALLOWED_SA"] == f"{INVOKER_SA},{SCHEDULER_SA}"
         assert env["DYLEN_TIER_HISTORY_LIMITS"] == "free=3,pro=80"  # commas survive the ^|^ delimiter
+        tiers = tier_settings.load({**env, "DYLEN_ENV_FILE": os.devnull})
+        assert (tiers.daily_tokens["pro"], tiers.concurrent_calls["free"]) == (9000000, 1)
         assert model_settings.load({**env, "DYLEN_ENV_FILE": os.devnull}).limits["gemini-2.5-pro"].rpm == 100
         # The same guards that run at cold start accept what deploy.sh sets.
         settings = load_settings({**env, "DYLEN_ENV_FILE": os.devnull})

@@ -30,6 +30,7 @@ OWNERS = {
     "model_lanes": "common.models",
     "model_calls": "common.models",
     "users": "common.accounts",
+    "quota_grants": "common.accounts",
     "lessons": "common.lessons",
     "job_done_totals": "common.jobs",
     "job_done_mark": "common.jobs",

@@ -12,14 +12,14 @@ ON CONFLICT (user_id, job_kind, idempotency_key) DO NOTHING
 RETURNING id, created_at
 
 -- name: create_for_user
--- The database function (migration 0002) takes a per-user lock, upserts the user, checks the key
--- and the tier's limits (NULL maps: no limit) and inserts; each of its statements takes a fresh
--- snapshot after the lock, so the limits are exact. One round trip for us.
+-- The database function (migrations 0002, 0009) takes a per-user lock, upserts the user, checks
+-- the key and the tier's limits (NULL maps: no limit) and inserts; each of its statements takes a
+-- fresh snapshot after the lock, so the limits are exact. One round trip for us.
 SELECT outcome, id, created_at, tier, quota_limit, used, resets_at, db_now
   FROM insert_limited_job(CAST(:user_id AS text), CAST(:job_kind AS text), CAST(:key AS text),
                           CAST(:request AS jsonb), CAST(:max_attempts AS integer),
                           CAST(:daily_limits AS jsonb), CAST(:active_limits AS jsonb),
-                          CAST(:now AS timestamptz))
+                          CAST(:token_limits AS jsonb), CAST(:now AS timestamptz))
 
 -- name: claim
 -- A section starts only while its parent waits on it and no sibling has failed: checked inside the

@@ -30,8 +30,9 @@ tokens, latency, outcome):
         if not valid(reply):
             call.mark("invalid", "reply_not_json")    # the call is on the ledger as what it was
 
-Taking the slot may wait briefly, or raise RetryLater when the lane is full or paused; let it
-propagate. `call.rate_limited(seconds)` pauses the lane for every instance and returns the
+Taking the slot may wait briefly, or raise RetryLater when the lane is full or paused or the user
+already has their tier's share of calls in flight (DYLEN_TIER_CONCURRENT_CALLS), or
+PermanentJobError (`job_ended`) when the lesson was canceled meanwhile; let them propagate. `call.rate_limited(seconds)` pauses the lane for every instance and returns the
 RetryLater to raise. An exception leaving the block is recorded (`error`, or `timeout`) and goes on.
 """
 
@@ -44,6 +45,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeGuard
 
+from common.accounts.tiers import call_shares
 from common.models.lanes import Call, CallContext, model_call
 from common.platform.errors import ConfigError
 
@@ -76,13 +78,15 @@ class LessonRequest:
         estimated_tokens: int = 0,
         timeout_seconds: float | None = None,
     ) -> AbstractContextManager[Call]:
-        """A slot of `model`'s lane for one call made for this request, and the call on the ledger
-        (the module's docstring shows the use; common.models.lanes.model_call the details)."""
+        """A slot of `model`'s lane for one call made for this request, within the user's tier's
+        share of calls in flight, and the call on the ledger (the module's docstring shows the
+        use; common.models.lanes.model_call the details)."""
         context = CallContext(
             job_id=uuid.UUID(self.job_id),
             section_index=self.section_index,
             user_id=self.user_id,
             attempt=self.attempt,
+            shares=call_shares(),
         )
         return model_call(
             context,

@@ -1,14 +1,18 @@
 """Every model call goes through its model's lane and onto the ledger: one round trip before the
 call (the slot: a `model_calls` row, taken by the database function `take_model_slot` of migration
-0007 under the lane row's lock) and one after it (the settle: tokens, latency and outcome written to
-that row, and a provider's 429 pause written to the lane, one statement).
+0009 under the user's share lock and the lane row's lock) and one after it (the settle: tokens,
+latency and outcome written to that row, and a provider's 429 pause written to the lane, one
+statement).
 
     with model_call(context, "gemini-2.5-flash", purpose="plan", prompt_version="plan-1") as call:
         reply = provider(...)                    # raise call.rate_limited(delay) on a 429
         call.usage(input_tokens=..., output_tokens=...)
 
 A call that finds no slot waits in-process while the wait is short (DYLEN_MODEL_SLOT_WAIT_SECONDS),
-else raises RetryLater for when the lane frees: the job is rescheduled without using an attempt.
+else raises RetryLater for when the lane frees: the job is rescheduled without using an attempt. A
+user at their tier's share of calls in flight waits at most SHARE_WAIT_SECONDS, then RetryLater:
+the thread goes to other users' work. A call for a job that has ended (canceled) is not made:
+JobEnded.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import json
 import random
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +41,9 @@ WINDOW_MARGIN_SECONDS = 1.0
 LEASE_MARGIN_SECONDS = 30.0
 # A full lane (in flight) says nothing of when a call ends: poll it this often while waiting.
 CONCURRENCY_POLL_SECONDS = 0.2
+# A user over their share waits this long at most in-process: their other calls last seconds, and
+# the thread (a process_job request) is better given back for other users' work.
+SHARE_WAIT_SECONDS = 1.0
 BODY_MAX_CHARS = 200_000
 OUTCOMES = ("ok", "invalid", "refused", "rate_limited", "error", "timeout")
 
@@ -48,7 +55,7 @@ _TAKE = Statement(
                            CAST(:estimated_tokens AS integer), CAST(:lease AS double precision),
                            CAST(:job_id AS uuid), CAST(:section_index AS integer),
                            CAST(:attempt AS integer), CAST(:user_id AS text), CAST(:purpose AS text),
-                           CAST(:prompt_version AS text))
+                           CAST(:prompt_version AS text), CAST(:shares AS jsonb))
     """,
     prepare=True,
 )
@@ -83,12 +90,24 @@ _SETTLE = Statement(
 @dataclass(frozen=True)
 class CallContext:
     """Whom a call is for, as the ledger records it: the lesson job (a section's calls carry its
-    lesson's id and the section's index), the user, and the attempt that made it."""
+    lesson's id and the section's index), the user, and the attempt that made it. `shares`: per
+    tier, the calls the user may have in flight at once (a missing tier gets free's; None: not
+    held to a share); the user's tier is read by the take."""
 
     job_id: uuid.UUID | None = None
     section_index: int | None = None
     user_id: str | None = None
     attempt: int | None = None
+    shares: Mapping[str, int] | None = None
+
+
+class JobEnded(PermanentJobError):
+    """The call's job has ended (canceled by its user, failed, or finished by another attempt):
+    the call is not made, since its result could only be discarded. The attempt ends quietly: its
+    job is no longer its to finish or fail."""
+
+    def __init__(self) -> None:
+        super().__init__("job_ended", "The job ended before this model call started.")
 
 
 class Call:
@@ -185,22 +204,30 @@ def take_slot(
         "user_id": context.user_id,
         "purpose": purpose,
         "prompt_version": prompt_version,
+        "shares": jsonb(dict(context.shares)) if context.shares is not None else None,
     }
-    deadline = time.monotonic() + settings.slot_wait_seconds
+    started = time.monotonic()
     while True:
         with connection() as conn:
             row = conn.execute(_TAKE, params).one()
         if row.call_id is not None:
             return int(row.call_id)
+        if row.reason == "job_ended":
+            raise JobEnded
         wait = float(row.wait_seconds)
-        if row.reason == "concurrency":
+        bound = settings.slot_wait_seconds
+        if row.reason in ("concurrency", "user_share"):  # freed when a call ends: unknown, poll
             wait = CONCURRENCY_POLL_SECONDS * (1 + random.random())
+            if row.reason == "user_share":
+                bound = min(bound, SHARE_WAIT_SECONDS)
         else:
             wait += random.uniform(0.0, 0.05)  # waiters woken by one freed slot do not all collide
-        if time.monotonic() + wait > deadline:
+        if time.monotonic() - started + wait > bound:
             # Not soon: the job is rescheduled for when the lane frees (a full one: in a moment).
-            after = max(wait, 1.0) if row.reason != "concurrency" else 1.0 + random.random()
-            raise RetryLater(after, f"lane_{row.reason}")
+            polled = row.reason in ("concurrency", "user_share")
+            after = 1.0 + random.random() if polled else max(wait, 1.0)
+            reason = "user_share" if row.reason == "user_share" else f"lane_{row.reason}"
+            raise RetryLater(after, reason)
         time.sleep(wait)
 
 
