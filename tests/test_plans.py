@@ -191,12 +191,13 @@ _LESSON_REQUEST = json.dumps(
         "payload": {"topic": "Photosynthesis", "details": None, "depth": "highlights", "language": "en"},
     }
 )
-_NO_LIMITS = {"daily_limits": None, "active_limits": None, "now": None}
+_NO_LIMITS = {"daily_limits": None, "active_limits": None, "token_limits": None, "now": None}
 
 
 def _limits() -> Params:
     return {
         "daily_limits": '{"free": 10, "pro": 500}',
+        "token_limits": '{"free": 200000, "pro": 10000000}',
         "active_limits": '{"free": 2, "pro": 20}',
         "now": None,
     }
@@ -332,6 +333,11 @@ STATEMENTS: dict[str, ParamSets] = {
     ],
     "common.accounts.users._USAGES": lambda d: [{"user_ids": d.newest_users, "job_kind": "lesson"}],
     "common.accounts.users._SET_TIER": lambda d: [{"id": d.heavy, "tier": "pro"}],
+    # an operator's refund: the user's lock, then the grant (clamped to what the day counts)
+    "common.accounts.users._LOCK_USER": lambda d: [{"user_id": d.heavy}],
+    "common.accounts.users._GRANT": lambda d: [
+        {"user_id": d.heavy, "job_kind": "lesson", "jobs": 2, "tokens": 1000}
+    ],
     # the dashboard's overview
     "common.jobs.totals._LOCK_STALE_MARK": lambda d: [{}],
     "common.jobs.totals._ADD_DONE": lambda d: [{"through": d.through - timedelta(hours=2)}],
@@ -353,6 +359,7 @@ STATEMENTS: dict[str, ParamSets] = {
             "user_id": d.heavy,
             "purpose": "plan",
             "prompt_version": "plan@1",
+            "shares": '{"free": 2, "pro": 16}',
         }
     ],
     "common.models.lanes._SETTLE": lambda d: [
@@ -788,10 +795,13 @@ def test_the_quota_count_is_index_only(
     }
     for how, found in plans.items():
         scans = {id(n): n for p in found for n in _count_scans(p)}.values()
-        assert len(scans) == 2, (how, "expected the daily and the active count of jobs", found)
+        # The daily count and the live count, index-only; and the jobs of the user's calls in
+        # flight (a handful, by primary key: a canceled lesson still spending counts as active).
+        assert len(scans) == 3, (how, "expected the daily, the live and the in-flight count", found)
         assert {(n["Node Type"], n.get("Index Name")) for n in scans} == {
             ("Index Only Scan", "jobs_user_kind_created_idx"),
             ("Index Only Scan", "jobs_user_kind_live_idx"),
+            ("Index Scan", "jobs_pkey"),
         }, how
 
 

@@ -9,7 +9,7 @@ Create Date: 2026-12-20
 from alembic import op
 
 revision = "0009"
-down_revision = "0007"  # 0006 and 0008 are other branches'; the merge rechains them
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 
@@ -41,6 +41,13 @@ def upgrade() -> None:
         -- it when its call ends.
         CREATE INDEX model_calls_user_in_flight_idx ON model_calls (user_id, lease_expires_at)
             WHERE ended_at IS NULL;
+
+        -- The daily count reads attempts, deferrals and (for the ledger probe) id too now:
+        -- carried in the index, so the count stays index-only (0006). attempts changes at every
+        -- claim, as status does, so carrying it costs no HOT update that status did not already.
+        DROP INDEX jobs_user_kind_created_idx;
+        CREATE INDEX jobs_user_kind_created_idx ON jobs (user_id, job_kind, created_at, status)
+            INCLUDE (attempts, deferrals, id);
 
         -- The one definition of usage. Spent is spent: a job created this UTC day counts if it is
         -- live or done, or if anything of it ran: an attempt not given back (attempts > deferrals)
@@ -254,6 +261,8 @@ def downgrade() -> None:
     # Back to 0002's usage rule and 0007's take_model_slot, as those revisions made them.
     op.execute(
         """
+        DROP INDEX jobs_user_kind_created_idx;
+        CREATE INDEX jobs_user_kind_created_idx ON jobs (user_id, job_kind, created_at, status);
         DROP FUNCTION take_model_slot(text, integer, integer, integer, double precision, integer,
                                       double precision, uuid, integer, integer, text, text, text, jsonb);
         DROP FUNCTION insert_limited_job(text, text, text, jsonb, integer, jsonb, jsonb, jsonb, timestamptz);
