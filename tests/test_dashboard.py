@@ -20,7 +20,7 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from tests.factories import job_row, make_failed_job, make_job, make_lesson, make_user
+from tests.factories import job_row, make_failed_fanout, make_failed_job, make_job, make_lesson, make_user
 from tests.support import FunctionServer, base_env, session
 from tests.tokens import CertServer, KeyPair
 
@@ -189,7 +189,7 @@ def test_overview_counts_the_seeded_jobs(op: requests.Session, dashboard: str, d
         conn.execute(sa.text("UPDATE job_done_mark SET through = now() - interval '5 days'"))
     page = op.get(dashboard + "/", timeout=10)
     assert page.status_code == 200
-    assert 'http-equiv="refresh"' in page.text and "<svg" in page.text and "<polyline" in page.text
+    assert 'data-live="overview.json"' in page.text and "<svg" in page.text and "<polyline" in page.text
     all_time, last_day = page.text.split("<h2>All time</h2>")[1], page.text.split("<h2>All time</h2>")[0]
     expected = {"queued": 1, "running": 1, "done": 3, "error": 1, "canceled": 1}
     assert {s: _cell(all_time, kind, s) for s in expected} == expected
@@ -229,7 +229,7 @@ def test_job_page_shows_timeline_request_error_and_lesson(
     job_id = _failed_job(db, user)
     page = op.get(dashboard + "/job", params={"id": job_id}, timeout=10)
     assert page.status_code == 200
-    for text in ("Timeline", "created", "dispatched", "attempt 3 of 3", "Tides", "the model said no"):
+    for text in ("created", "dispatched", "3 of 3", "Tides", "the model said no", "generator_failed"):
         assert text in page.text, text
     assert 'id="retry"' in page.text and 'id="cancel"' not in page.text
     with db.begin() as conn:
@@ -332,7 +332,7 @@ def test_set_tier(op: requests.Session, dashboard: str, db: sa.Engine) -> None:
     row = page.text.split(f'href="jobs?user={user}"')[1]
     assert re.findall(r'class="n">(\d+)<', row)[:2] == ["2", "1"]  # visible, archived
     # today's lesson jobs (the three lessons' jobs, done) and the active ones, against the quotas
-    assert [used for used, _ in re.findall(r'class="n">(\d+)/(\d+)<', row)] == ["3", "0"]
+    assert [used for used, _ in re.findall(r'class="n">(\d+)/([\d,]+)<', row)] == ["3", "0"]
     changed = op.post(
         dashboard + "/set-tier", data={"csrf": _csrf(page), "user": user, "tier": "pro"}, timeout=10
     )
@@ -392,3 +392,102 @@ def test_a_bad_operator_list_fails_the_cold_start_naming_the_variable() -> None:
         load_settings({**env, "DYLEN_DASHBOARD_OPERATORS": "ops@example.test, not-an-email"})
     ok = load_settings({**env, "DYLEN_DASHBOARD_OPERATORS": " A@Example.test,b@example.test "})
     assert ok.dashboard_operators == ("a@example.test", "b@example.test")
+
+
+# --- what a new operator met (issue 25): each failed before its fix ---------------------------------
+
+
+def test_assets_need_no_credentials_so_error_pages_are_styled(dashboard: str) -> None:
+    page = session().get(dashboard + "/jobs", headers=HTML, timeout=10)
+    assert page.status_code == 401 and 'href="assets/dashboard.css"' in page.text
+    css = session().get(dashboard + "/assets/dashboard.css", timeout=10)
+    assert css.status_code == 200 and css.headers["Content-Type"].startswith("text/css")
+    assert "nav" in css.text and css.headers["X-Content-Type-Options"] == "nosniff"
+    assert session().get(dashboard + "/assets/secret.txt", timeout=10).status_code == 404
+    assert session().get(dashboard + "/assets/../jobs", timeout=10).status_code in (401, 404)
+
+
+def test_a_section_kind_filter_lists_the_sections(
+    op: requests.Session, dashboard: str, db: sa.Engine
+) -> None:
+    user = f"sect-{uuid.uuid4().hex[:8]}"
+    with db.begin() as conn:
+        parent, sections = make_failed_fanout(conn, user_id=user)
+    overview = op.get(dashboard + "/", timeout=10).text
+    assert 'href="jobs?kind=lesson.section&amp;status=done"' in overview
+    listed = op.get(dashboard + "/jobs", params={"kind": "lesson.section", "user": user}, timeout=10).text
+    assert all(s in listed for s in sections) and "No jobs match" not in listed
+    plain = op.get(dashboard + "/jobs", params={"user": user}, timeout=10).text
+    assert parent in plain and not any(s in plain for s in sections)  # rolled up under their lesson
+
+
+def test_a_failed_lesson_is_one_failure_group_whose_retry_takes_it(
+    op: requests.Session, dashboard: str, db: sa.Engine
+) -> None:
+    code, section_code = f"lessonfail_{uuid.uuid4().hex[:6]}", f"sectionfail_{uuid.uuid4().hex[:6]}"
+    with db.begin() as conn:
+        parent, _ = make_failed_fanout(
+            conn, user_id=f"grp-{uuid.uuid4().hex[:8]}", code=code, section_code=section_code
+        )
+    failures = op.get(dashboard + "/failures", timeout=10).text
+    assert f"failures?code={code}" in failures and section_code not in failures
+    assert f"retry-group?code={code}" in failures.split(f"failures?code={code}")[1].split("</tr>")[0]
+    confirm = op.get(dashboard + "/retry-group", params={"code": code}, timeout=10).text
+    assert "Retry 1 job(s)" in confirm and f'name="id" value="{parent}"' in confirm
+
+
+def _error_tile(op: requests.Session, dashboard: str) -> tuple[int, int]:
+    found = re.search(
+        r"<small>([\d,]+) error / ([\d,]+) done</small>", op.get(dashboard + "/", timeout=10).text
+    )
+    assert found
+    return int(found.group(1).replace(",", "")), int(found.group(2).replace(",", ""))
+
+
+def test_sections_do_not_count_in_the_error_rate(op: requests.Session, dashboard: str, db: sa.Engine) -> None:
+    before = _error_tile(op, dashboard)
+    with db.begin() as conn:  # one failed lesson: one section done, one failed, one canceled
+        make_failed_fanout(conn, user_id=f"rate-{uuid.uuid4().hex[:8]}")
+    after = _error_tile(op, dashboard)
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 0)
+
+
+def test_a_failed_lessons_page_shows_sections_with_headings_and_no_none(
+    op: requests.Session, dashboard: str, db: sa.Engine
+) -> None:
+    with db.begin() as conn:
+        parent, sections = make_failed_fanout(conn, user_id=f"page-{uuid.uuid4().hex[:8]}")
+    page = op.get(dashboard + "/job", params={"id": parent}, timeout=10).text
+    assert "None" not in page and "section_failed" in page
+    table = page.split('id="sections"')[1].split("</table>")[0]
+    rows = re.findall(r'<td class="n">(\d)</td>\s*<td>(?:<a [^>]*>)?([A-Za-z]+)', table)
+    assert rows == [("0", "Sources"), ("1", "Meanders"), ("2", "Deltas")], table
+    section = op.get(dashboard + "/job", params={"id": sections[1]}, timeout=10).text
+    attempts = section.split('id="attempts"')[1].split("</table>")[0]
+    assert attempts.count("RuntimeError: transient: section 1 model is down") == 3
+    with db.begin() as conn:
+        lesson_id = make_lesson(conn, user_id=make_user(conn, f"page-{uuid.uuid4().hex[:8]}"))
+        done = conn.execute(
+            sa.text("SELECT job_id FROM lessons WHERE id = :id"), {"id": lesson_id}
+        ).scalar_one()
+    shown = op.get(dashboard + "/job", params={"id": str(done)}, timeout=10).text
+    assert 'id="error"' not in shown and "null" not in shown
+
+
+@pytest.mark.parametrize(
+    ("path", "params"),
+    [
+        ("/jobs", {"user": "a\x00b"}),
+        ("/jobs", {"kind": "lesson\x00"}),
+        ("/jobs", {"q": "x\x00y"}),
+        ("/jobs", {"older_than": "9999999999999999999999d"}),
+        ("/failures", {"code": "a\x00"}),
+        ("/retry-group", {"code": "a\x00"}),
+        ("/users", {"q": "a\x00"}),
+    ],
+)
+def test_operator_input_postgresql_cannot_take_is_a_422(
+    op: requests.Session, dashboard: str, path: str, params: dict[str, str]
+) -> None:
+    answer = op.get(dashboard + path, params=params, timeout=10)
+    assert answer.status_code == 422, answer.text[:500]
