@@ -1,6 +1,14 @@
-"""A lesson generator for tests, loaded by the function processes via DYLEN_LESSON_GENERATOR.
+"""Lesson generators that fail on purpose, for trying the failure paths locally and for the tests.
 
-The topic chooses the behaviour so one server can serve every scenario:
+Pick one with DYLEN_LESSON_GENERATOR (the README's "Make a failure and watch it"):
+
+    DYLEN_LESSON_GENERATOR=devtools.generators:generate make run   # one step per lesson
+    DYLEN_LESSON_GENERATOR=devtools.generators:fanout make run     # a plan, then one job per section
+
+The topic's first word chooses what happens; the rest of the topic is the lesson's subject, written
+by the built-in template generator whenever nothing fails ("fail-once Volcanoes").
+
+`generate` (one step):
   "fail-once ..."   raises on attempt 1, then succeeds
   "fail-always ..." raises on every attempt
   "permanent ..."   raises PermanentJobError (retrying cannot help)
@@ -12,7 +20,11 @@ The topic chooses the behaviour so one server can serve every scenario:
   "dbdown-once ..." raises DatabaseUnavailable on its first claim (the database dropped mid-run)
   "chaos:<fail>:<later> ..."  fails (RuntimeError) with probability <fail>, else raises RetryLater(0)
                     with probability <later>, else writes (the soak's generator)
-Every run is recorded in $DYLEN_TEST_CALLS_DIR/<job_id>, one line per call.
+
+`fanout` (a planner): see Fanout.
+
+Every run is recorded in $DYLEN_TEST_CALLS_DIR/<job_id>, one line per call, when that is set (the
+tests count calls with it). tests/generators.py re-exports both under their old names.
 """
 
 from __future__ import annotations
@@ -74,13 +86,15 @@ def generate(request: LessonRequest) -> dict[str, Any]:
 
 
 class Fanout:
-    """A planner for tests (DYLEN_LESSON_GENERATOR=tests.generators:fanout): the template's plan and
+    """A planner (DYLEN_LESSON_GENERATOR=devtools.generators:fanout): the template's plan and
     sections, with behaviour chosen by the topic:
       "permanent-plan ..."      plan raises PermanentJobError
       "flaky-section:<i> ..."   section i fails on its attempts 1 and 2, then succeeds
-      "fail3-section:<i> ..."   section i fails on its attempts 1 to 3 (a whole run of 3 attempts)
+      "fail3-section:<i> ..."   section i fails on its attempts 1 to 3: with DYLEN_JOB_MAX_ATTEMPTS=3
+                                the lesson fails (section_failed), and an operator's retry makes it
       "secret-section:<i> ..."  section i fails on every attempt with a credential in the error
       "slow:<s> ..."            each section sleeps <s> seconds first
+      "stagger:<s> ..."         section i sleeps (i + 1) * <s> seconds first: progress in steps
       "block:<path>"            each section waits until <path> exists
     Every call is recorded in $DYLEN_TEST_CALLS_DIR/<lesson job id>: "plan <attempt>" or
     "section <index> <attempt>", one line each (read by tests.support.generator_calls).
@@ -103,6 +117,8 @@ class Fanout:
             raise RuntimeError(f"HTTPError 401 for url https://models.example/v1/generate?key={SECRET}")
         if topic.startswith("slow:"):
             time.sleep(float(topic.split(":", 1)[1].split()[0]))
+        if topic.startswith("stagger:"):
+            time.sleep((index + 1) * float(topic.split(":", 1)[1].split()[0]))
         if topic.startswith("block:"):
             gate = Path(topic.split(":", 1)[1].strip())
             deadline = time.monotonic() + 120
