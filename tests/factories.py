@@ -252,7 +252,9 @@ def make_failed_fanout(
                 "user": user_id,
                 "status": status,
                 "key": f"{parent}:{index}",
-                "request": json.dumps({"job_kind": "lesson.section", "section_index": index, "heading": heading}),
+                "request": json.dumps(
+                    {"job_kind": "lesson.section", "section_index": index, "heading": heading}
+                ),
                 "attempts": 3 if failed else (1 if status == "done" else 0),
                 "error": json.dumps(
                     {"code": section_code, "message": "The job failed on every attempt it had.", "attempt": 3}

@@ -491,3 +491,37 @@ def test_operator_input_postgresql_cannot_take_is_a_422(
 ) -> None:
     answer = op.get(dashboard + path, params=params, timeout=10)
     assert answer.status_code == 422, answer.text[:500]
+
+
+def test_bulk_cancel_confirms_which_jobs_it_takes_and_reports_the_rest(
+    op: requests.Session, dashboard: str, db: sa.Engine
+) -> None:
+    user = f"bulkcancel-{uuid.uuid4().hex[:8]}"
+    with db.begin() as conn:
+        make_user(conn, user)
+        live = [make_job(conn, user_id=user, status=s) for s in ("queued", "running")]
+        done = make_job(conn, user_id=user, status="done")
+    listed = op.get(dashboard + "/jobs", params={"user": user}, timeout=10).text
+    assert listed.count('name="id" value=') == 3 and 'id="bulk-cancel"' in listed
+    confirm = op.get(
+        dashboard + "/bulk", params=[("action", "cancel"), *[("id", i) for i in [*live, done]]], timeout=10
+    )
+    assert confirm.status_code == 200 and "Cancel 2 job(s)?" in confirm.text
+    form = confirm.text.split('action="bulk"')[1].split("</form>")[0]
+    assert set(re.findall(r'name="id" value="([0-9a-f-]+)"', form)) == set(live)
+    assert done in confirm.text.split("Left as they are")[1]
+    with db.connect() as conn:  # asking changed nothing
+        assert [job_row(conn, i)["status"] for i in live] == ["queued", "running"]
+    canceled = op.post(
+        dashboard + "/bulk",
+        data={"csrf": _csrf(confirm), "action": "cancel", "id": [*live, done]},
+        timeout=10,
+    )
+    assert canceled.status_code == 200 and "Canceled 2 of 3 job(s)" in canceled.text
+    assert "already done" in canceled.text  # why the third was left
+    with db.connect() as conn:
+        assert {job_row(conn, i)["status"] for i in live} == {"canceled"}
+    for bad in ({"action": "delete", "id": live[0]}, {"action": "retry"}):
+        assert op.get(dashboard + "/bulk", params=bad, timeout=10).status_code == 422
+    no_token = op.post(dashboard + "/bulk", data={"action": "cancel", "id": done}, timeout=10)
+    assert no_token.status_code == 403

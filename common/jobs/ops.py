@@ -156,6 +156,26 @@ def cancel_job(raw_id: str) -> Job:
 
 
 @dataclass(frozen=True)
+class Canceled:
+    jobs: list[Job]
+    refused: dict[uuid.UUID, str]  # job id -> why it was not canceled (already final, a section, gone)
+
+
+def cancel_jobs(job_ids: Sequence[uuid.UUID]) -> Canceled:
+    """Cancel each of these jobs as `cancel_job` does (each its own transaction, its sections with
+    it); the ones that cannot be canceled are reported, not raised, so one does not stop the rest."""
+    canceled: list[Job] = []
+    refused: dict[uuid.UUID, str] = {}
+    for job_id in job_ids:
+        try:
+            with named_errors():
+                canceled.append(service.cancel(job_id, owner=None))
+        except (Conflict, NotFound) as error:
+            refused[job_id] = error.detail
+    return Canceled(canceled, refused)
+
+
+@dataclass(frozen=True)
 class Retried:
     jobs: list[Job]
     deliveries: list[Delivery]  # one per `to_dispatch` job when dispatch is enabled; failed ones stay queued
