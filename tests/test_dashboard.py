@@ -525,3 +525,99 @@ def test_bulk_cancel_confirms_which_jobs_it_takes_and_reports_the_rest(
         assert op.get(dashboard + "/bulk", params=bad, timeout=10).status_code == 422
     no_token = op.post(dashboard + "/bulk", data={"action": "cancel", "id": done}, timeout=10)
     assert no_token.status_code == 403
+
+
+# --- live updates and the queue view --------------------------------------------------------------
+
+
+def test_a_live_pages_json_twin_renders_its_regions_and_says_when_it_is_final(
+    op: requests.Session, dashboard: str, db: sa.Engine
+) -> None:
+    user = f"live-{uuid.uuid4().hex[:8]}"
+    with db.begin() as conn:
+        parent = make_job(conn, user_id=make_user(conn, user), status="running")
+        conn.execute(
+            sa.text("UPDATE jobs SET plan = '{\"sections\": []}', started_at = now() WHERE id = :id"),
+            {"id": parent},
+        )
+        sections = []
+        for index, status in enumerate(("done", "queued", "queued")):
+            section = make_job(conn, user_id=user, job_kind="lesson.section", status=status)
+            conn.execute(
+                sa.text("UPDATE jobs SET parent_id = :p, section_index = :i WHERE id = :id"),
+                {"p": parent, "i": index, "id": section},
+            )
+            sections.append(section)
+    page = op.get(dashboard + "/job", params={"id": parent}, timeout=10).text
+    assert f'data-live="job.json?id={parent}"' in page and 'id="job-head"' in page
+    assert (
+        "connect-src 'self'"
+        in op.get(dashboard + "/job", params={"id": parent}, timeout=10).headers["Content-Security-Policy"]
+    )
+    live = op.get(dashboard + "/job.json", params={"id": parent}, timeout=10)
+    assert live.status_code == 200 and live.headers["Content-Type"] == "application/json"
+    body = live.json()
+    assert body["status"] == "running" and body["progress"] == {"completed": 1, "total": 3}
+    assert body["final"] is False and set(body["regions"]) == {"job-head", "job-body"}
+    assert 'value="1" max="3"' in body["regions"]["job-head"]  # the progress bar
+    with db.begin() as conn:  # a section finishes: the next poll shows it
+        conn.execute(sa.text("UPDATE jobs SET status = 'done' WHERE id = :id"), {"id": sections[1]})
+    assert (
+        op.get(dashboard + "/job.json", params={"id": parent}, timeout=10).json()["progress"]["completed"]
+        == 2
+    )
+    listed = op.get(dashboard + "/jobs.json", params={"user": user}, timeout=10).json()
+    assert [j["id"] for j in listed["jobs"]] == [parent] and listed["jobs"][0]["progress"] == [2, 3]
+    assert f'data-id="{parent}"' in listed["regions"]["job-rows"]
+    with db.begin() as conn:
+        conn.execute(
+            sa.text("UPDATE jobs SET status = 'canceled' WHERE id = ANY(:ids)"),
+            {"ids": [parent, *sections[2:]]},
+        )
+    assert op.get(dashboard + "/job.json", params={"id": parent}, timeout=10).json()["final"] is True
+    overview = op.get(dashboard + "/overview.json", timeout=10).json()
+    assert "error-rate" in overview["regions"]["overview-live"]
+    assert session().get(dashboard + "/job.json", params={"id": parent}, timeout=10).status_code == 401
+
+
+def test_the_queue_view_counts_ready_scheduled_in_flight_and_waiting_by_kind(
+    op: requests.Session, dashboard: str, db: sa.Engine
+) -> None:
+    kind = f"test.queue-{uuid.uuid4().hex[:6]}"
+    with db.begin() as conn:
+        ready = [make_job(conn, user_id=None, job_kind=kind) for _ in range(3)]
+        later = make_job(conn, user_id=None, job_kind=kind)
+        flying = make_job(conn, user_id=None, job_kind=kind, status="running", lease_seconds=600)
+        waiting = make_job(conn, user_id=None, job_kind=kind, status="running")
+        finished = [make_job(conn, user_id=None, job_kind=kind, status=s) for s in ("done", "done", "error")]
+        conn.execute(
+            sa.text("UPDATE jobs SET run_after = now() + interval '1 hour' WHERE id = :id"), {"id": later}
+        )
+        conn.execute(
+            sa.text("UPDATE jobs SET dispatched_at = now() - interval '90 seconds' WHERE id = :id"),
+            {"id": ready[0]},
+        )
+        conn.execute(
+            sa.text(
+                "UPDATE jobs SET started_at = created_at + interval '2 seconds', "
+                "completed_at = created_at + interval '5 seconds' WHERE id = ANY(:ids)"
+            ),
+            {"ids": finished},
+        )
+    assert flying and waiting
+    page = op.get(dashboard + "/queue", timeout=10)
+    assert page.status_code == 200 and 'data-live="queue.json?window=1h"' in page.text
+    row = page.text.split(f">{kind}</a>")[1].split("</tr>")[0]
+    cells = re.findall(r'<td class="n">(?:<a [^>]*>)?([^<]*)', row)
+    # ready, scheduled (next in 1h), in flight, waiting on sections, oldest ready, jobs, failed,
+    # wait p50 / p95, run p50 / p95
+    assert cells[:4] == ["3", "1 ", "1", "1"], cells
+    assert cells[4].startswith("1m3") and cells[5:7] == ["3", "1"], cells
+    assert cells[7:] == ["2.0s / 2.0s", "3.0s / 3.0s"], cells
+    assert page.text.count("<svg") == 2 and "jobs finished per minute" in page.text
+    for window in ("6h", "24h"):
+        assert op.get(dashboard + "/queue", params={"window": window}, timeout=10).status_code == 200
+    assert op.get(dashboard + "/queue", params={"window": "7d"}, timeout=10).status_code == 422
+    assert kind in op.get(dashboard + "/queue.json", timeout=10).json()["regions"]["queue-live"]
+    scheduled = op.get(dashboard + "/job", params={"id": later}, timeout=10).text
+    assert re.search(r'id="next-attempt">in 59m\d+s <small>', scheduled), scheduled

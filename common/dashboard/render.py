@@ -53,7 +53,7 @@ def _templates() -> jinja2.Environment:
             env.globals["topic"] = topic
             env.globals["queued_for"] = queued_for
             env.globals["ran_for"] = ran_for
-            env.globals["until"] = until
+            env.filters["until"] = until
             _env = env
         return _env
 
