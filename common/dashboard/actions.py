@@ -76,7 +76,7 @@ def bulk(request: flask.Request, operator: str) -> flask.Response:
 
 
 def set_tier(request: flask.Request, operator: str) -> flask.Response:
-    user_id = request.form.get("user") or ""
+    user_id = ops.checked_text(request.form.get("user") or "", what="user") or ""
     with named_errors():
         tiers.set_tier(user_id, request.form.get("tier") or "")
     return redirect("users?" + urlencode({"q": user_id, "notice": "tier"}))
