@@ -8,8 +8,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-
-from common.jobs import ops
+from typing import Any
 
 WIDTH, HEIGHT = 720, 220
 LEFT, RIGHT, TOP, BOTTOM = 56, 12, 12, 28  # room for the y labels and the time ticks
@@ -36,12 +35,35 @@ def nice_ticks(top: float, *, count: int = 4, whole: bool = False) -> list[float
     return [i * step for i in range(math.ceil(top / step - 1e-9) + 1)]
 
 
+_TIME_STEPS = (60, 120, 300, 600, 900, 1800, 3600, 7200, 14400, 21600, 43200, 86400)
+
+
+def time_ticks(top: float, *, count: int = 4) -> list[float]:
+    """Like nice_ticks, but a minute or more steps by whole minutes and hours (1m, 2m, 5m, ... 1d)."""
+    if top < 60:
+        return nice_ticks(top, count=count)
+    step = next(
+        (s for s in _TIME_STEPS if top / s <= count), _TIME_STEPS[-1] * math.ceil(top / 86400 / count)
+    )
+    return [float(i * step) for i in range(math.ceil(top / step - 1e-9) + 1)]
+
+
 def count_label(value: float) -> str:
     return f"{value:,.0f}" if value == int(value) else f"{value:,.1f}"
 
 
 def seconds_label(value: float) -> str:
-    return "0" if value == 0 else ops.format_duration(value)
+    """0, 0.25s, 1.5s, 45s, then 2m30s: a tick's own precision, never rounded to another tick's."""
+    if value == 0:
+        return "0"
+    if value < 60:
+        return f"{value:.3g}s"
+    parts, rest = [], int(value)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if rest >= size:
+            parts.append(f"{rest // size}{unit}")
+            rest %= size
+    return "".join(parts[:2])
 
 
 def line_chart(
@@ -52,11 +74,14 @@ def line_chart(
     label: Callable[[float], str] = count_label,
     legend: Callable[[list[float]], str] = lambda present: count_label(sum(present)),
     title: str,
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """Everything _chart.html draws, in SVG coordinates. `unit` names the y axis (jobs / min, s)."""
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
     values = [v for s in series for v in s.values if v is not None]
-    ticks = nice_ticks(max(values, default=0.0), whole=label is count_label)
+    top_value = max(values, default=0.0)
+    ticks = (
+        time_ticks(top_value) if label is seconds_label else nice_ticks(top_value, whole=label is count_label)
+    )
     top = ticks[-1]
     step = plot_w / max(1, len(times) - 1)
 

@@ -1,6 +1,7 @@
 """The queue view: what waits and runs now, by kind (ready, scheduled for later, in flight, waiting on
-sections, the oldest ready job's wait), and what finished over a window: throughput and the wait
-before the first start, per kind and time bucket, with the window's percentiles."""
+sections, the oldest ready job's wait), and what finished over a window: throughput per kind and
+time bucket (every job), and the wait before the first start and the run's length (percentiles of
+the newest queries.LATENCY_SAMPLE jobs of each bucket)."""
 
 from __future__ import annotations
 
@@ -44,47 +45,64 @@ def queue_context(request: flask.Request) -> dict[str, Any]:
     ]
     with connection() as conn:
         now_rows = queries.queue_now(conn)
-        finished_rows = queries.throughput(conn, since=since, step_seconds=step)
+        counted = queries.throughput(conn, since=since, step_seconds=step)
+        timed = queries.latency(conn, since=since, step_seconds=step, buckets=len(times))
     sections = section_kinds()
     live_by_kind = {row.job_kind: row for row in now_rows}
-    window_by_kind = {row.job_kind: row for row in finished_rows if row.at is None}
-    buckets: dict[str, dict[datetime, Any]] = {}
-    for row in finished_rows:
-        if row.at is not None:
-            buckets.setdefault(row.job_kind, {})[row.at] = row
+    counts: dict[str, dict[datetime, Any]] = {}
+    for row in counted:
+        counts.setdefault(row.job_kind, {})[row.at] = row
+    latencies: dict[str, dict[datetime | None, Any]] = {}
+    for row in timed:
+        latencies.setdefault(row.job_kind, {})[row.at] = row
     kinds = sorted(
-        set(live_by_kind) | set(window_by_kind),
+        set(live_by_kind) | set(counts),
         key=lambda kind: (sections.get(kind, kind), kind in sections, kind),
     )
 
-    def series(kind: str, column: str, empty: float | None) -> list[float | None]:
-        mine = buckets.get(kind, {})
+    def window_of(kind: str) -> dict[str, Any] | None:
+        mine = counts.get(kind)
+        if not mine:
+            return None
+        overall = latencies.get(kind, {}).get(None)
+        return {
+            "finished": sum(int(r.finished) for r in mine.values()),
+            "failed": sum(int(r.failed) for r in mine.values()),
+            **{k: getattr(overall, k, None) for k in ("wait_p50", "wait_p95", "run_p50", "run_p95")},
+        }
+
+    def finished(kind: str) -> list[float | None]:
+        mine = counts.get(kind, {})
+        return [float(mine[t].finished) if t in mine else 0.0 for t in times]
+
+    def waited(kind: str) -> list[float | None]:
+        mine = latencies.get(kind, {})
         return [
-            float(getattr(mine[t], column)) if t in mine and getattr(mine[t], column) is not None else empty
-            for t in times
+            float(mine[t].wait_p95) if t in mine and mine[t].wait_p95 is not None else None for t in times
         ]
 
     return {
         "window": window,
         "windows": list(WINDOWS),
+        "sample": queries.LATENCY_SAMPLE,
         "kinds": [
             {
                 "kind": kind,
                 "sub": kind in sections,
                 "now": live_by_kind.get(kind),
-                "window": window_by_kind.get(kind),
+                "window": window_of(kind),
             }
             for kind in kinds
         ],
         "throughput": charts.line_chart(
             times=times,
-            series=[charts.Series(kind, series(kind, "finished", 0.0)) for kind in kinds],
+            series=[charts.Series(kind, finished(kind)) for kind in kinds],
             unit=f"jobs finished per {bucket}",
             title=f"Throughput by kind, last {window}",
         ),
         "latency": charts.line_chart(
             times=times,
-            series=[charts.Series(kind, series(kind, "wait_p95", None)) for kind in kinds],
+            series=[charts.Series(kind, waited(kind)) for kind in kinds],
             unit="seconds, 95th percentile",
             label=charts.seconds_label,
             legend=lambda present: "peak " + charts.seconds_label(max(present)),
