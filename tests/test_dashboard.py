@@ -344,7 +344,9 @@ def test_set_tier(op: requests.Session, dashboard: str, db: sa.Engine) -> None:
         dashboard + "/set-tier", data={"csrf": _csrf(page), "user": user, "tier": "gold"}, timeout=10
     )
     assert bad.status_code == 422 and "Unknown tier" in bad.text
-    nul = op.post(dashboard + "/set-tier", data={"csrf": _csrf(page), "user": "a\x00", "tier": "pro"}, timeout=10)
+    nul = op.post(
+        dashboard + "/set-tier", data={"csrf": _csrf(page), "user": "a\x00", "tier": "pro"}, timeout=10
+    )
     assert nul.status_code == 422 and "NUL" in nul.text
 
 
