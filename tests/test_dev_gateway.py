@@ -477,3 +477,28 @@ def test_the_dashboard_without_its_slash_opens_styled_in_a_browser(gateway: str)
             assert failed == []
         finally:
             browser.close()
+
+
+def _listening(port: int) -> set[str]:
+    """The local addresses sockets listen on at `port` (from /proc/net/tcp and tcp6)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                if len(address) == 8:
+                    found.add(socket.inet_ntop(socket.AF_INET, bytes.fromhex(address)[::-1]))
+                else:
+                    words = b"".join(bytes.fromhex(address[i : i + 8])[::-1] for i in range(0, 32, 8))
+                    found.add(socket.inet_ntop(socket.AF_INET6, words))
+    return found
+
+
+def test_make_run_listens_on_loopback_only(gateway: str) -> None:
+    # With dev auth whoever reaches a port is any user and the operator: nothing may listen beyond.
+    landing = session().get(gateway + "/", timeout=10).text
+    ports = [int(p) for p in re.findall(r"http://127\.0\.0\.1:(\d+)/", landing)]
+    assert len(ports) >= 9
+    for port in [int(gateway.rsplit(":", 1)[1]), *ports]:
+        assert _listening(port) and _listening(port) <= {"127.0.0.1", "::1"}, (port, _listening(port))
