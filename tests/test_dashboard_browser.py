@@ -19,7 +19,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.browser import CHROMIUM, CHROMIUM_ARGS, need_chromium, screenshot
-from tests.factories import job_row, make_failed_job
+from tests.factories import job_row, make_failed_job, make_job, make_user
 from tests.support import FunctionServer, Stack, StackFactory, base_env, lesson_body
 
 GENERATOR = {"DYLEN_LESSON_GENERATOR": "devtools.generators:fanout", "DYLEN_JOB_MAX_ATTEMPTS": "3"}
@@ -111,7 +111,9 @@ def test_a_failed_lesson_from_the_overview_to_a_retry_to_done(
         assert job_row(conn, job_id)["status"] == "done"
 
 
-def test_a_bulk_retry_from_the_jobs_list_asks_once(page: Any, dashboard: str, db: sa.Engine) -> None:
+def test_a_bulk_retry_and_a_bulk_cancel_from_the_jobs_list_ask_once(
+    browser: Any, page: Any, dashboard: str, db: sa.Engine
+) -> None:
     from playwright.sync_api import expect
 
     user = f"bulk-{uuid.uuid4().hex[:8]}"
@@ -133,6 +135,28 @@ def test_a_bulk_retry_from_the_jobs_list_asks_once(page: Any, dashboard: str, db
     expect(page.locator("#job-rows .badge.done")).to_have_count(3, timeout=30_000)  # live, no reload
     with db.connect() as conn:
         assert {job_row(conn, i)["status"] for i in ids} == {"done"}
+
+    # and a bulk cancel of two queued jobs (nothing dispatched them)
+    waiting = f"cancel-{uuid.uuid4().hex[:8]}"
+    with db.begin() as conn:
+        queued = {
+            make_job(conn, user_id=make_user(conn, waiting), payload={"topic": "Comets"}) for _ in range(2)
+        }
+    page.goto(f"{dashboard}/jobs?user={waiting}")
+    page.check("#pick-all")
+    page.click("#bulk-cancel")
+    expect(page.locator("h1")).to_have_text("Cancel 2 job(s)?")
+    page.click("#confirm")
+    expect(page.locator("h1")).to_have_text("Canceled 2 of 2 job(s)")
+    screenshot(page, "bulk-canceled")
+    with db.connect() as conn:
+        assert {job_row(conn, i)["status"] for i in queued} == {"canceled"}
+    page.goto(f"{dashboard}/retry-group?code=generator_failed")
+    screenshot(page, "retry-group")
+    lost = browser.new_page(viewport={"width": 1360, "height": 900})  # its console reports the 404
+    lost.goto(f"{dashboard}/job?id={uuid.uuid4()}")
+    expect(lost.locator("h1")).to_have_text("404 Not found")
+    screenshot(lost, "error-404")
 
 
 def test_a_lessons_progress_bar_moves_without_a_reload(page: Any, dashboard: str, stack: Stack) -> None:
