@@ -113,6 +113,8 @@ def main() -> int:
             "job       /job (a lesson, 6 sections)": f"/job?id={planned}",
             "job       /job.json (live)": f"/job.json?id={planned}",
             "failures  /failures": "/failures",
+            "usage     /usage (last 24 h)": "/usage",
+            "usage     /usage.json (live)": "/usage.json",
         }
         results: dict[str, list[float]] = {}
         try:

@@ -145,7 +145,7 @@ def test_only_a_verified_listed_google_account_gets_in(
 
 
 def test_every_page_answers_with_security_headers(op: requests.Session, dashboard: str) -> None:
-    for path in ("/", "/jobs", "/failures", "/users", "/jobs?status=error&older_than=1s"):
+    for path in ("/", "/queue", "/jobs", "/failures", "/usage", "/users", "/jobs?status=error&older_than=1s"):
         page = op.get(dashboard + path, timeout=10)
         assert page.status_code == 200, (path, page.text[:500])
         assert page.headers["Content-Type"].startswith("text/html")
@@ -648,3 +648,24 @@ def test_the_queue_view_counts_ready_scheduled_in_flight_and_waiting_by_kind(
     assert re.search(r'id="next-attempt">in 59m\d+s <small>', scheduled), scheduled
     with db.begin() as conn:  # live jobs of no real kind: gone before any rescue in this run sees them
         conn.execute(sa.text("DELETE FROM jobs WHERE job_kind = :k"), {"k": kind})
+
+
+def test_the_usage_view_ranks_users_by_jobs_and_counts_a_lesson_once(
+    op: requests.Session, dashboard: str, db: sa.Engine
+) -> None:
+    heavy, light = f"heavy-{uuid.uuid4().hex[:8]}", f"light-{uuid.uuid4().hex[:8]}"
+    with db.begin() as conn:
+        make_failed_fanout(conn, user_id=heavy)  # one failed lesson: 1 job, 3 sections
+        make_user(conn, heavy, tier="pro")
+        for _ in range(70):  # more than any other test's user creates
+            make_job(conn, user_id=heavy, status="done")
+        make_job(conn, user_id=make_user(conn, light), status="queued")
+    page = op.get(dashboard + "/usage", timeout=10)
+    assert page.status_code == 200 and 'data-live="usage.json"' in page.text and "<svg" in page.text
+    table = page.text.split('id="top-users"')[1].split("</table>")[0]
+    first = table.split("<tbody>")[1].split("</tr>")[0]
+    assert f"jobs?user={heavy}" in first and ">pro<" in first
+    # jobs, done, failed, canceled, queued or running, sections, today / quota, active / limit
+    assert re.findall(r'<td class="n">(?:<a [^>]*>)?([^<]*)', first)[:6] == ["71", "70", "1", "0", "0", "3"]
+    assert "/1,000,000" in first
+    assert op.get(dashboard + "/usage.json", timeout=10).json()["regions"]["usage-live"].count("<tr>") >= 2

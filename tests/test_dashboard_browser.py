@@ -185,7 +185,7 @@ def test_a_lessons_progress_bar_moves_without_a_reload(page: Any, dashboard: str
     seen.add(int(page.locator("#progress").get_attribute("value") or 0))
     assert page.evaluate("window.notReloaded") is True
     assert len({v for v in seen if 0 < v < 6}) >= 2 and 6 in seen, seen  # it moved in steps
-    for name in ("queue", "users"):
+    for name in ("queue", "usage", "users"):
         page.goto(f"{dashboard}/{name}")
         screenshot(page, name)
     page.goto(f"{dashboard}/queue?window=24h")

@@ -1,6 +1,6 @@
 """The operator dashboard's edge: functions/dashboard/main.py hands every request to `handle`.
 
-Pages (pages.py, queue.py) read through common.jobs.ops (the CLI's filters and job views) and
+Pages (pages.py, queue.py, usage.py) read through common.jobs.ops (the CLI's filters and job views) and
 common.dashboard.queries; actions (actions.py) are the CLI's operations. Every link is relative and
 every path is one segment (`jobs`, `job?id=`, `job.json?id=`), so the pages work at `/` (gcloud run
 services proxy) and under `/dashboard/` (`make run`'s gateway) alike.
@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import flask
 
-from common.dashboard import actions, pages, queue
+from common.dashboard import actions, pages, queue, usage
 from common.dashboard.csrf import check_csrf
 from common.dashboard.render import HERE, render
 from common.platform.errors import DylenError, NotFound
@@ -98,6 +98,8 @@ GET_ROUTES: dict[str, View] = {
     "jobs.json": pages.jobs_live,
     "job": pages.job_page,
     "job.json": pages.job_live,
+    "usage": usage.usage_page,
+    "usage.json": usage.usage_live,
     "failures": pages.failures_page,
     "retry-group": pages.confirm_group_page,
     "bulk": pages.confirm_bulk_page,

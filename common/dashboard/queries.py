@@ -62,6 +62,61 @@ def per_minute(conn: Connection, *, leave_out: Sequence[str]) -> list[Any]:
     return conn.execute(_PER_MINUTE, {"leave_out": list(leave_out)}).all()
 
 
+# --- usage ---------------------------------------------------------------------------------------
+
+# Jobs created per hour over the last 24 (the current hour last), zeros included, and how many of
+# them are done and failed by now: one index-only range of jobs_created_idx (created_at, status,
+# job_kind). Hours from an integer series: its 24 rows are known to the planner (see _LATENCY).
+_PER_HOUR = Statement(
+    """
+    WITH hours AS (
+        SELECT date_trunc('hour', now()) - (23 - i) * interval '1 hour' AS hour
+          FROM generate_series(0, 23) AS i
+    ), created AS (
+        SELECT date_trunc('hour', created_at) AS hour, count(*) AS n,
+               count(*) FILTER (WHERE status = 'done') AS done,
+               count(*) FILTER (WHERE status = 'error') AS failed
+          FROM jobs
+         WHERE created_at >= date_trunc('hour', now()) - interval '23 hours'
+           AND job_kind <> ALL(CAST(:leave_out AS text[]))
+         GROUP BY 1
+    )
+    SELECT hours.hour, coalesce(created.n, 0) AS created, coalesce(created.done, 0) AS done,
+           coalesce(created.failed, 0) AS failed
+      FROM hours LEFT JOIN created USING (hour)
+     ORDER BY hours.hour
+    """
+)
+
+# The users with the most jobs created in the last 24 hours (a jobs_created_idx range, each row's
+# user read from the heap): their own jobs by outcome, and the sections those planned.
+_TOP_USERS = Statement(
+    """
+    SELECT user_id,
+           count(*) FILTER (WHERE parent_id IS NULL) AS jobs,
+           count(*) FILTER (WHERE parent_id IS NULL AND status = 'done') AS done,
+           count(*) FILTER (WHERE parent_id IS NULL AND status = 'error') AS failed,
+           count(*) FILTER (WHERE parent_id IS NULL AND status = 'canceled') AS canceled,
+           count(*) FILTER (WHERE parent_id IS NULL AND status IN ('queued', 'running')) AS live,
+           count(*) FILTER (WHERE parent_id IS NOT NULL) AS sections
+      FROM jobs
+     WHERE created_at >= now() - interval '24 hours' AND user_id IS NOT NULL
+     GROUP BY user_id
+     ORDER BY jobs DESC, user_id
+     LIMIT :limit
+    """
+)
+
+
+def per_hour(conn: Connection, *, leave_out: Sequence[str]) -> list[Any]:
+    return conn.execute(_PER_HOUR, {"leave_out": list(leave_out)}).all()
+
+
+def top_users(conn: Connection, *, limit: int) -> list[Any]:
+    """(user_id, jobs, done, failed, canceled, live, sections) of the last 24 h, most jobs first."""
+    return conn.execute(_TOP_USERS, {"limit": limit}).all()
+
+
 # --- the queue -------------------------------------------------------------------------------------
 
 # The live jobs by kind (jobs_live_idx: only queued and running rows are read). A queued job is ready
@@ -221,6 +276,7 @@ def quota_usage(conn: Connection, user_ids: list[str]) -> dict[str, dict[str, An
     for user_id, counted in accounts.usages(conn, user_ids=user_ids, job_kind=LessonKind.kind).items():
         view = usage_view(counted)
         usage[user_id] = {
+            "tier": view["tier"],
             "daily_used": view["daily"]["used"],
             "daily_limit": view["daily"]["limit"],
             "active_used": view["active"]["used"],

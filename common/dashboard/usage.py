@@ -1,0 +1,47 @@
+"""The usage view: who uses the service and how much, over the last 24 hours: jobs created per hour
+and how many of them are done and failed by now (sections counted under their lesson), and the
+users with the most jobs, each with the sections their lessons planned and their tier's quotas."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flask
+
+from common.dashboard import charts, queries
+from common.dashboard.render import chrome, live, render
+from common.jobs.kinds import section_kinds
+from common.platform.db import connection
+
+TOP_USERS = 20
+REGIONS = {"usage-live": "_usage.html"}
+
+
+def usage_context() -> dict[str, Any]:
+    with connection() as conn:
+        hours = queries.per_hour(conn, leave_out=list(section_kinds()))
+        top = queries.top_users(conn, limit=TOP_USERS)
+        quotas = queries.quota_usage(conn, [row.user_id for row in top])
+    return {
+        "chart": charts.line_chart(
+            times=[h.hour for h in hours],
+            series=[
+                charts.Series(name, [float(getattr(h, name)) for h in hours])
+                for name in ("created", "done", "failed")
+            ],
+            unit="jobs / hour, by creation",
+            title="Jobs created per hour, and how they ended",
+        ),
+        "totals": {name: sum(int(getattr(h, name)) for h in hours) for name in ("created", "done", "failed")},
+        "top": top,
+        "quotas": quotas,
+        "top_limit": TOP_USERS,
+    }
+
+
+def usage_page(request: flask.Request, operator: str) -> flask.Response:
+    return render("usage.html", **usage_context(), **chrome(operator, "usage", live="usage.json"))
+
+
+def usage_live(request: flask.Request, operator: str) -> flask.Response:
+    return live(REGIONS, {**usage_context(), **chrome(operator, "usage")})
