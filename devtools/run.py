@@ -53,6 +53,7 @@ READ_TIMEOUT = float(os.environ.get("DYLEN_DEV_READ_TIMEOUT_SECONDS") or 10)
 UPSTREAM_TIMEOUT = float(os.environ.get("DYLEN_DEV_UPSTREAM_TIMEOUT_SECONDS") or 120)
 MAX_BODY = 1 << 20  # the functions refuse more than 64 KiB; the gateway never buffers more than this
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+PAGE_FUNCTIONS = ("dashboard",)  # served at /<name>/ (with the slash) for their relative links
 ALLOWED_HOSTS_VAR = "DYLEN_DEV_ALLOWED_HOSTS"
 # A DNS name or IPv4 address (lower case), or a bracketed IPv6 address: never a port.
 _HOST_NAME = re.compile(
@@ -145,6 +146,7 @@ class Gateway:
 
     def __init__(self, port: int, hosts: tuple[str, ...] = LOOPBACK_HOSTS) -> None:
         self.routes: dict[str, int] = {}
+        self.about: dict[str, str] = {}  # the landing page's auth and generator lines
         self.serving = False
         handler = self._handler_class()
         try:
@@ -249,9 +251,8 @@ class Gateway:
                 if self.command not in ("GET", "HEAD"):
                     return False
                 if path == "/":
-                    self.reply(
-                        200, apidocs.index_html(gateway.routes, self.origin()), "text/html; charset=utf-8"
-                    )
+                    page = apidocs.index_html(gateway.routes, self.origin(), **gateway.about)
+                    self.reply(200, page, "text/html; charset=utf-8")
                 elif path in ("/docs", "/docs/"):
                     if apidocs.assets_available():
                         self.reply(200, apidocs.docs_html(), "text/html; charset=utf-8")
@@ -275,7 +276,14 @@ class Gateway:
                 path = urlsplit(self.path)
                 if self.local_page(path.path):
                     return
-                name, _, rest = path.path.lstrip("/").partition("/")
+                name, slash, rest = path.path.lstrip("/").partition("/")
+                if name in PAGE_FUNCTIONS and not slash and self.command in ("GET", "HEAD"):
+                    # Its links are relative: at /dashboard they would resolve to /jobs, /assets/...
+                    self.send_response(308)
+                    self.send_header("Location", f"/{name}/" + (f"?{path.query}" if path.query else ""))
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 target = gateway.routes.get(name)
                 if target is None:
                     body = (
@@ -371,6 +379,71 @@ def _warm_up(ports: dict[str, int], secret: str) -> None:
         )
     except requests.RequestException as error:
         print(f"warning: warm-up request failed ({error}); functions will warm on first use", flush=True)
+
+
+BUILT_IN_GENERATOR = "the built-in template generator (offline; it never fails)"
+
+
+def generator_name(env: dict[str, str]) -> str:
+    return env.get("DYLEN_LESSON_GENERATOR") or BUILT_IN_GENERATOR
+
+
+def banner(*, base: str, ports: dict[str, int], env: dict[str, str]) -> str:
+    """What `make run` prints once everything answers: the URLs, and requests to copy that work
+    with the auth the functions serve (dev: X-Dylen-User; firebase: a bearer token)."""
+    dev = env.get("DYLEN_AUTH_MODE", "dev") == "dev"
+    if dev:
+        who = "dev auth: any X-Dylen-User is trusted; every port listens on loopback only"
+        user = "-H 'X-Dylen-User: demo'"
+    else:
+        who = f"Firebase auth, project {env.get('DYLEN_FIREBASE_PROJECT_ID', '(unset)')}: users send an ID token"
+        user = '-H "Authorization: Bearer $TOKEN"'
+    lines = [f"\ndylen-jobs is running ({who}).\n"]
+    for name in FUNCTIONS:
+        lines.append(f"  {name:<15} {base}/{name}   (direct: http://127.0.0.1:{ports[name]}/)")
+    lines.append(f"\nAPI docs (Swagger UI, try it out): {base}/docs   Functions: {base}/")
+    if "dashboard" in ports:
+        if dev:
+            lines.append(f"Operator dashboard (dev auth: you are dev-operator@localhost): {base}/dashboard/")
+        else:
+            lines.append(
+                f"Operator dashboard: {base}/dashboard/ (a Google ID token of an e-mail on"
+                " DYLEN_DASHBOARD_OPERATORS, as Authorization: Bearer)"
+            )
+    lines.append(f"Lesson generator: {generator_name(env)}")
+    if "DYLEN_LESSON_GENERATOR" not in env:
+        lines.append(
+            "  (to make failures and watch a retry: DYLEN_LESSON_GENERATOR=devtools.generators:fanout make run;"
+            ' the README\'s "Make a failure and watch it")'
+        )
+    lines.append(f"Logs: {DEV_DIR}/<function>.log   Database: {env['DYLEN_DATABASE_URL']}\n")
+    if not dev:
+        lines.append("Set TOKEN to a Firebase ID token of a user (docs/DEVELOPMENT.md: the Auth emulator).")
+    lines.append("Create a lesson job:")
+    lines.append(
+        f"  curl -s -X POST {base}/create_job {user} -H 'Content-Type: application/json' \\\n"
+        '    -d \'{"job_kind": "lesson", "idempotency_key": "demo-1", '
+        '"payload": {"topic": "Photosynthesis", "depth": "detailed"}}\''
+    )
+    lines.append("Read it (use the job_id from the answer, or the Location header):")
+    lines.append(f"  curl -s {base}/get_job/<job_id> {user}")
+    lines.append("Then the lesson (result.lesson_id) and the list:")
+    lines.append(f"  curl -s {base}/get_lesson/<lesson_id> {user}")
+    lines.append(f"  curl -s {base}/list_lessons {user}")
+    scheduled = [name for name in ("archive_lessons", "rescue_jobs") if name in FUNCTIONS]
+    if scheduled:
+        # Dev only: the secret is generated for this run, and task endpoints accept nothing else here.
+        lines.append("Run a scheduled function now (Cloud Scheduler calls them in production):")
+        for name in scheduled:
+            lines.append(
+                f"  curl -s -X POST {base}/{name} -H 'X-Dylen-Task-Secret: {env['DYLEN_TASK_SECRET']}'"
+            )
+    lines.append("Operator commands (python -m common.cli jobs retry, ...) reach this run with:")
+    lines.append(
+        f"  export DYLEN_DATABASE_URL={env['DYLEN_DATABASE_URL']} "
+        f"DYLEN_PROCESS_JOB_URL={base}/process_job DYLEN_TASK_SECRET={env['DYLEN_TASK_SECRET']}"
+    )
+    return "\n".join(lines)
 
 
 class Interrupted(BaseException):  # like KeyboardInterrupt: no `except Exception` swallows it
@@ -480,6 +553,7 @@ def main() -> int:
             del sockets[name]
         for name, proc in procs:
             _wait_ready(ports[name], proc, name)
+        gateway.about = {"auth": env["DYLEN_AUTH_MODE"], "generator": generator_name(env)}
         gateway.start(ports)
         _warm_up(ports, env["DYLEN_TASK_SECRET"])
         started.set()
@@ -495,35 +569,7 @@ def main() -> int:
         raise
 
     base = f"http://localhost:{gateway.port}"
-    print("\ndylen-jobs is running (dev auth: any X-Dylen-User is trusted).\n")
-    for name in FUNCTIONS:
-        print(f"  {name:<15} {base}/{name}   (direct: http://127.0.0.1:{ports[name]}/)")
-    print(f"\nAPI docs (Swagger UI, try it out): {base}/docs   Functions: {base}/")
-    if "dashboard" in ports:
-        print(f"Operator dashboard (dev auth: you are dev-operator@localhost): {base}/dashboard/")
-    print(f"Logs: {DEV_DIR}/<function>.log   Database: {env['DYLEN_DATABASE_URL']}\n")
-    print("Create a lesson job:")
-    print(
-        f"  curl -s -X POST {base}/create_job -H 'X-Dylen-User: demo' -H 'Content-Type: application/json' \\\n"
-        '    -d \'{"job_kind": "lesson", "idempotency_key": "demo-1", '
-        '"payload": {"topic": "Photosynthesis", "depth": "detailed"}}\''
-    )
-    print("Read it (use the job_id from the answer, or the Location header):")
-    print(f"  curl -s {base}/get_job/<job_id> -H 'X-Dylen-User: demo'")
-    print("Then the lesson (result.lesson_id) and the list:")
-    print(f"  curl -s {base}/get_lesson/<lesson_id> -H 'X-Dylen-User: demo'")
-    print(f"  curl -s {base}/list_lessons -H 'X-Dylen-User: demo'")
-    scheduled = [name for name in ("archive_lessons", "rescue_jobs") if name in FUNCTIONS]
-    if scheduled:
-        # Dev only: the secret is generated for this run, and task endpoints accept nothing else here.
-        print("Run a scheduled function now (Cloud Scheduler calls them in production):")
-        for name in scheduled:
-            print(f"  curl -s -X POST {base}/{name} -H 'X-Dylen-Task-Secret: {env['DYLEN_TASK_SECRET']}'")
-    print("Operator commands (python -m common.cli jobs retry, ...) reach this run with:")
-    print(
-        f"  export DYLEN_DATABASE_URL={env['DYLEN_DATABASE_URL']} "
-        f"DYLEN_PROCESS_JOB_URL={base}/process_job DYLEN_TASK_SECRET={env['DYLEN_TASK_SECRET']}"
-    )
+    print(banner(base=base, ports=ports, env=env), flush=True)
     print("\nCtrl-C stops everything.", flush=True)
 
     while not stop.wait(0.5):

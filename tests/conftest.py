@@ -138,3 +138,13 @@ def manual_stack(make_stack: StackFactory) -> Stack:
 def user() -> str:
     """A user of this test alone, so tests sharing processes never see each other's data."""
     return f"user-{uuid.uuid4().hex[:12]}"
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The browser tests' screenshots, for a person to look at."""
+    from tests.browser import TAKEN
+
+    if TAKEN:
+        terminalreporter.section("screenshots")
+        for path in TAKEN:
+            terminalreporter.write_line(str(path))

@@ -191,3 +191,91 @@ def make_failed_job(
     )
     conn.execute(sa.text("UPDATE jobs SET completed_at = now() WHERE id = :id"), {"id": job_id})
     return job_id
+
+
+def make_failed_fanout(
+    conn: sa.Connection,
+    *,
+    user_id: str,
+    code: str = "section_failed",
+    section_code: str = "attempts_exhausted",
+    topic: str = "Rivers",
+) -> tuple[str, list[str]]:
+    """A planned lesson job that failed the way fail_parents leaves one: its section 1 `error` after
+    3 failed attempts (on record, raw errors included), section 0 `done`, section 2 `canceled`, and
+    the parent `error` with `code`. Returns (parent id, section ids in plan order)."""
+    headings = ["Sources", "Meanders", "Deltas"]
+    parent = make_job(
+        conn,
+        user_id=make_user(conn, user_id),
+        status="error",
+        attempts=1,
+        max_attempts=3,
+        payload={"topic": topic, "depth": "detailed"},
+        error={
+            "code": code,
+            "message": "Section 1 failed: The job failed on every attempt it had.",
+            "section_index": 1,
+        },
+    )
+    plan = {"title": topic, "sections": [{"heading": h} for h in headings]}
+    conn.execute(
+        sa.text(
+            "UPDATE jobs SET plan = CAST(:plan AS jsonb), started_at = now() - interval '40 seconds', "
+            "attempt_started_at = now() - interval '40 seconds', completed_at = now() WHERE id = :id"
+        ),
+        {"plan": json.dumps(plan), "id": parent},
+    )
+    conn.execute(
+        sa.text(
+            "INSERT INTO job_attempts (job_id, attempt, started_at, ended_at, outcome, instance) "
+            "VALUES (:id, 1, now() - interval '40 seconds', now() - interval '39 seconds', 'planned', 'i-1')"
+        ),
+        {"id": parent},
+    )
+    sections = []
+    for index, (heading, status) in enumerate(zip(headings, ("done", "error", "canceled"), strict=True)):
+        section = str(uuid.uuid4())
+        failed = status == "error"
+        conn.execute(
+            sa.text(
+                "INSERT INTO jobs (id, user_id, job_kind, status, idempotency_key, request_json, attempts, "
+                "max_attempts, error_json, dispatched_at, created_at, started_at, attempt_started_at, "
+                "completed_at, parent_id, section_index) "
+                "VALUES (:id, :user, 'lesson.section', :status, :key, CAST(:request AS jsonb), :attempts, 3, "
+                "CAST(:error AS jsonb), now() - interval '39 seconds', now() - interval '39 seconds', "
+                "now() - interval '38 seconds', now() - interval '5 seconds', "
+                "now() - interval '2 seconds', :parent, :index)"
+            ),
+            {
+                "id": section,
+                "user": user_id,
+                "status": status,
+                "key": f"{parent}:{index}",
+                "request": json.dumps(
+                    {"job_kind": "lesson.section", "section_index": index, "heading": heading}
+                ),
+                "attempts": 3 if failed else (1 if status == "done" else 0),
+                "error": json.dumps(
+                    {"code": section_code, "message": "The job failed on every attempt it had.", "attempt": 3}
+                )
+                if failed
+                else None,
+                "parent": parent,
+                "index": index,
+            },
+        )
+        if failed:
+            for attempt in (1, 2, 3):
+                conn.execute(
+                    sa.text(
+                        "INSERT INTO job_attempts (job_id, attempt, started_at, ended_at, outcome, error_code, "
+                        "error_message, error_detail, instance) VALUES (:id, :n, now() - interval '30 seconds', "
+                        "now() - interval '29 seconds', CASE WHEN :n = 3 THEN 'failed' ELSE 'retry' END, "
+                        "'handler_failed', 'This attempt failed; the job will be retried.', "
+                        "'RuntimeError: transient: section 1 model is down', 'i-2')"
+                    ),
+                    {"id": section, "n": attempt},
+                )
+        sections.append(section)
+    return parent, sections

@@ -145,3 +145,34 @@ def test_a_function_refuses_to_start_with_a_bad_config(function: str, variable: 
     assert result.returncode == 1, result.stderr
     (line,) = result.stderr.strip().splitlines()  # one line, no traceback
     assert line.startswith("dylen: configuration error: ") and variable in line
+
+
+@pytest.mark.parametrize(("mode", "warned"), [("dev", True), ("firebase", False)])
+def test_a_function_serving_dev_auth_warns_at_start(mode: str, warned: bool) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from tests.support import ROOT
+
+    result = subprocess.run(
+        [sys.executable, "-c", "import runpy; runpy.run_path('functions/get_job/main.py')"],
+        env={
+            "PYTHONPATH": str(ROOT),
+            "DYLEN_AUTH_MODE": mode,
+            "DYLEN_FIREBASE_PROJECT_ID": "dylen-test",
+            "DYLEN_DATABASE_URL": "postgresql://nobody@127.0.0.1:9/none",  # never reached
+            "DYLEN_ENV_FILE": "/dev/null",
+            "PATH": "/usr/bin:/bin",
+        },
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    warnings = [line for line in lines if line["severity"] == "WARNING" and "dev auth" in line["message"]]
+    assert len(warnings) == (1 if warned else 0), result.stdout
+    if warned:
+        assert "X-Dylen-User" in warnings[0]["message"] and "loopback" in warnings[0]["message"]

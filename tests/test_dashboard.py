@@ -20,7 +20,7 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from tests.factories import job_row, make_failed_job, make_job, make_lesson, make_user
+from tests.factories import job_row, make_failed_fanout, make_failed_job, make_job, make_lesson, make_user
 from tests.support import FunctionServer, base_env, session
 from tests.tokens import CertServer, KeyPair
 
@@ -145,7 +145,9 @@ def test_only_a_verified_listed_google_account_gets_in(
 
 
 def test_every_page_answers_with_security_headers(op: requests.Session, dashboard: str) -> None:
-    for path in ("/", "/jobs", "/failures", "/users", "/models", "/jobs?status=error&older_than=1s"):
+    for path in (
+        "/", "/queue", "/jobs", "/failures", "/usage", "/models", "/users", "/jobs?status=error&older_than=1s"
+    ):
         page = op.get(dashboard + path, timeout=10)
         assert page.status_code == 200, (path, page.text[:500])
         assert page.headers["Content-Type"].startswith("text/html")
@@ -189,7 +191,7 @@ def test_overview_counts_the_seeded_jobs(op: requests.Session, dashboard: str, d
         conn.execute(sa.text("UPDATE job_done_mark SET through = now() - interval '5 days'"))
     page = op.get(dashboard + "/", timeout=10)
     assert page.status_code == 200
-    assert 'http-equiv="refresh"' in page.text and "<svg" in page.text and "<polyline" in page.text
+    assert 'data-live="overview.json"' in page.text and "<svg" in page.text and "<polyline" in page.text
     all_time, last_day = page.text.split("<h2>All time</h2>")[1], page.text.split("<h2>All time</h2>")[0]
     expected = {"queued": 1, "running": 1, "done": 3, "error": 1, "canceled": 1}
     assert {s: _cell(all_time, kind, s) for s in expected} == expected
@@ -229,7 +231,7 @@ def test_job_page_shows_timeline_request_error_and_lesson(
     job_id = _failed_job(db, user)
     page = op.get(dashboard + "/job", params={"id": job_id}, timeout=10)
     assert page.status_code == 200
-    for text in ("Timeline", "created", "dispatched", "attempt 3 of 3", "Tides", "the model said no"):
+    for text in ("created", "dispatched", "3 of 3", "Tides", "the model said no", "generator_failed"):
         assert text in page.text, text
     assert 'id="retry"' in page.text and 'id="cancel"' not in page.text
     with db.begin() as conn:
@@ -321,12 +323,33 @@ def test_model_calls_on_the_job_page_and_lanes_days_and_users_on_the_models_page
 
 def test_hostile_text_is_escaped(op: requests.Session, dashboard: str, db: sa.Engine) -> None:
     user = f"<script>alert({uuid.uuid4().hex[:4]})</script>"
-    job_id = _failed_job(db, user, code='<img src=x onerror="alert(1)">')
-    for path, params in (("/job", {"id": job_id}), ("/failures", {}), ("/users", {"q": user})):
+    with db.begin() as conn:
+        job_id = make_failed_job(
+            conn, user_id=user, code='<img src=x onerror="alert(1)">', topic="<script>alert(2)</script>"
+        )
+        # finished, so that no rescue in the same test run ever picks up a job of no kind
+        odd = make_job(
+            conn, user_id=None, job_kind=f"<img src=x onerror=alert(3)>{uuid.uuid4().hex[:4]}", status="done"
+        )
+        conn.execute(sa.text("UPDATE jobs SET completed_at = now() WHERE id = :id"), {"id": odd})
+    pages = (
+        ("/job", {"id": job_id}),
+        ("/failures", {}),
+        ("/users", {"q": user}),
+        ("/jobs", {"user": user}),
+        ("/queue", {}),
+        ("/", {}),
+    )
+    for path, params in pages:
         page = op.get(dashboard + path, params=params, timeout=10)
         assert page.status_code == 200
-        assert "<script>alert" not in page.text and "<img src=x" not in page.text
-        assert "&lt;script&gt;alert" in page.text or "&lt;img src=x" in page.text
+        assert "<script>alert" not in page.text and "<img src=x" not in page.text, path
+        assert "&lt;script&gt;alert" in page.text or "&lt;img src=x" in page.text, path
+    # the live regions are the same escaped HTML
+    for path, params in (("/job.json", {"id": job_id}), ("/jobs.json", {"user": user}), ("/queue.json", {})):
+        regions = " ".join(op.get(dashboard + path, params=params, timeout=10).json()["regions"].values())
+        assert "<script>alert" not in regions and "<img src=x" not in regions, path
+        assert "&lt;script&gt;alert" in regions or "&lt;img src=x" in regions, path
 
 
 # --- actions ---------------------------------------------------------------------------------------
@@ -384,7 +407,7 @@ def test_set_tier(op: requests.Session, dashboard: str, db: sa.Engine) -> None:
     row = page.text.split(f'href="jobs?user={user}"')[1]
     assert re.findall(r'class="n">(\d+)<', row)[:2] == ["2", "1"]  # visible, archived
     # today's lesson jobs (the three lessons' jobs, done) and the active ones, against the quotas
-    assert [used for used, _ in re.findall(r'class="n">(\d+)/(\d+)<', row)] == ["3", "0"]
+    assert [used for used, _ in re.findall(r'class="n">(\d+)/([\d,]+)<', row)] == ["3", "0"]
     changed = op.post(
         dashboard + "/set-tier", data={"csrf": _csrf(page), "user": user, "tier": "pro"}, timeout=10
     )
@@ -396,6 +419,10 @@ def test_set_tier(op: requests.Session, dashboard: str, db: sa.Engine) -> None:
         dashboard + "/set-tier", data={"csrf": _csrf(page), "user": user, "tier": "gold"}, timeout=10
     )
     assert bad.status_code == 422 and "Unknown tier" in bad.text
+    nul = op.post(
+        dashboard + "/set-tier", data={"csrf": _csrf(page), "user": "a\x00", "tier": "pro"}, timeout=10
+    )
+    assert nul.status_code == 422 and "NUL" in nul.text
 
 
 def test_csrf_is_refused(
@@ -444,3 +471,255 @@ def test_a_bad_operator_list_fails_the_cold_start_naming_the_variable() -> None:
         load_settings({**env, "DYLEN_DASHBOARD_OPERATORS": "ops@example.test, not-an-email"})
     ok = load_settings({**env, "DYLEN_DASHBOARD_OPERATORS": " A@Example.test,b@example.test "})
     assert ok.dashboard_operators == ("a@example.test", "b@example.test")
+
+
+# --- what a new operator met (issue 25): each failed before its fix ---------------------------------
+
+
+def test_assets_need_no_credentials_so_error_pages_are_styled(dashboard: str) -> None:
+    page = session().get(dashboard + "/jobs", headers=HTML, timeout=10)
+    assert page.status_code == 401 and 'href="assets/dashboard.css"' in page.text
+    css = session().get(dashboard + "/assets/dashboard.css", timeout=10)
+    assert css.status_code == 200 and css.headers["Content-Type"].startswith("text/css")
+    assert "nav" in css.text and css.headers["X-Content-Type-Options"] == "nosniff"
+    assert session().get(dashboard + "/assets/secret.txt", timeout=10).status_code == 404
+    assert session().get(dashboard + "/assets/../jobs", timeout=10).status_code in (401, 404)
+
+
+def test_a_section_kind_filter_lists_the_sections(
+    op: requests.Session, dashboard: str, db: sa.Engine
+) -> None:
+    user = f"sect-{uuid.uuid4().hex[:8]}"
+    with db.begin() as conn:
+        parent, sections = make_failed_fanout(conn, user_id=user)
+    overview = op.get(dashboard + "/", timeout=10).text
+    assert 'href="jobs?kind=lesson.section&amp;status=done"' in overview
+    listed = op.get(dashboard + "/jobs", params={"kind": "lesson.section", "user": user}, timeout=10).text
+    assert all(s in listed for s in sections) and "No jobs match" not in listed
+    plain = op.get(dashboard + "/jobs", params={"user": user}, timeout=10).text
+    assert parent in plain and not any(s in plain for s in sections)  # rolled up under their lesson
+
+
+def test_a_failed_lesson_is_one_failure_group_whose_retry_takes_it(
+    op: requests.Session, dashboard: str, db: sa.Engine
+) -> None:
+    code, section_code = f"lessonfail_{uuid.uuid4().hex[:6]}", f"sectionfail_{uuid.uuid4().hex[:6]}"
+    with db.begin() as conn:
+        parent, _ = make_failed_fanout(
+            conn, user_id=f"grp-{uuid.uuid4().hex[:8]}", code=code, section_code=section_code
+        )
+    failures = op.get(dashboard + "/failures", timeout=10).text
+    assert f"failures?code={code}" in failures and section_code not in failures
+    assert f"retry-group?code={code}" in failures.split(f"failures?code={code}")[1].split("</tr>")[0]
+    confirm = op.get(dashboard + "/retry-group", params={"code": code}, timeout=10).text
+    assert "Retry 1 job(s)" in confirm and f'name="id" value="{parent}"' in confirm
+
+
+def _error_tile(op: requests.Session, dashboard: str) -> tuple[int, int]:
+    found = re.search(
+        r"<small>([\d,]+) error / ([\d,]+) done</small>", op.get(dashboard + "/", timeout=10).text
+    )
+    assert found
+    return int(found.group(1).replace(",", "")), int(found.group(2).replace(",", ""))
+
+
+def test_sections_do_not_count_in_the_error_rate(op: requests.Session, dashboard: str, db: sa.Engine) -> None:
+    before = _error_tile(op, dashboard)
+    with db.begin() as conn:  # one failed lesson: one section done, one failed, one canceled
+        make_failed_fanout(conn, user_id=f"rate-{uuid.uuid4().hex[:8]}")
+    after = _error_tile(op, dashboard)
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 0)
+
+
+def test_a_failed_lessons_page_shows_sections_with_headings_and_no_none(
+    op: requests.Session, dashboard: str, db: sa.Engine
+) -> None:
+    with db.begin() as conn:
+        parent, sections = make_failed_fanout(conn, user_id=f"page-{uuid.uuid4().hex[:8]}")
+    page = op.get(dashboard + "/job", params={"id": parent}, timeout=10).text
+    assert "None" not in page and "section_failed" in page
+    table = page.split('id="sections"')[1].split("</table>")[0]
+    rows = re.findall(r'<td class="n">(\d)</td>\s*<td>(?:<a [^>]*>)?([A-Za-z]+)', table)
+    assert rows == [("0", "Sources"), ("1", "Meanders"), ("2", "Deltas")], table
+    section = op.get(dashboard + "/job", params={"id": sections[1]}, timeout=10).text
+    attempts = section.split('id="attempts"')[1].split("</table>")[0]
+    assert attempts.count("RuntimeError: transient: section 1 model is down") == 3
+    with db.begin() as conn:
+        lesson_id = make_lesson(conn, user_id=make_user(conn, f"page-{uuid.uuid4().hex[:8]}"))
+        done = conn.execute(
+            sa.text("SELECT job_id FROM lessons WHERE id = :id"), {"id": lesson_id}
+        ).scalar_one()
+    shown = op.get(dashboard + "/job", params={"id": str(done)}, timeout=10).text
+    assert 'id="error"' not in shown and "null" not in shown
+
+
+@pytest.mark.parametrize(
+    ("path", "params"),
+    [
+        ("/jobs", {"user": "a\x00b"}),
+        ("/jobs", {"kind": "lesson\x00"}),
+        ("/jobs", {"q": "x\x00y"}),
+        ("/jobs", {"older_than": "9999999999999999999999d"}),
+        ("/failures", {"code": "a\x00"}),
+        ("/retry-group", {"code": "a\x00"}),
+        ("/users", {"q": "a\x00"}),
+    ],
+)
+def test_operator_input_postgresql_cannot_take_is_a_422(
+    op: requests.Session, dashboard: str, path: str, params: dict[str, str]
+) -> None:
+    answer = op.get(dashboard + path, params=params, timeout=10)
+    assert answer.status_code == 422, answer.text[:500]
+
+
+def test_bulk_cancel_confirms_which_jobs_it_takes_and_reports_the_rest(
+    op: requests.Session, dashboard: str, db: sa.Engine
+) -> None:
+    user = f"bulkcancel-{uuid.uuid4().hex[:8]}"
+    with db.begin() as conn:
+        make_user(conn, user)
+        live = [make_job(conn, user_id=user, status=s) for s in ("queued", "running")]
+        done = make_job(conn, user_id=user, status="done")
+    listed = op.get(dashboard + "/jobs", params={"user": user}, timeout=10).text
+    assert listed.count('name="id" value=') == 3 and 'id="bulk-cancel"' in listed
+    confirm = op.get(
+        dashboard + "/bulk", params=[("action", "cancel"), *[("id", i) for i in [*live, done]]], timeout=10
+    )
+    assert confirm.status_code == 200 and "Cancel 2 job(s)?" in confirm.text
+    form = confirm.text.split('action="bulk"')[1].split("</form>")[0]
+    assert set(re.findall(r'name="id" value="([0-9a-f-]+)"', form)) == set(live)
+    assert done in confirm.text.split("Left as they are")[1]
+    with db.connect() as conn:  # asking changed nothing
+        assert [job_row(conn, i)["status"] for i in live] == ["queued", "running"]
+    canceled = op.post(
+        dashboard + "/bulk",
+        data={"csrf": _csrf(confirm), "action": "cancel", "id": [*live, done]},
+        timeout=10,
+    )
+    assert canceled.status_code == 200 and "Canceled 2 of 3 job(s)" in canceled.text
+    assert "already done" in canceled.text  # why the third was left
+    with db.connect() as conn:
+        assert {job_row(conn, i)["status"] for i in live} == {"canceled"}
+    for bad in ({"action": "delete", "id": live[0]}, {"action": "retry"}):
+        assert op.get(dashboard + "/bulk", params=bad, timeout=10).status_code == 422
+    no_token = op.post(dashboard + "/bulk", data={"action": "cancel", "id": done}, timeout=10)
+    assert no_token.status_code == 403
+
+
+# --- live updates and the queue view --------------------------------------------------------------
+
+
+def test_a_live_pages_json_twin_renders_its_regions_and_says_when_it_is_final(
+    op: requests.Session, dashboard: str, db: sa.Engine
+) -> None:
+    user = f"live-{uuid.uuid4().hex[:8]}"
+    with db.begin() as conn:
+        parent = make_job(conn, user_id=make_user(conn, user), status="running")
+        conn.execute(
+            sa.text("UPDATE jobs SET plan = '{\"sections\": []}', started_at = now() WHERE id = :id"),
+            {"id": parent},
+        )
+        sections = []
+        for index, status in enumerate(("done", "queued", "queued")):
+            section = make_job(conn, user_id=user, job_kind="lesson.section", status=status)
+            conn.execute(
+                sa.text("UPDATE jobs SET parent_id = :p, section_index = :i WHERE id = :id"),
+                {"p": parent, "i": index, "id": section},
+            )
+            sections.append(section)
+    page = op.get(dashboard + "/job", params={"id": parent}, timeout=10).text
+    assert f'data-live="job.json?id={parent}"' in page and 'id="job-head"' in page
+    assert (
+        "connect-src 'self'"
+        in op.get(dashboard + "/job", params={"id": parent}, timeout=10).headers["Content-Security-Policy"]
+    )
+    live = op.get(dashboard + "/job.json", params={"id": parent}, timeout=10)
+    assert live.status_code == 200 and live.headers["Content-Type"] == "application/json"
+    body = live.json()
+    assert body["status"] == "running" and body["progress"] == {"completed": 1, "total": 3}
+    assert body["final"] is False and set(body["regions"]) == {"job-head", "job-body"}
+    assert 'value="1" max="3"' in body["regions"]["job-head"]  # the progress bar
+    with db.begin() as conn:  # a section finishes: the next poll shows it
+        conn.execute(sa.text("UPDATE jobs SET status = 'done' WHERE id = :id"), {"id": sections[1]})
+    assert (
+        op.get(dashboard + "/job.json", params={"id": parent}, timeout=10).json()["progress"]["completed"]
+        == 2
+    )
+    listed = op.get(dashboard + "/jobs.json", params={"user": user}, timeout=10).json()
+    assert [j["id"] for j in listed["jobs"]] == [parent] and listed["jobs"][0]["progress"] == [2, 3]
+    assert f'data-id="{parent}"' in listed["regions"]["job-rows"]
+    with db.begin() as conn:
+        conn.execute(
+            sa.text("UPDATE jobs SET status = 'canceled' WHERE id = ANY(:ids)"),
+            {"ids": [parent, *sections[2:]]},
+        )
+    assert op.get(dashboard + "/job.json", params={"id": parent}, timeout=10).json()["final"] is True
+    overview = op.get(dashboard + "/overview.json", timeout=10).json()
+    assert "error-rate" in overview["regions"]["overview-live"]
+    assert session().get(dashboard + "/job.json", params={"id": parent}, timeout=10).status_code == 401
+
+
+def test_the_queue_view_counts_ready_scheduled_in_flight_and_waiting_by_kind(
+    op: requests.Session, dashboard: str, db: sa.Engine
+) -> None:
+    kind = f"test.queue-{uuid.uuid4().hex[:6]}"
+    with db.begin() as conn:
+        ready = [make_job(conn, user_id=None, job_kind=kind) for _ in range(3)]
+        later = make_job(conn, user_id=None, job_kind=kind)
+        flying = make_job(conn, user_id=None, job_kind=kind, status="running", lease_seconds=600)
+        waiting = make_job(conn, user_id=None, job_kind=kind, status="running")
+        finished = [make_job(conn, user_id=None, job_kind=kind, status=s) for s in ("done", "done", "error")]
+        conn.execute(
+            sa.text("UPDATE jobs SET run_after = now() + interval '1 hour' WHERE id = :id"), {"id": later}
+        )
+        conn.execute(
+            sa.text("UPDATE jobs SET dispatched_at = now() - interval '90 seconds' WHERE id = :id"),
+            {"id": ready[0]},
+        )
+        conn.execute(
+            sa.text(
+                "UPDATE jobs SET started_at = created_at + interval '2 seconds', "
+                "completed_at = created_at + interval '5 seconds' WHERE id = ANY(:ids)"
+            ),
+            {"ids": finished},
+        )
+    assert flying and waiting
+    page = op.get(dashboard + "/queue", timeout=10)
+    assert page.status_code == 200 and 'data-live="queue.json?window=1h"' in page.text
+    row = page.text.split(f">{kind}</a>")[1].split("</tr>")[0]
+    cells = re.findall(r'<td class="n">(?:<a [^>]*>)?([^<]*)', row)
+    # ready, scheduled (next in 1h), in flight, waiting on sections, oldest ready, jobs, failed,
+    # wait p50 / p95, run p50 / p95
+    assert cells[:4] == ["3", "1 ", "1", "1"], cells
+    assert cells[4].startswith("1m3") and cells[5:7] == ["3", "1"], cells
+    assert cells[7:] == ["2.0s / 2.0s", "3.0s / 3.0s"], cells
+    assert page.text.count("<svg") == 2 and "jobs finished per minute" in page.text
+    for window in ("6h", "24h"):
+        assert op.get(dashboard + "/queue", params={"window": window}, timeout=10).status_code == 200
+    assert op.get(dashboard + "/queue", params={"window": "7d"}, timeout=10).status_code == 422
+    assert kind in op.get(dashboard + "/queue.json", timeout=10).json()["regions"]["queue-live"]
+    scheduled = op.get(dashboard + "/job", params={"id": later}, timeout=10).text
+    assert re.search(r'id="next-attempt">in 59m\d+s <small>', scheduled), scheduled
+    with db.begin() as conn:  # live jobs of no real kind: gone before any rescue in this run sees them
+        conn.execute(sa.text("DELETE FROM jobs WHERE job_kind = :k"), {"k": kind})
+
+
+def test_the_usage_view_ranks_users_by_jobs_and_counts_a_lesson_once(
+    op: requests.Session, dashboard: str, db: sa.Engine
+) -> None:
+    heavy, light = f"heavy-{uuid.uuid4().hex[:8]}", f"light-{uuid.uuid4().hex[:8]}"
+    with db.begin() as conn:
+        make_failed_fanout(conn, user_id=heavy)  # one failed lesson: 1 job, 3 sections
+        make_user(conn, heavy, tier="pro")
+        for _ in range(70):  # more than any other test's user creates
+            make_job(conn, user_id=heavy, status="done")
+        make_job(conn, user_id=make_user(conn, light), status="queued")
+    page = op.get(dashboard + "/usage", timeout=10)
+    assert page.status_code == 200 and 'data-live="usage.json"' in page.text and "<svg" in page.text
+    table = page.text.split('id="top-users"')[1].split("</table>")[0]
+    first = table.split("<tbody>")[1].split("</tr>")[0]
+    assert f"jobs?user={heavy}" in first and ">pro<" in first
+    # jobs, done, failed, canceled, queued or running, sections, today / quota, active / limit
+    assert re.findall(r'<td class="n">(?:<a [^>]*>)?([^<]*)', first)[:6] == ["71", "70", "1", "0", "0", "3"]
+    assert "/1,000,000" in first
+    assert op.get(dashboard + "/usage.json", timeout=10).json()["regions"]["usage-live"].count("<tr>") >= 2

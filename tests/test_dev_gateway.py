@@ -27,21 +27,11 @@ from typing import Any
 import pytest
 import requests
 
+from tests.browser import CHROMIUM, CHROMIUM_ARGS, need_chromium, screenshot
 from tests.support import ROOT, session
 
 READ_TIMEOUT = 2.0  # DYLEN_DEV_READ_TIMEOUT_SECONDS for this module's runner
 EXTRA_HOST = "dylen.test"  # DYLEN_DEV_ALLOWED_HOSTS for this module's runner
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 def _runner_env(dev_dir: Path, database_url: str, **extra: str) -> dict[str, str]:
@@ -99,11 +89,12 @@ def gateway(database_url: str) -> Iterator[str]:
         proc.communicate(timeout=60)
 
 
-def test_root_lists_the_functions_and_links_the_docs(gateway: str) -> None:
+def test_root_lists_the_functions_and_links_the_docs_and_the_dashboard(gateway: str) -> None:
     response = session().get(gateway + "/", timeout=10)
     assert response.status_code == 200
     assert response.headers["Content-Type"].startswith("text/html")
-    assert 'href="/docs"' in response.text
+    assert 'href="/docs"' in response.text and 'href="/dashboard/"' in response.text
+    assert "<style>" in response.text and "the built-in template" in response.text
     for name in ("create_job", "get_job", "get_lesson", "list_lessons", "cancel_job"):
         assert f"{gateway}/{name}</code>" in response.text
 
@@ -129,8 +120,7 @@ def test_docs_page_its_assets_and_the_spec_load_from_the_gateway(gateway: str) -
 
 
 def test_docs_create_a_job_in_a_real_browser(gateway: str) -> None:
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (`apt-get install chromium`)")
+    need_chromium()
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
@@ -430,3 +420,85 @@ def test_a_wrong_allowed_hosts_value_stops_the_runner_before_anything_starts(
     assert finished.returncode == 1, finished
     assert f"DYLEN_DEV_ALLOWED_HOSTS: {listed!r} is not a host name" in finished.stderr, finished.stderr
     assert "Migrating" not in finished.stdout
+
+
+def test_the_dashboard_without_its_slash_is_redirected_to_it(gateway: str) -> None:
+    # Its links are relative: served at /dashboard they would resolve to /jobs and /assets/...
+    for path, target in (
+        ("/dashboard", "/dashboard/"),
+        ("/dashboard?status=error", "/dashboard/?status=error"),
+    ):
+        answer = session().get(
+            gateway + path, headers={"Accept": "text/html"}, allow_redirects=False, timeout=10
+        )
+        assert answer.status_code == 308 and answer.headers["Location"] == target, (path, answer.text[:300])
+    assert session().get(gateway + "/dashboard", timeout=10).url == gateway + "/dashboard/"
+
+
+def _banner(**env: str) -> str:
+    from devtools import run
+
+    ports = {name: 9000 + i for i, name in enumerate(run.FUNCTIONS)}
+    base_env = {"DYLEN_DATABASE_URL": "postgresql://x@127.0.0.1/dylen", "DYLEN_TASK_SECRET": "s3cret"}
+    return run.banner(base="http://localhost:8080", ports=ports, env={**base_env, **env})
+
+
+def test_the_banner_says_which_auth_serves_and_prints_requests_that_work_with_it() -> None:
+    dev = _banner(DYLEN_AUTH_MODE="dev")
+    assert "dev auth" in dev and "-H 'X-Dylen-User: demo'" in dev
+    firebase = _banner(DYLEN_AUTH_MODE="firebase", DYLEN_FIREBASE_PROJECT_ID="my-project")
+    assert "dev auth" not in firebase and "X-Dylen-User" not in firebase and "dev-operator" not in firebase
+    assert '-H "Authorization: Bearer $TOKEN"' in firebase and "my-project" in firebase
+    assert "DYLEN_DASHBOARD_OPERATORS" in firebase  # who may open the dashboard in this mode
+
+
+def test_the_dashboard_without_its_slash_opens_styled_in_a_browser(gateway: str) -> None:
+    need_chromium()
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            failed: list[str] = []
+            page.on("response", lambda r: failed.append(r.url) if r.status >= 400 else None)
+            page.goto(gateway + "/")
+            screenshot(page, "landing")
+            page.click("text=Operator dashboard")
+            page.goto(gateway + "/dashboard")  # as typed, no slash
+            assert page.url == gateway + "/dashboard/"
+            # styled: the stylesheet loaded and applies (the nav's dark background)
+            background = page.locator("nav").evaluate("e => getComputedStyle(e).backgroundColor")
+            assert background == "rgb(17, 24, 39)", background
+            page.click("nav a[href='jobs']")
+            expect(page.locator("h1")).to_have_text("Jobs")
+            assert page.url.startswith(gateway + "/dashboard/jobs")
+            screenshot(page, "dashboard-under-make-run")
+            assert failed == []
+        finally:
+            browser.close()
+
+
+def _listening(port: int) -> set[str]:
+    """The local addresses sockets listen on at `port` (from /proc/net/tcp and tcp6)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                if len(address) == 8:
+                    found.add(socket.inet_ntop(socket.AF_INET, bytes.fromhex(address)[::-1]))
+                else:
+                    words = b"".join(bytes.fromhex(address[i : i + 8])[::-1] for i in range(0, 32, 8))
+                    found.add(socket.inet_ntop(socket.AF_INET6, words))
+    return found
+
+
+def test_make_run_listens_on_loopback_only(gateway: str) -> None:
+    # With dev auth whoever reaches a port is any user and the operator: nothing may listen beyond.
+    landing = session().get(gateway + "/", timeout=10).text
+    ports = [int(p) for p in re.findall(r"http://127\.0\.0\.1:(\d+)/", landing)]
+    assert len(ports) >= 9
+    for port in [int(gateway.rsplit(":", 1)[1]), *ports]:
+        assert _listening(port) and _listening(port) <= {"127.0.0.1", "::1"}, (port, _listening(port))

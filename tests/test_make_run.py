@@ -117,6 +117,8 @@ def test_one_function_runs_under_a_bare_functions_framework_without_pythonpath(d
             "create_job",
             "--source",
             "functions/create_job/main.py",
+            "--host",
+            "127.0.0.1",
             "--port",
             str(port),
         ],
@@ -146,3 +148,16 @@ def test_one_function_runs_under_a_bare_functions_framework_without_pythonpath(d
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.communicate(timeout=30)
+
+
+def test_every_documented_functions_framework_command_binds_loopback() -> None:
+    # functions-framework listens on every interface unless told; with dev auth that is everyone.
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    commands = [
+        line
+        for doc in docs
+        for line in doc.read_text().splitlines()
+        if "functions-framework --target" in line
+    ]
+    assert commands, "the docs show how to run one function"
+    assert [c for c in commands if "--host 127.0.0.1" not in c] == []

@@ -118,6 +118,50 @@ def test_happy_path_responses_match_the_document(api_schema: Any, gateway: str, 
     _validate(api_schema, "/list_lessons", "GET", page)
 
 
+def _same_shape(example: Any, real: Any, where: str) -> None:
+    """`example` has the keys of a real answer the document accepted, each of the same JSON type."""
+    if isinstance(real, dict) and isinstance(example, dict):
+        assert set(example) == set(real), (where, sorted(set(example) ^ set(real)))
+        for key in real:
+            if example[key] is not None and real[key] is not None:
+                _same_shape(example[key], real[key], f"{where}.{key}")
+    elif isinstance(real, list) and isinstance(example, list):
+        if real and example:
+            _same_shape(example[0], real[0], f"{where}[0]")
+    else:
+        assert type(example) is type(real), (where, example, real)
+
+
+def test_the_examples_are_real_requests_and_answers(api_schema: Any, gateway: str, stack: Stack) -> None:
+    # Swagger UI's "Try it out" starts from these: a real topic, never "string".
+    import yaml
+
+    raw = yaml.safe_load(SPEC.read_text())
+    examples = raw["components"]["examples"]
+    http = session()
+    user = {"X-Dylen-User": f"oa-{uuid.uuid4().hex[:8]}"}
+    create = raw["paths"]["/create_job"]["post"]
+    requests_shown = create["requestBody"]["content"]["application/json"]["examples"]
+    assert len(requests_shown) >= 2
+    created = {}
+    for name, example in requests_shown.items():
+        body = example["value"]
+        assert body["payload"]["topic"] not in ("string", "") and body["idempotency_key"] != "string"
+        answer = http.post(f"{gateway}/create_job", json=body, headers=user, timeout=10)
+        assert answer.status_code == 202, (name, answer.text)
+        created[name] = answer.json()
+    _same_shape(examples["QueuedJob"]["value"], created["photosynthesis"], "QueuedJob")
+    done = stack.wait_for(user["X-Dylen-User"], created["photosynthesis"]["job_id"])
+    got = http.get(f"{gateway}/get_job/{done['job_id']}", headers=user, timeout=10)
+    _validate(api_schema, "/get_job/{job_id}", "GET", got)
+    for name in ("RunningJob", "DoneJob", "FailedJob"):
+        _same_shape(examples[name]["value"], got.json(), name)
+    lesson = http.get(f"{gateway}/get_lesson/{done['result']['lesson_id']}", headers=user, timeout=10).json()
+    shown = examples["Lesson"]["value"]
+    assert set(shown) == set(lesson) and set(shown["content"]) <= set(lesson["content"])
+    assert set(shown["content"]["sections"][0]) <= set(lesson["content"]["sections"][0])
+
+
 def test_failed_job_and_error_responses_match_the_document(
     api_schema: Any, gateway: str, db: sa.Engine
 ) -> None:

@@ -22,7 +22,7 @@ import sqlalchemy as sa
 
 from common import cli
 from common.platform.config import reset_settings
-from tests.factories import job_row, make_job, make_user
+from tests.factories import job_row, make_failed_fanout, make_job, make_user
 from tests.support import ROOT, base_env, free_port
 
 
@@ -123,6 +123,17 @@ def test_list_filters_by_user_status_kind_and_age(jobs_cli: Cli, db: sa.Engine, 
     assert json.loads(jobs_cli("list", "--user", owner, "--older-than", "3h", "--json").out) == []
     limited = json.loads(jobs_cli("list", "--user", owner, "--limit", "2", "--json").out)
     assert len(limited) == 2
+
+
+def test_list_by_a_section_kind_lists_the_sections_other_lists_roll_them_up(
+    jobs_cli: Cli, db: sa.Engine, user: str
+) -> None:
+    with db.begin() as conn:
+        parent, sections = make_failed_fanout(conn, user_id=user)
+    listed = json.loads(jobs_cli("list", "--kind", "lesson.section", "--user", user, "--json").out)
+    assert {j["job_id"] for j in listed} == set(sections)
+    plain = json.loads(jobs_cli("list", "--user", user, "--json").out)
+    assert [j["job_id"] for j in plain] == [parent]
 
 
 def test_list_prints_a_readable_table(jobs_cli: Cli, db: sa.Engine, owner: str) -> None:
@@ -383,6 +394,9 @@ def test_stats_counts_by_kind_and_status_oldest_queued_and_error_rate(
         (["list", "--older-than", "10x"], "Malformed duration '10x'"),
         (["list", "--older-than=-5m"], "Malformed duration '-5m'"),
         (["list", "--older-than", "0m"], "Malformed duration '0m'"),
+        (["list", "--older-than", "9999999999999999999999d"], "is too long: at most 36500d"),
+        (["list", "--user", "a\x00b"], "The user 'a\\x00b' must not contain NUL characters"),
+        (["list", "--kind", "lesson\x00"], "must not contain NUL characters"),
         (
             ["list", "--status", "stuck"],
             "Unknown status stuck: use one of queued, running, done, error, canceled",

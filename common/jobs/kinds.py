@@ -105,6 +105,13 @@ def known_kinds() -> list[str]:
     return sorted(KINDS)
 
 
+def section_kinds() -> dict[str, str]:
+    """Kinds whose jobs are sections of another job (a kind's optional `parent_kind`) -> that
+    parent kind. Internal: counts of what users asked for leave them out, rolled up under their
+    parent; an operator sees them by filtering on their kind or opening the parent."""
+    return {name: parent for name, kind in _load().items() if (parent := getattr(kind, "parent_kind", None))}
+
+
 def load() -> None:
     """Import every kind now (a function's cold start): their products' settings are checked at
     start-up, and the first request does not pay the imports."""

@@ -19,17 +19,18 @@ from typing import Any
 from common.jobs import queries, service, transitions
 from common.jobs.dispatch import deliver_job
 from common.jobs.dispatch.base import Delivery
-from common.jobs.kinds import get_kind, known_kinds, retry_refusals
+from common.jobs.kinds import get_kind, known_kinds, retry_refusals, section_kinds
 from common.jobs.model import RETRYABLE_STATUSES, Job, JobStatus
 from common.jobs.settings import job_settings
 from common.platform.db import Connection, named_errors, transaction
 from common.platform.errors import Conflict, NotFound, ValidationFailed
-from common.platform.validation import parse_id
+from common.platform.validation import parse_id, text_problem
 
 STATUSES = tuple(JobStatus)
 ERROR_RATE_WINDOW_SECONDS = 3600.0
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
+MAX_DURATION_DAYS = 36500  # a century: beyond it PostgreSQL's interval arithmetic overflows soon
 
 
 @contextmanager
@@ -50,7 +51,17 @@ def parse_duration(raw: str) -> float:
         raise ValidationFailed(
             f"Malformed duration {raw!r}: use a positive number and a unit, e.g. 30s, 10m, 2h, 1d."
         )
+    if seconds > MAX_DURATION_DAYS * 86400:
+        raise ValidationFailed(f"Duration {raw!r} is too long: at most {MAX_DURATION_DAYS}d.")
     return seconds
+
+
+def checked_text(value: str | None, *, what: str) -> str | None:
+    """`value` as typed, or a 422 naming the filter when PostgreSQL could not compare it (a NUL)."""
+    problem = text_problem(value) if value is not None else None
+    if problem:
+        raise ValidationFailed(f"The {what} {value!r} {problem}.")
+    return value
 
 
 def parse_statuses(
@@ -73,6 +84,8 @@ def _check_kinds(conn: Connection, values: Sequence[str] | None) -> tuple[str, .
     if not values:
         return None
     kinds = tuple(dict.fromkeys(k.strip() for v in values for k in v.split(",") if k.strip()))
+    for kind in kinds:
+        checked_text(kind, what="job kind")
     unknown = [k for k in kinds if get_kind(k) is None and not queries.job_kind_exists(conn, k)]
     if unknown or not kinds:
         known = ", ".join(known_kinds())
@@ -95,12 +108,15 @@ class Filters:
     before: tuple[datetime, uuid.UUID] | None = None  # a page's cursor (the last row's created_at, id)
 
     def resolve(self, conn: Connection, *, allowed_statuses: Sequence[str] = STATUSES) -> queries.JobFilter:
+        kinds = _check_kinds(conn, self.kinds)
         return queries.JobFilter(
-            error_code=self.error_code,
+            error_code=checked_text(self.error_code, what="error code"),
             before=self.before,
             statuses=parse_statuses(self.statuses, allowed=allowed_statuses),
-            kinds=_check_kinds(conn, self.kinds),
-            user_id=self.user_id,
+            kinds=kinds,
+            # Asked for by their kind, sections are listed; otherwise they show under their parent.
+            top_level=not (kinds and set(kinds) & set(section_kinds())),
+            user_id=checked_text(self.user_id, what="user"),
             created_before_seconds=parse_duration(self.older_than) if self.older_than is not None else None,
             finished_within_seconds=parse_duration(self.since) if self.since is not None else None,
         )
@@ -137,6 +153,26 @@ def cancel_job(raw_id: str) -> Job:
     job_id = parse_id(raw_id, what="job", caller="operator")
     with named_errors():
         return service.cancel(job_id, owner=None)
+
+
+@dataclass(frozen=True)
+class Canceled:
+    jobs: list[Job]
+    refused: dict[uuid.UUID, str]  # job id -> why it was not canceled (already final, a section, gone)
+
+
+def cancel_jobs(job_ids: Sequence[uuid.UUID]) -> Canceled:
+    """Cancel each of these jobs as `cancel_job` does (each its own transaction, its sections with
+    it); the ones that cannot be canceled are reported, not raised, so one does not stop the rest."""
+    canceled: list[Job] = []
+    refused: dict[uuid.UUID, str] = {}
+    for job_id in job_ids:
+        try:
+            with named_errors():
+                canceled.append(service.cancel(job_id, owner=None))
+        except (Conflict, NotFound) as error:
+            refused[job_id] = error.detail
+    return Canceled(canceled, refused)
 
 
 @dataclass(frozen=True)
@@ -189,7 +225,8 @@ def retry_candidates(filters: Filters) -> list[Job]:
     ):
         raise ValidationFailed("Give a job id, or at least one filter (--status, --kind, --user, --since).")
     with _db() as conn:
-        job_filter = filters.resolve(conn, allowed_statuses=RETRYABLE_STATUSES)
+        # Top-level jobs only: a section is retried with its lesson (requeue takes parents only).
+        job_filter = replace(filters.resolve(conn, allowed_statuses=RETRYABLE_STATUSES), top_level=True)
         if job_filter.statuses is None:
             job_filter = replace(job_filter, statuses=RETRYABLE_STATUSES)
         return queries.list_jobs(conn, job_filter, limit=None)
@@ -227,7 +264,9 @@ def stats() -> dict[str, Any]:
     with _db() as conn:
         counts = queries.job_counts(conn)
         oldest = queries.oldest_queued(conn)
-        finished = queries.finished_counts(conn, within_seconds=ERROR_RATE_WINDOW_SECONDS)
+        finished = queries.finished_counts(
+            conn, within_seconds=ERROR_RATE_WINDOW_SECONDS, leave_out=list(section_kinds())
+        )
     by_kind: dict[str, dict[str, int]] = {}
     for row in counts:
         by_kind.setdefault(row.job_kind, dict.fromkeys(STATUSES, 0))[row.status] = int(row.n)
@@ -244,7 +283,8 @@ def stats() -> dict[str, Any]:
         "last_hour": {
             "done": int(finished.done),
             "error": int(finished.error),
-            # Share of jobs that finished in the window and ended `error` (canceled ones excluded).
+            # Share of jobs that finished in the window and ended `error` (canceled ones and
+            # sections excluded: a lesson counts once, however many of its sections failed).
             "error_rate": (int(finished.error) / outcomes) if outcomes else None,
         },
     }

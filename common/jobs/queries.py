@@ -4,6 +4,7 @@ Callers pass a Connection from common.platform.db."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -135,9 +136,10 @@ class JobFilter:
     finished_within_seconds: float | None = None  # completed_at within this window
     error_code: str | None = None  # error_json's code (the dashboard's failure groups)
     before: tuple[datetime, uuid.UUID] | None = None  # keyset cursor: older than this (created_at, id)
+    top_level: bool = True  # sections show under their parent, unless asked for by their kind
 
     def where(self) -> tuple[str, dict[str, Any]]:
-        clauses: list[str] = ["parent_id IS NULL"]  # sections show under their parent
+        clauses: list[str] = ["parent_id IS NULL"] if self.top_level else []
         params: dict[str, Any] = {}
         if self.statuses is not None and len(self.statuses) == 1:
             # `=`, not `= ANY`: before PostgreSQL 17 an index read through `= ANY` gives no order, so
@@ -165,7 +167,7 @@ class JobFilter:
         if self.before is not None:
             clauses.append("(created_at, id) < (CAST(:before_at AS timestamptz), CAST(:before_id AS uuid))")
             params["before_at"], params["before_id"] = self.before[0], str(self.before[1])
-        return " AND ".join(clauses), params
+        return " AND ".join(clauses) or "true", params
 
 
 def list_jobs(conn: Connection, job_filter: JobFilter, *, limit: int | None) -> list[Job]:
@@ -213,13 +215,16 @@ def oldest_queued(conn: Connection) -> Any:
     ).first()
 
 
-def finished_counts(conn: Connection, *, within_seconds: float) -> Any:
-    """(done, error) among jobs that finished within the window; canceled jobs are not outcomes."""
-    return conn.execute(
-        Statement(
-            "SELECT count(*) FILTER (WHERE status = 'done') AS done, "
-            "count(*) FILTER (WHERE status = 'error') AS error FROM jobs "
-            "WHERE status IN ('done', 'error') AND completed_at >= now() - make_interval(secs => CAST(:w AS float8))"
-        ),
-        {"w": within_seconds},
-    ).one()
+# By kind, not parent_id: jobs_completed_idx (completed_at, status, job_kind) answers it alone.
+_FINISHED_COUNTS = Statement(
+    "SELECT count(*) FILTER (WHERE status = 'done') AS done, "
+    "count(*) FILTER (WHERE status = 'error') AS error FROM jobs "
+    "WHERE status IN ('done', 'error') AND completed_at >= now() - make_interval(secs => CAST(:w AS float8)) "
+    "AND job_kind <> ALL(CAST(:leave_out AS text[]))"
+)
+
+
+def finished_counts(conn: Connection, *, within_seconds: float, leave_out: Sequence[str]) -> Any:
+    """(done, error) among jobs that finished within the window, kinds in `leave_out` (sections,
+    counted under their parent) aside; canceled jobs are not outcomes."""
+    return conn.execute(_FINISHED_COUNTS, {"w": within_seconds, "leave_out": list(leave_out)}).one()

@@ -165,6 +165,7 @@ class SectionKind:
     """One section of a planned lesson; created by the lesson job, never by users."""
 
     kind = SECTION_KIND
+    parent_kind = LessonKind.kind  # its jobs are sections of a lesson job (kinds.section_kinds)
     user_creatable = False
     admission = None
 

@@ -223,6 +223,7 @@ def cold_start(*preload: Callable[[], object]) -> None:
       section declared by the packages imported so far.
     - Requests the router answers itself get problem+json (install_problem_handlers).
     - No request body beyond MAX_BODY_BYTES is read by anything (install_body_limit).
+    - Dev auth logs a warning: every request is trusted as whoever its headers name.
     - What the imports built (~58k objects) moves out of the cyclic GC's sight (gc.freeze). Otherwise
       a full collection walks all of it holding the GIL: a ~60 ms pause for every request in flight
       (bench/gc_pause.py).
@@ -241,6 +242,12 @@ def cold_start(*preload: Callable[[], object]) -> None:
         # One line that names the variable, not a traceback, and the instance refuses to start.
         print(f"dylen: configuration error: {error.detail}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
+    if settings.auth_mode == "dev":
+        # Anyone who reaches the port is any user, and the operator: say so wherever it serves.
+        logger.warning(
+            "Serving with dev auth: X-Dylen-User (and X-Dylen-Operator) are trusted without a token; "
+            "bind loopback only (--host 127.0.0.1)"
+        )
     install_problem_handlers()
     install_body_limit()
     gc.freeze()
