@@ -77,6 +77,7 @@ class Fanout:
     """A planner for tests (DYLEN_LESSON_GENERATOR=tests.generators:fanout): the template's plan and
     sections, with behaviour chosen by the topic:
       "permanent-plan ..."      plan raises PermanentJobError
+      "fail-once ..."           plan fails on its attempt 1 (the lesson job is retried), then plans
       "flaky-section:<i> ..."   section i fails on its attempts 1 and 2, then succeeds
       "fail3-section:<i> ..."   section i fails on its attempts 1 to 3 (a whole run of 3 attempts)
       "secret-section:<i> ..."  section i fails on every attempt with a credential in the error
@@ -90,6 +91,8 @@ class Fanout:
         _record_line(request.job_id, f"plan {request.attempt}")
         if request.topic.startswith("permanent-plan"):
             raise PermanentJobError("unsupported_topic", "This topic cannot be planned.")
+        if request.topic.startswith("fail-once") and request.attempt == 1:
+            raise RuntimeError("transient: the planner timed out")
         return template.plan(request)
 
     def write_section(self, request: LessonRequest, plan: dict[str, Any], index: int) -> dict[str, Any]:
