@@ -160,7 +160,7 @@ def start() -> None:
     settings = telemetry_settings()
     if settings.mode == "off" or _otel is not None:
         return
-    # Lazily: the SDK loads only when telemetry is on (~80 ms of imports; the gcp exporters ~350 ms).
+    # Lazily: the SDK loads only when telemetry is on (~100 ms of cold start).
     from common.platform.otel import Otel
 
     _otel = Otel(settings, METRICS)
