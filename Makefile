@@ -8,7 +8,7 @@ EMU_VENV  := .venv-tasks-emulator
 EMU_STAMP := $(EMU_VENV)/.installed-stamp
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run test soak lint fmt clean help bench bench-load bench-archive tasks-emulator auth-emulator
+.PHONY: run test soak lint fmt clean help bench bench-load bench-archive bench-growth tasks-emulator auth-emulator
 
 help:
 	@echo "make run    start embedded PostgreSQL and every function locally (Ctrl-C stops)"
@@ -20,6 +20,7 @@ help:
 	@echo "make soak   the full fault soak (2,000 jobs while process_job is killed at random)"
 	@echo "make bench-load  64 clients creating jobs for 30 s (figures in bench/RESULTS.md)"
 	@echo "make bench-archive  archiver vs naive UPDATE on 1M lessons; writes bench/RESULTS.md"
+	@echo "make bench-growth  every endpoint at ~10M jobs vs one day of them (~10 GB, minutes); writes bench/RESULTS.md"
 
 # The project itself goes in editable (`pip install -e .`): `common` and `devtools` then import from
 # this checkout in any process of the venv, e.g. a bare `.venv/bin/functions-framework`.
@@ -89,6 +90,10 @@ fmt: $(STAMP)
 
 bench-archive: $(STAMP)
 	$(BIN)/python -m bench.archive_bench $(BENCH_ARGS)
+
+# Builds ~10M jobs (minutes, ~10 GB) on DYLEN_BENCH_ADMIN_URL or BENCH_ARGS="--admin-url ...", else embedded.
+bench-growth: $(STAMP)
+	$(BIN)/python -m bench.growth_bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(EMU_VENV) .tools .dev .pytest_cache .mypy_cache .ruff_cache build

@@ -94,8 +94,12 @@ DYLEN_WORKER_SA_NAME (dylen-worker), DYLEN_CRON_SA_NAME (dylen-cron), DYLEN_DASH
 DYLEN_INVOKER_SA_NAME (dylen-tasks), DYLEN_SCHEDULER_SA_NAME (dylen-scheduler); PYTHON (python3,
 to read gcloud's JSON).
 Passed through to the functions when set: DYLEN_TIER_HISTORY_LIMITS, DYLEN_TIER_DAILY_JOBS,
-DYLEN_TIER_ACTIVE_JOBS, DYLEN_RESCUE_AFTER_SECONDS, DYLEN_LESSON_GENERATOR, DYLEN_LOG_LEVEL,
-DYLEN_DASHBOARD_AUDIENCE, DYLEN_TRACE_SAMPLE_RATIO, DYLEN_METRICS_EXPORT_SECONDS.
+DYLEN_TIER_ACTIVE_JOBS, DYLEN_TIER_DAILY_TOKENS, DYLEN_TIER_CONCURRENT_CALLS,
+DYLEN_RESCUE_AFTER_SECONDS, DYLEN_LESSON_GENERATOR, DYLEN_LOG_LEVEL, DYLEN_DASHBOARD_AUDIENCE,
+DYLEN_TRACE_SAMPLE_RATIO, DYLEN_METRICS_EXPORT_SECONDS, and
+the model calls' DYLEN_GEMINI_MODEL, DYLEN_GEMINI_VERTEX_PROJECT, DYLEN_GEMINI_VERTEX_LOCATION,
+DYLEN_GEMINI_BASE_URL, DYLEN_GEMINI_TIMEOUT_SECONDS, DYLEN_MODEL_LIMITS, DYLEN_MODEL_PRICES,
+DYLEN_MODEL_SLOT_WAIT_SECONDS, DYLEN_MODEL_CALL_BODIES, DYLEN_MODEL_CALL_RETENTION_DAYS.
 Telemetry: DYLEN_TELEMETRY (gcp: traces to Cloud Trace, metrics to Cloud Monitoring; off turns it off).
 Dashboard: DYLEN_DASHBOARD_OPERATORS (comma-separated Google accounts) get roles/run.invoker on the
 dashboard function and are the only e-mails it lets in; without it the dashboard refuses everyone.
@@ -200,6 +204,10 @@ if ! is_int "$RETRIES" || ((RETRIES < 1)); then
   die "DYLEN_DEPLOY_RETRIES must be a positive integer, got '$RETRIES'"
 fi
 is_int "$RETRY_SECONDS" || die "DYLEN_DEPLOY_RETRY_SECONDS must be an integer, got '$RETRY_SECONDS'"
+is_int "${DYLEN_DB_RESERVED_CONNECTIONS:-10}" \
+  || die "DYLEN_DB_RESERVED_CONNECTIONS must be an integer, got '${DYLEN_DB_RESERVED_CONNECTIONS}'"
+[[ -z "${DYLEN_DB_MAX_CONNECTIONS:-}" ]] || is_int "$DYLEN_DB_MAX_CONNECTIONS" \
+  || die "DYLEN_DB_MAX_CONNECTIONS must be an integer, got '${DYLEN_DB_MAX_CONNECTIONS}'"
 case "$DB_IP_TYPE" in public | private | psc) ;; *) die "--db-ip-type must be public, private or psc, got '$DB_IP_TYPE'" ;; esac
 case "$PUBLIC_ACCESS_REQUESTED" in
   auto | all-users | no-invoker-iam-check) ;;
@@ -764,6 +772,22 @@ if read_value '' "a RUNNABLE PostgreSQL instance that can serve" gcloud sql inst
   if [[ $DRY_RUN -eq 0 ]] && ! "$PY" "$ROOT/devtools/deploy_checks.py" instance "$OUT_FILE" "$DB_IAM_AUTH" "$DB_IP_TYPE" >"$ERR_FILE"; then
     die "$(cat "$ERR_FILE"). Nothing was created."
   fi
+  # The connection budget (docs/PERFORMANCE.md, "Connection budget"). A dry run reads no instance:
+  # it checks against DYLEN_DB_MAX_CONNECTIONS when that is set.
+  BUDGET_TOTAL=0 BUDGET_PARTS=""
+  for name in "${FUNCTIONS[@]}"; do
+    read -r _threads pool overflow _concurrency max_instances <<<"$(runtime_of "$name")"
+    BUDGET_TOTAL=$((BUDGET_TOTAL + max_instances * (pool + overflow)))
+    BUDGET_PARTS+="${BUDGET_PARTS:+ }$name ${max_instances}x($pool+$overflow)"
+  done
+  if [[ $DRY_RUN -eq 0 || -n "${DYLEN_DB_MAX_CONNECTIONS:-}" ]]; then
+    "$PY" "$ROOT/devtools/deploy_checks.py" connections "$OUT_FILE" "$BUDGET_TOTAL" "$BUDGET_PARTS" \
+      "${DYLEN_DB_RESERVED_CONNECTIONS:-10}" "${DYLEN_DB_MAX_CONNECTIONS:-}" >"$ERR_FILE" \
+      || die "$(cat "$ERR_FILE"). Nothing was created."
+    cat "$ERR_FILE"
+  else
+    echo "(connection budget: at most $BUDGET_TOTAL connections; set DYLEN_DB_MAX_CONNECTIONS to check it in a dry run)"
+  fi
 else
   cat "$ERR_FILE" >&2
   die "cannot read Cloud SQL instance $SQL_INSTANCE_NAME in project $SQL_PROJECT (gcloud's error is above); deploy.sh never creates the instance"
@@ -966,8 +990,12 @@ add_env GOOGLE_CLOUD_PROJECT "$PROJECT" # the logs' trace names and the telemetr
 OPERATORS="${DYLEN_DASHBOARD_OPERATORS:-}"
 [[ -z "$OPERATORS" ]] || add_env DYLEN_DASHBOARD_OPERATORS "$OPERATORS"
 for passthrough in DYLEN_TIER_HISTORY_LIMITS DYLEN_TIER_DAILY_JOBS DYLEN_TIER_ACTIVE_JOBS \
+  DYLEN_TIER_DAILY_TOKENS DYLEN_TIER_CONCURRENT_CALLS \
   DYLEN_RESCUE_AFTER_SECONDS DYLEN_LESSON_GENERATOR DYLEN_LOG_LEVEL DYLEN_DASHBOARD_AUDIENCE \
-  DYLEN_TRACE_SAMPLE_RATIO DYLEN_METRICS_EXPORT_SECONDS; do
+  DYLEN_TRACE_SAMPLE_RATIO DYLEN_METRICS_EXPORT_SECONDS \
+  DYLEN_GEMINI_MODEL DYLEN_GEMINI_VERTEX_PROJECT DYLEN_GEMINI_VERTEX_LOCATION DYLEN_GEMINI_BASE_URL \
+  DYLEN_GEMINI_TIMEOUT_SECONDS DYLEN_MODEL_LIMITS DYLEN_MODEL_PRICES DYLEN_MODEL_SLOT_WAIT_SECONDS \
+  DYLEN_MODEL_CALL_BODIES DYLEN_MODEL_CALL_RETENTION_DAYS; do
   if [[ -n "${!passthrough:-}" ]]; then add_env "$passthrough" "${!passthrough}"; fi
 done
 

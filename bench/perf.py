@@ -634,14 +634,15 @@ def render(results: dict[str, Any], command: str) -> str:
     return "\n".join(lines)
 
 
-def write_results(section: str) -> None:
+def write_results(section: str, start: str = START, end: str = END) -> None:
+    """Replace the section between the `start` and `end` markers (each benchmark has its own)."""
     text = (
         RESULTS.read_text()
         if RESULTS.exists()
         else "# Benchmark results\n\nEach section names the command that produced it.\n"
     )
-    if START in text and END in text:
-        text = text[: text.index(START)] + section + text[text.index(END) + len(END) :]
+    if start in text and end in text:
+        text = text[: text.index(start)] + section + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
     RESULTS.write_text(text)

@@ -132,6 +132,51 @@ def instance_problems(instance: dict[str, Any], iam_auth: bool, ip_type: str) ->
     return problems
 
 
+# Cloud SQL for PostgreSQL's default max_connections by the tier's memory ("Quotas and limits"),
+# for an instance without a max_connections flag: (memory below this many MB, connections).
+_DEFAULT_CONNECTIONS_BY_MB = (
+    (6144, 100),
+    (7680, 200),
+    (15360, 400),
+    (30720, 500),
+    (61440, 600),
+    (122880, 800),
+)
+_SHARED_CORE = {"db-f1-micro": 25, "db-g1-small": 50}
+
+
+def connection_limit(instance: dict[str, Any]) -> tuple[int | None, str]:
+    """The instance's max_connections and where it comes from (its flag, else its tier's default)."""
+    name = instance.get("name", "the instance")
+    settings = instance.get("settings") or {}
+    flags = {f.get("name"): f.get("value") for f in settings.get("databaseFlags") or []}
+    if str(flags.get("max_connections", "")).isdigit():
+        return int(flags["max_connections"]), f"Cloud SQL instance {name}"
+    tier = str(settings.get("tier", ""))
+    origin = f"Cloud SQL instance {name} (tier {tier}'s default)"
+    if tier in _SHARED_CORE:
+        return _SHARED_CORE[tier], origin
+    memory = tier.rsplit("-", 1)[-1]
+    if tier.startswith("db-custom-") and memory.isdigit():
+        mb = int(memory)
+        return next((n for below, n in _DEFAULT_CONNECTIONS_BY_MB if mb < below), 1000), origin
+    return None, origin
+
+
+def connection_problems(total: int, parts: str, limit: int, origin: str, reserve: int) -> list[str]:
+    """The connection budget: every function at its max instances with its pool full must fit the
+    instance's max_connections minus a reserve (superuser slots, Cloud SQL's agents, migrations,
+    operators), or at full scale requests fail with "too many clients"."""
+    if total <= limit - reserve:
+        return []
+    return [
+        f"the functions may open {total} database connections (max instances x (pool + overflow): "
+        f"{parts}), more than the {limit - reserve} that {origin} allows (max_connections {limit} minus "
+        f"DYLEN_DB_RESERVED_CONNECTIONS {reserve}). Lower max-instances, pool or overflow in "
+        "RUNTIME_SETTINGS (deploy.sh), or raise the instance's max_connections (its flag or a larger tier)"
+    ]
+
+
 def _number(value: Any) -> float:
     """A count, a rate or a duration ("10s", "300.000s") as a number of units."""
     return float(str(value).rstrip("s") or 0)
@@ -187,6 +232,27 @@ def main(argv: list[str]) -> int:
         problems = queue_problems(_load(argv[2]) or {}, dict(zip(names, argv[3:], strict=True)))
         for problem in problems:
             print(problem)
+        return 1 if problems else 0
+    if len(argv) == 7 and argv[1] == "connections":
+        # connections INSTANCE.json TOTAL PARTS RESERVE OVERRIDE ("" = read the instance)
+        total, parts, reserve, override = int(argv[3]), argv[4], int(argv[5]), argv[6]
+        if override:
+            limit, origin = int(override), "DYLEN_DB_MAX_CONNECTIONS"
+        else:
+            found, origin = connection_limit(_load(argv[2]) or {})
+            if found is None:
+                print(
+                    f"cannot tell the max_connections of {origin}: set DYLEN_DB_MAX_CONNECTIONS to its value"
+                )
+                return 1
+            limit = found
+        problems = connection_problems(total, parts, limit, origin, reserve)
+        for problem in problems:
+            print(problem)
+        if not problems:
+            print(
+                f"(connection budget: at most {total} of the {limit - reserve} connections {origin} allows)"
+            )
         return 1 if problems else 0
     print(__doc__, file=sys.stderr)
     return 2

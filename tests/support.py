@@ -12,6 +12,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +165,8 @@ def base_env(database_url: str, **overrides: str) -> dict[str, str]:
         # tests about them, which set the limits they test.
         DYLEN_TIER_DAILY_JOBS="free=1000000",
         DYLEN_TIER_ACTIVE_JOBS="free=1000000",
+        DYLEN_TIER_DAILY_TOKENS="free=1000000000000",
+        DYLEN_TIER_CONCURRENT_CALLS="free=1000000",
         # A failed attempt is retried at once (no backoff) unless a test is about the backoff.
         DYLEN_JOB_RETRY_BASE_SECONDS="0",
         DYLEN_JOB_RETRY_CAP_SECONDS="0",
@@ -240,8 +243,8 @@ def lesson_body(topic: str = "Photosynthesis", key: str | None = None, **payload
 
 
 @contextlib.contextmanager
-def migrated_database(pg_admin_url: str) -> Iterator[str]:
-    """A new database built by `python -m common.cli migrate`, dropped afterwards."""
+def migrated_database(pg_admin_url: str, revision: str = "head") -> Iterator[str]:
+    """A new database built by `python -m common.cli migrate [revision]`, dropped afterwards."""
     from devtools.embedded_pg import create_database
 
     name = f"dylen_test_{uuid.uuid4().hex[:10]}"
@@ -249,7 +252,11 @@ def migrated_database(pg_admin_url: str) -> Iterator[str]:
     url = sa.engine.make_url(pg_admin_url).set(database=name).render_as_string(hide_password=False)
     env = {**os.environ, "DYLEN_DATABASE_URL": url, "DYLEN_AUTH_MODE": "dev", "PYTHONPATH": str(ROOT)}
     subprocess.run(
-        [sys.executable, "-m", "common.cli", "migrate"], env=env, cwd=ROOT, check=True, capture_output=True
+        [sys.executable, "-m", "common.cli", "migrate", revision],
+        env=env,
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
     )
     try:
         yield url
@@ -284,6 +291,37 @@ def section_calls(calls_dir: Path, job_id: str) -> list[int]:
     return [
         int(line.split()[1]) for line in generator_calls(calls_dir, job_id) if line.startswith("section ")
     ]
+
+
+@dataclass(frozen=True)
+class CountedCall:
+    """One model call of tests.generators:counting, as its calls file has it."""
+
+    job_id: str
+    what: str  # "plan" or "section:<i>"
+    attempt: int
+    start: float  # time.time()
+    end: float
+
+
+def counted_calls(calls_dir: Path, user: str) -> list[CountedCall]:
+    """Every model call tests.generators:counting made for `user`, in the order they ended."""
+    path = calls_dir / f"{user}.calls"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [
+        CountedCall(job_id, what, int(attempt), float(start), float(end))
+        for job_id, what, attempt, start, end in (line.split() for line in lines)
+    ]
+
+
+def most_at_once(calls: Iterable[CountedCall]) -> int:
+    """The most calls in flight at one moment (an end before a start at the same stamp)."""
+    events = sorted([(c.start, 1) for c in calls] + [(c.end, -1) for c in calls])
+    most = inside = 0
+    for _, step in events:
+        inside += step
+        most = max(most, inside)
+    return most
 
 
 # A lesson's sections are jobs of the same user (parent_id set), written when it fans out: a count

@@ -99,6 +99,16 @@ def test_daily_archive_job_archives_beyond_the_limit_and_archived_lessons_are_go
     free_ids = make_lessons(astack, user, 5)
     pro_ids = make_lessons(astack, pro_user, 5)
     assert cli(private_url, "users", "set-tier", pro_user, "pro").returncode == 0
+    # And model calls on the ledger, one older than the retention (30 days by default)
+    with pdb.begin() as conn:
+        for age in ("31 days", "29 days"):
+            conn.execute(
+                sa.text(
+                    "INSERT INTO model_calls (model, purpose, started_at, lease_expires_at) "
+                    "VALUES ('m', 'plan', now() - CAST(:age AS interval), now())"
+                ),
+                {"age": age},
+            )
 
     # When Cloud Scheduler triggers archive_lessons (twice, as it may)
     first = trigger(astack, **{"X-Dylen-Task-Secret": TASK_SECRET})
@@ -114,6 +124,10 @@ def test_daily_archive_job_archives_beyond_the_limit_and_archived_lessons_are_go
     assert job["result_json"]["lessons_archived"] == 2
     assert job["result_json"]["users_over_limit"] == 1
     assert job["result_json"]["batches"] == 1 and "seconds" in job["result_json"]
+    # And the same daily job pruned the ledger beyond its retention
+    assert job["result_json"]["model_calls_pruned"] == 1
+    with pdb.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM model_calls")).scalar_one() == 1
 
     # And the free user's two oldest lessons are 410, the newest three 200 and listed, newest first
     for lesson_id in free_ids[:2]:

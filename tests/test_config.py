@@ -117,6 +117,8 @@ def test_secret_is_not_in_repr() -> None:
         ("create_job", "DYLEN_JOB_MAX_ATTEMPTS", "0"),  # the job system's
         ("create_job", "DYLEN_TIER_DAILY_JOBS", "pro=1"),  # the tiers'
         ("process_job", "DYLEN_LESSON_GENERATOR", "no_colon"),  # the lessons', through the kinds
+        ("process_job", "DYLEN_LESSON_GENERATOR", "gemini"),  # Gemini without credentials
+        ("get_job", "DYLEN_MODEL_LIMITS", "gemini-2.5-flash=rpm:0"),  # the models' (get_job's usage)
     ],
 )
 def test_a_function_refuses_to_start_with_a_bad_config(function: str, variable: str, value: str) -> None:

@@ -145,7 +145,7 @@ def test_only_a_verified_listed_google_account_gets_in(
 
 
 def test_every_page_answers_with_security_headers(op: requests.Session, dashboard: str) -> None:
-    for path in ("/", "/jobs", "/failures", "/users", "/jobs?status=error&older_than=1s"):
+    for path in ("/", "/jobs", "/failures", "/users", "/models", "/jobs?status=error&older_than=1s"):
         page = op.get(dashboard + path, timeout=10)
         assert page.status_code == 200, (path, page.text[:500])
         assert page.headers["Content-Type"].startswith("text/html")
@@ -265,6 +265,58 @@ def test_job_page_lists_a_fanned_out_lessons_sections(
     assert all(section in page.text for section in sections)
     listed = op.get(dashboard + "/jobs", params={"user": user}, timeout=10).text
     assert parent in listed and not any(section in listed for section in sections)
+
+
+def test_model_calls_on_the_job_page_and_lanes_days_and_users_on_the_models_page(
+    op: requests.Session, dashboard: str, db: sa.Engine
+) -> None:
+    # Given a lesson job whose plan was repaired and whose section 0 hit a 429, on a paused lane
+    user = f"calls-{uuid.uuid4().hex[:8]}"
+    model = f"model-{uuid.uuid4().hex[:8]}"
+    with db.begin() as conn:
+        job_id = make_job(conn, user_id=make_user(conn, user), status="running")
+        for purpose, index, outcome, tokens in (
+            ("plan", None, "invalid", (100, 50)),
+            ("repair", None, "ok", (150, 60)),
+            ("section", 0, "rate_limited", (None, None)),
+        ):
+            conn.execute(
+                sa.text(
+                    "INSERT INTO model_calls (model, job_id, section_index, attempt, user_id, purpose, "
+                    "prompt_version, started_at, lease_expires_at, ended_at, latency_ms, input_tokens, "
+                    "output_tokens, outcome) VALUES (:m, :j, :i, 1, :u, :p, 'plan@1+abc', now(), now(), "
+                    "now(), 900, :in, :out, :o)"
+                ),
+                {
+                    "m": model,
+                    "j": job_id,
+                    "i": index,
+                    "u": user,
+                    "p": purpose,
+                    "in": tokens[0],
+                    "out": tokens[1],
+                    "o": outcome,
+                },
+            )
+        conn.execute(
+            sa.text("INSERT INTO model_lanes (model, paused_until) VALUES (:m, now() + interval '1 hour')"),
+            {"m": model},
+        )
+    # Then the job page lists the calls and the usage
+    page = op.get(dashboard + "/job", params={"id": job_id}, timeout=10).text
+    assert "3 calls, 250 input + 110 output tokens" in page
+    for text in ("repair", "rate_limited", "section 0", "plan@1+abc", "900 ms"):
+        assert text in page, text
+    # And the models page shows the lane (paused), today's totals for the model and the user
+    models = op.get(dashboard + "/models", timeout=10)
+    assert models.status_code == 200
+    row = re.search(rf"<tr><td>{model}</td>.*?</tr>", models.text, re.S)
+    assert row and "UTC" in row.group(0) and '<td class="n">3</td>' in row.group(0)  # paused; 3 this window
+    assert re.search(
+        rf"<td>{model}</td><td class=\"n\">3</td><td class=\"n\">250</td><td class=\"n\">110</td>",
+        models.text,
+    )
+    assert re.search(rf">{user}</a></td><td class=\"n\">3</td><td class=\"n\">250</td>", models.text)
 
 
 def test_hostile_text_is_escaped(op: requests.Session, dashboard: str, db: sa.Engine) -> None:

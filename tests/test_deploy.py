@@ -26,7 +26,9 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from common.accounts.settings import tier_settings
 from common.jobs.settings import job_settings
+from common.models.settings import model_settings
 from common.platform.config import load_settings
 from common.platform.telemetry import telemetry_settings
 from devtools import deploy_checks
@@ -198,6 +200,9 @@ def test_deploy_sh_is_valid_bash_and_shellcheck_clean_where_available() -> None:
 # --- the dry run -------------------------------------------------------------------------------------
 
 
+MODEL_LIMITS = "gemini-2.5-flash=rpm:1000,tpm:2000000,concurrency:50; gemini-2.5-pro=rpm:100"
+
+
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """deploy.sh --dry-run on a copy of the repository that also has the scheduler-called functions
@@ -225,7 +230,10 @@ def dry_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         DYLEN_JOB_MAX_ATTEMPTS="7",
         DYLEN_JOB_TIMEOUT_SECONDS="900",
         DYLEN_TIER_HISTORY_LIMITS="free=3,pro=80",
+        DYLEN_TIER_DAILY_TOKENS="free=50000,pro=9000000",
+        DYLEN_TIER_CONCURRENT_CALLS="free=1,pro=32",
         DYLEN_DASHBOARD_OPERATORS=", ".join(OPERATORS),
+        DYLEN_MODEL_LIMITS=MODEL_LIMITS,
     )
     assert result.returncode == 0, result.stderr
     return {
@@ -285,6 +293,9 @@ def test_dry_run_env_vars_are_a_valid_production_configuration(dry_run: dict[str
         assert env["DYLEN_TASKS_INVOKER_SA"] == INVOKER_SA
         assert env["DYLEN_TASKS_ALLOWED_SA"] == f"{INVOKER_SA},{SCHEDULER_SA}"
         assert env["DYLEN_TIER_HISTORY_LIMITS"] == "free=3,pro=80"  # commas survive the ^|^ delimiter
+        tiers = tier_settings.load({**env, "DYLEN_ENV_FILE": os.devnull})
+        assert (tiers.daily_tokens["pro"], tiers.concurrent_calls["free"]) == (9000000, 1)
+        assert model_settings.load({**env, "DYLEN_ENV_FILE": os.devnull}).limits["gemini-2.5-pro"].rpm == 100
         # The same guards that run at cold start accept what deploy.sh sets.
         settings = load_settings({**env, "DYLEN_ENV_FILE": os.devnull})
         jobs = job_settings.load({**env, "DYLEN_ENV_FILE": os.devnull})
@@ -1312,3 +1323,65 @@ def test_the_deployment_guide_covers_every_option_and_identity_and_stays_in_the_
     ):
         assert f"| `{account}` |" in guide
     assert not re.search(r"\]\((https?:)?//", guide)  # no link out of the repository
+
+
+# --- the connection budget ---------------------------------------------------------------------------
+
+# The defaults of RUNTIME_SETTINGS: create_job 5x(2+2), process_job 5x(4+2), archive_lessons and
+# rescue_jobs 1x(1+1), dashboard 2x(2+1), and get_job, get_lesson, list_lessons, cancel_job 3x(2+2).
+DEFAULT_CONNECTIONS = 5 * 4 + 5 * 6 + 2 * (1 * 2) + 2 * 3 + 4 * (3 * 4)
+
+
+@pytest.mark.parametrize(
+    ("flags", "tier", "limit", "origin"),
+    [
+        ([{"name": "max_connections", "value": "150"}], "db-custom-1-3840", 150, "Cloud SQL instance dylen"),
+        ([], "db-custom-1-3840", 100, "tier db-custom-1-3840's default"),
+        ([], "db-custom-2-7680", 400, "tier db-custom-2-7680's default"),
+        ([], "db-f1-micro", 25, "tier db-f1-micro's default"),
+        ([], "db-perf-optimized-N-8", None, "tier db-perf-optimized-N-8's default"),
+    ],
+)
+def test_the_instances_max_connections_is_its_flag_else_its_tiers_default(
+    flags: list[dict[str, str]], tier: str, limit: int | None, origin: str
+) -> None:
+    instance = {"name": "dylen", "settings": {"tier": tier, "databaseFlags": flags}}
+    found, said = deploy_checks.connection_limit(instance)
+    assert found == limit and origin in said
+
+
+def test_a_real_run_refuses_more_connections_than_the_instance_allows_before_changing_anything(
+    tmp_path: Path,
+) -> None:
+    # Given an instance of 100 connections (the defaults need 108 plus a reserve of 10)
+    instance = json.loads(json.dumps(READY_INSTANCE))
+    instance["settings"]["databaseFlags"][0]["value"] = "100"
+    fake_bin = _fake_gcloud(tmp_path, instance=instance)
+    result = _run(tmp_path, fake_bin, *BASE_ARGS)
+    # Then the deploy stops in its preflight, naming the numbers to change, and nothing was created
+    assert result.returncode != 0
+    assert f"may open {DEFAULT_CONNECTIONS} database connections" in result.stderr, result.stderr
+    assert "max_connections 100 minus DYLEN_DB_RESERVED_CONNECTIONS 10" in result.stderr
+    assert "create_job 5x(2+2)" in result.stderr and "RUNTIME_SETTINGS" in result.stderr
+    assert not [c for c in _calls(tmp_path) if not READ_ONLY.match(c) and not c.startswith("services enable")]
+
+
+def test_a_dry_run_checks_the_budget_against_dylen_db_max_connections(tmp_path: Path) -> None:
+    fake_bin = _fake_gcloud(tmp_path)
+    fits = _run(
+        tmp_path, fake_bin, "--dry-run", *BASE_ARGS, DYLEN_DB_MAX_CONNECTIONS=str(DEFAULT_CONNECTIONS + 10)
+    )
+    assert fits.returncode == 0, fits.stderr
+    assert f"at most {DEFAULT_CONNECTIONS} of the {DEFAULT_CONNECTIONS}" in fits.stdout
+    over = _run(
+        tmp_path,
+        fake_bin,
+        "--dry-run",
+        *BASE_ARGS,
+        DYLEN_DB_MAX_CONNECTIONS=str(DEFAULT_CONNECTIONS + 10),
+        DYLEN_DB_RESERVED_CONNECTIONS="11",
+    )
+    assert over.returncode != 0
+    assert f"more than the {DEFAULT_CONNECTIONS - 1} that DYLEN_DB_MAX_CONNECTIONS allows" in over.stderr
+    unchecked = _run(tmp_path, fake_bin, "--dry-run", *BASE_ARGS)
+    assert unchecked.returncode == 0 and f"at most {DEFAULT_CONNECTIONS} connections" in unchecked.stdout

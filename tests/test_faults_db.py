@@ -8,9 +8,11 @@ exactly one lesson.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -31,13 +33,19 @@ ALL = ("create_job", "get_job", "get_lesson", "list_lessons", "rescue_jobs")
 
 
 @pytest.fixture(scope="module")
-def own_pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+def own_pg() -> Iterator[Any]:
     from devtools.embedded_pg import EmbeddedPostgres
 
-    pg = EmbeddedPostgres(tmp_path_factory.mktemp("own-pg") / "data", durable=False)
-    pg.start()
-    yield pg
-    pg.destroy()
+    # Not under pytest's tmp root (see tests/conftest.py, pg_admin_url): any pytest session that
+    # starts on this machine chmods it back to 0700, locking the server's OS user out of its data.
+    root = Path(tempfile.mkdtemp(prefix="dylen-own-pg-"))
+    pg = EmbeddedPostgres(root / "data", durable=False)
+    try:
+        pg.start()
+        yield pg
+    finally:
+        pg.destroy()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

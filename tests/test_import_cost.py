@@ -1,7 +1,8 @@
 """Cold start pays only for what the configuration uses: google-cloud-tasks and the Cloud SQL connector
-stay out of `sys.modules` until a gcp dispatch or a Cloud SQL connection needs them, OpenTelemetry
-until DYLEN_TELEMETRY turns it on, and no function imports SQLAlchemy (~0.3 s of CPU; it is for
-migrations only, see common/db.py)."""
+stay out of `sys.modules` until a gcp dispatch or a Cloud SQL connection needs them, google-genai
+(~0.4 s) until process_job makes its first Gemini call, OpenTelemetry until DYLEN_TELEMETRY turns it
+on, and no function imports SQLAlchemy (~0.3 s of CPU; it is for migrations only, see
+common/db.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any
 
 from tests.support import ROOT, free_port
 
-HEAVY = ("google.cloud.tasks_v2", "google.cloud.sql.connector", "sqlalchemy", "opentelemetry")
+HEAVY = ("google.cloud.tasks_v2", "google.cloud.sql.connector", "sqlalchemy", "google.genai", "opentelemetry")
 FUNCTIONS = sorted(p.name for p in (ROOT / "functions").iterdir() if (p / "main.py").is_file())
 
 
@@ -48,6 +49,36 @@ def test_no_function_imports_tasks_the_connector_sqlalchemy_or_opentelemetry_und
     loaded = _run(script)
     assert set(loaded) == set(FUNCTIONS) and "create_job" in loaded and "process_job" in loaded
     assert loaded == {name: [] for name in FUNCTIONS}
+
+
+def test_only_process_job_imports_google_genai_and_only_at_its_first_gemini_call() -> None:
+    script = (
+        "import json, runpy, sys\n"
+        f"names = {FUNCTIONS!r}\n"
+        "seen = {}\n"
+        "for name in names:\n"
+        "    runpy.run_path(f'functions/{name}/main.py')\n"
+        "    seen[name] = 'google.genai' in sys.modules\n"
+        "from common.lessons.kind import get_generator\n"
+        "from common.lessons import gemini\n"
+        "seen['generator is gemini'] = get_generator() is gemini\n"
+        "seen['after choosing it'] = 'google.genai' in sys.modules\n"
+        "gemini.client()\n"  # what the first call builds; nothing listens at the base URL
+        "seen['at the first call'] = 'google.genai' in sys.modules\n"
+        "print(json.dumps(seen))\n"
+    )
+    seen = _run(
+        script,
+        DYLEN_LESSON_GENERATOR="gemini",
+        GEMINI_API_KEY="unused",
+        DYLEN_GEMINI_BASE_URL=f"http://127.0.0.1:{free_port()}",
+    )
+    assert seen == {
+        **{name: False for name in FUNCTIONS},
+        "generator is gemini": True,
+        "after choosing it": False,
+        "at the first call": True,
+    }
 
 
 def test_create_job_under_gcp_imports_the_tasks_client_on_first_dispatch_only() -> None:

@@ -1,5 +1,5 @@
-"""The layout's rules, read from the source: layers that import one way (platform <- jobs <- accounts
-<- lessons <- functions, CLI and dashboard), no import circle in common/ (function-level imports
+"""The layout's rules, read from the source: layers that import one way (platform <- jobs <- models
+<- accounts <- lessons <- functions, CLI and dashboard), no import circle in common/ (function-level imports
 included), a function-level import only where a heavy module loads lazily on purpose, said in a
 comment; and the same rules for the SQL: each table has one owning package, only that package
 writes it (only the job layer's transitions module writes `jobs`), and no layer reads a table of a
@@ -16,17 +16,21 @@ from tests.support import ROOT
 LAYERS = {
     "common.platform": 0,
     "common.jobs": 1,
-    "common.accounts": 2,
-    "common.lessons": 3,
-    "common.cli": 4,
-    "common.dashboard": 4,
+    "common.models": 2,
+    "common.accounts": 3,
+    "common.lessons": 4,
+    "common.cli": 5,
+    "common.dashboard": 5,
 }
 # Every table of the schema, and the package that owns it (the only one that writes it).
 OWNERS = {
     "jobs": "common.jobs",
     "job_attempts": "common.jobs",
     "job_pruned_totals": "common.jobs",
+    "model_lanes": "common.models",
+    "model_calls": "common.models",
     "users": "common.accounts",
+    "quota_grants": "common.accounts",
     "lessons": "common.lessons",
     "job_done_totals": "common.jobs",
     "job_done_mark": "common.jobs",

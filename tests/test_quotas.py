@@ -127,9 +127,10 @@ def test_the_tenth_is_accepted_the_eleventh_is_429_until_utc_midnight(
     assert daily_stack.create(user, lesson_body("Other", key="first")).status_code == 409
 
 
-def test_canceled_and_error_jobs_give_the_quota_back_done_does_not(
+def test_canceled_and_error_jobs_that_spent_nothing_give_the_quota_back_done_does_not(
     daily_stack: Stack, db: sa.Engine, user: str
 ) -> None:
+    # Spent is spent (tests/test_spending.py): here nothing ran, the jobs stay queued until moved
     ids = [daily_stack.create(user, lesson_body(key=f"k{i}")).json()["job_id"] for i in range(10)]
     assert daily_stack.create(user, lesson_body(key="over")).status_code == 429
 
@@ -137,8 +138,12 @@ def test_canceled_and_error_jobs_give_the_quota_back_done_does_not(
     assert daily_stack.create(user, lesson_body(key="after-cancel")).status_code == 202
     assert daily_stack.create(user, lesson_body(key="over-2")).status_code == 429
 
-    set_status(db, ids[1], "error")  # a failure of ours never costs the user
+    set_status(db, ids[1], "error")  # failed before any attempt: it never cost the user anything
     assert daily_stack.create(user, lesson_body(key="after-error")).status_code == 202
+
+    with db.begin() as conn:  # failed after an attempt ran: that attempt was spent
+        conn.execute(sa.text("UPDATE jobs SET status = 'error', attempts = 1 WHERE id = :id"), {"id": ids[3]})
+    assert daily_stack.create(user, lesson_body(key="over-after-spent-error")).status_code == 429
 
     set_status(db, ids[2], "done")  # a delivered lesson still counts
     assert_limited(
@@ -171,7 +176,7 @@ def test_a_tier_change_takes_effect_on_the_next_create(
     assert show.returncode == 0, show.stderr
     assert "tier     starter" in show.stdout
     assert "daily    11 of 50 lesson jobs" in show.stdout
-    assert "active   11 of 1000000 lesson jobs queued or running" in show.stdout
+    assert "active   11 of 1000000 lesson jobs queued, running or mid-call" in show.stdout
 
 
 def test_usage_is_in_list_lessons(daily_stack: Stack, db: sa.Engine, user: str) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 
 from tests.factories import make_job, make_user
@@ -119,11 +120,17 @@ def test_old_finished_jobs_go_in_batches_lessons_and_totals_stay(
     assert prune_finished(days=30, batch=2).jobs == 0
 
 
-def test_the_daily_maintenance_job_reports_what_it_pruned(app_env: dict[str, str]) -> None:
+def test_the_daily_maintenance_job_reports_what_it_pruned(
+    app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from datetime import UTC, datetime, timedelta
 
     from common.jobs import processor
     from common.lessons.archive.kind import enqueue_daily_archive
+    from common.platform.config import reset_settings
+
+    monkeypatch.setenv("DYLEN_JOBS_AUTO_PROCESS", "false")  # this test delivers the job itself
+    reset_settings()
 
     # A day of its own (the job is one per UTC day), so this run is the first of that day
     day = datetime(2100, 1, 1, tzinfo=UTC) + timedelta(days=uuid.uuid4().int % 30000)

@@ -1,5 +1,5 @@
 """Operator commands: `python -m common.cli migrate`, `jobs list|show|retry|cancel|stats` (logic in
-common.jobs.ops), `users show|set-tier` and `archive [--dry-run]` (logic in common.lessons.archive).
+common.jobs.ops), `users show|set-tier|refund` and `archive [--dry-run]` (logic in common.lessons.archive).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import logging
 import sys
 import traceback
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from common.accounts import tiers, users
@@ -19,6 +20,7 @@ from common.cli import text
 from common.jobs import ops
 from common.lessons.archive import algorithm as archive
 from common.lessons.kind import LessonKind
+from common.models import ledger
 from common.platform.config import for_tools
 from common.platform.db import connection, named_errors
 from common.platform.errors import DylenError, ValidationFailed
@@ -71,13 +73,28 @@ def show_user(args: argparse.Namespace) -> int:
     if usage.tier is None:
         print(f"error: no user {args.uid!r} (users appear on their first request)", file=sys.stderr)
         return 1
+    with named_errors(), connection() as conn:
+        today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+        models = ledger.user_usage(conn, args.uid, since=today)
     view = usage_view(usage)
-    daily, active = view["daily"], view["active"]
+    daily, active, tokens = view["daily"], view["active"], view["tokens"]
     print(f"user     {args.uid}")
     print(f"tier     {view['tier']}")
     print(f"history  keeps the newest {tiers.history_limit(view['tier'])} lessons")
     print(f"daily    {daily['used']} of {daily['limit']} lesson jobs (resets {daily['resets_at']})")
-    print(f"active   {active['used']} of {active['limit']} lesson jobs queued or running")
+    print(f"active   {active['used']} of {active['limit']} lesson jobs queued, running or mid-call")
+    print(f"tokens   {tokens['used']} of {tokens['limit']} model tokens today (UTC)")
+    print(f"models   {models.text()} today (UTC)")
+    return 0
+
+
+def refund(args: argparse.Namespace) -> int:
+    with named_errors():
+        granted = tiers.refund(args.uid, job_kind=LessonKind.kind, jobs=args.jobs, tokens=args.tokens)
+    print(
+        f"{args.uid}: gave back {granted.jobs} lesson jobs and {granted.tokens} tokens of today (UTC)"
+        + ("" if (granted.jobs, granted.tokens) == (args.jobs, args.tokens) else " (all the day counted)")
+    )
     return 0
 
 
@@ -111,6 +128,13 @@ def add_archive_commands(sub: Any) -> None:
     p_show = users_sub.add_parser("show", help="a user's tier, lesson quota usage and limits")
     p_show.add_argument("uid")
     p_show.set_defaults(run=show_user)
+    p_refund = users_sub.add_parser(
+        "refund", help="give back today's quota (lesson jobs, tokens) when a failure was ours"
+    )
+    p_refund.add_argument("uid")
+    p_refund.add_argument("--jobs", type=int, required=True, help="lesson jobs to give back")
+    p_refund.add_argument("--tokens", type=int, default=0, help="model tokens to give back")
+    p_refund.set_defaults(run=refund)
     p_archive = sub.add_parser("archive", help="archive lessons beyond each user's tier limit now")
     p_archive.add_argument("--dry-run", action="store_true", help="print what would be archived per tier")
     p_archive.set_defaults(run=archive_lessons)
@@ -215,7 +239,7 @@ def run_jobs(args: argparse.Namespace) -> int:
             print(text.jobs_table(jobs) if jobs else "No jobs match.")
     elif command == "show":
         shown = ops.show_job(args.job_id)
-        detail = ops.job_detail(shown.job, shown.sections, shown.attempts)
+        detail = {**ops.job_detail(shown.job, shown.sections, shown.attempts), **_model_calls(shown.job)}
         print(json.dumps(detail, indent=2, ensure_ascii=False) if args.json else text.job_text(detail))
     elif command == "cancel":
         job = ops.cancel_job(args.job_id)
@@ -226,6 +250,19 @@ def run_jobs(args: argparse.Namespace) -> int:
         summary = ops.stats()
         print(json.dumps(summary, indent=2) if args.json else text.stats_text(summary))
     return 0
+
+
+def _model_calls(job: Any) -> dict[str, Any]:
+    """The job's model calls from the ledger (a section's: its lesson's calls for that section)."""
+    with named_errors(), connection() as conn:
+        calls = ledger.job_calls(conn, job.parent_id or job.id)
+    if job.parent_id is not None:
+        calls = [c for c in calls if c.section_index == job.section_index]
+    usage = ledger.usage_of(calls)
+    return {
+        "usage": {**usage.view(), "estimated_cost_usd": usage.cost},
+        "model_calls": [c.view() for c in calls],
+    }
 
 
 def _retry(args: argparse.Namespace) -> int:

@@ -98,6 +98,8 @@ def job_text(detail: dict[str, Any]) -> str:
             if a["error_detail"]:
                 raw = a["error_detail"].rstrip().replace("\n", "\n" + " " * 12)
                 text += f"\n{'attempt ' + str(a['attempt']):<12}{raw}"
+    if "usage" in detail:
+        text += model_calls_text(detail["usage"], detail["model_calls"])
     if "sections" in detail:
         rows = [
             [
@@ -133,3 +135,32 @@ def stats_text(summary: dict[str, Any]) -> str:
     rate = "-" if hour["error_rate"] is None else f"{hour['error_rate']:.1%}"
     out.append(f"error rate, last hour: {rate} ({hour['error']} error of {finished} finished)")
     return "\n".join(out)
+
+
+def model_calls_text(usage: dict[str, Any], calls: Sequence[dict[str, Any]]) -> str:
+    """The job's usage line and, when it made any, its model calls as a table."""
+    cost = "" if usage["estimated_cost_usd"] is None else f", ~${usage['estimated_cost_usd']:.4f}"
+    text = (
+        f"\n{'usage':<12}{usage['calls']} model calls, {usage['input_tokens']} input + "
+        f"{usage['output_tokens']} output tokens{cost}"
+    )
+    if not calls:
+        return text
+    rows = [
+        [
+            c["started_at"][11:23],
+            c["model"],
+            c["purpose"] + ("" if c["section_index"] is None else f" {c['section_index']}"),
+            str(c["attempt"] or "-"),
+            c["outcome"],
+            f"{c['input_tokens'] or 0}+{c['output_tokens'] or 0}",
+            "-" if c["latency_ms"] is None else f"{c['latency_ms']} ms",
+            c["error_code"] or "",
+        ]
+        for c in calls
+    ]
+    return (
+        text
+        + "\n"
+        + table(["STARTED", "MODEL", "CALL", "ATTEMPT", "OUTCOME", "TOKENS", "LATENCY", "ERROR"], rows)
+    )

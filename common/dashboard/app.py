@@ -27,6 +27,7 @@ from common.dashboard.csrf import check_csrf, csrf_token
 from common.jobs import ops, totals
 from common.jobs import queries as job_queries
 from common.jobs.model import RETRYABLE_STATUSES, Job
+from common.models import ledger
 from common.platform.cursor import decode_cursor, encode_cursor
 from common.platform.db import connection, named_errors
 from common.platform.errors import DylenError, MalformedRequest, NotFound
@@ -261,10 +262,15 @@ def job_page(request: flask.Request, operator: str) -> flask.Response:
     job, sections = shown.job, shown.sections
     with connection() as conn:
         lesson = queries.lesson_of(conn, job.id)
+        calls = ledger.job_calls(conn, job.parent_id or job.id)
+    if job.parent_id is not None:  # a section: its own calls of its lesson's
+        calls = [c for c in calls if c.section_index == job.section_index]
     return render(
         "job.html",
         job=job,
         attempts=shown.attempts,
+        calls=calls,
+        usage=ledger.usage_of(calls),
         detail=ops.job_detail(job),
         timeline=timeline(job),
         lesson=lesson,
@@ -324,6 +330,17 @@ def users_page(request: flask.Request, operator: str) -> flask.Response:
     )
 
 
+def models_page(request: flask.Request, operator: str) -> flask.Response:
+    """Each lane's state now; calls, tokens and estimated cost per day and model, and per user today."""
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    with connection() as conn:
+        lanes = ledger.lane_states(conn)
+        days = ledger.daily_totals(conn, days=7)
+        users = ledger.users_usage(conn, since=today)
+    now = datetime.now(UTC)
+    return render("models.html", lanes=lanes, days=days, users=users, now=now, **_context(operator, "models"))
+
+
 # --- actions ---------------------------------------------------------------------------------------
 
 
@@ -368,6 +385,7 @@ GET_ROUTES: dict[str, View] = {
     "failures": failures_page,
     "retry-group": confirm_group_page,
     "users": users_page,
+    "models": models_page,
 }
 POST_ROUTES: dict[str, View] = {
     "retry": retry,

@@ -88,7 +88,8 @@ def lesson_of(conn: Connection, job_id: uuid.UUID) -> Any:
 
 
 def users(conn: Connection, *, user_id: str | None, limit: int) -> list[Any]:
-    """One user (`user_id`) or the newest ones, with lesson counts (lessons_user_idx) and live jobs."""
+    """One user (`user_id`) or the newest ones (users_created_idx), with lesson counts
+    (lessons_user_visible_idx, lessons_user_archived_idx) and live jobs."""
     return conn.execute(
         Statement(
             """

@@ -139,7 +139,12 @@ class JobFilter:
     def where(self) -> tuple[str, dict[str, Any]]:
         clauses: list[str] = ["parent_id IS NULL"]  # sections show under their parent
         params: dict[str, Any] = {}
-        if self.statuses is not None:
+        if self.statuses is not None and len(self.statuses) == 1:
+            # `=`, not `= ANY`: before PostgreSQL 17 an index read through `= ANY` gives no order, so
+            # "newest errors first" would walk every job newest first instead of jobs_failed_idx.
+            clauses.append("status = :status")
+            params["status"] = self.statuses[0]
+        elif self.statuses is not None:
             clauses.append("status = ANY(CAST(:statuses AS text[]))")
             params["statuses"] = list(self.statuses)
         if self.kinds is not None:

@@ -48,21 +48,24 @@ _CREATE_FOR_USER = Statement(_SQL["create_for_user"], prepare=True)
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-tier limits a kind's creates are held to (tier -> number; a missing tier gets free's)."""
+    """Per-tier limits a kind's creates are held to (tier -> number; a missing tier gets free's):
+    jobs a UTC day, jobs active at once, and the user's tokens a UTC day (None: not limited)."""
 
     daily: dict[str, int]
     active: dict[str, int]
+    tokens: dict[str, int] | None = None
 
 
 @dataclass(frozen=True)
 class Refused:
-    """Why a create wrote nothing: `outcome` is 'quota-exceeded' or 'too-many-active-jobs'."""
+    """Why a create wrote nothing: `outcome` is 'quota-exceeded', 'token-budget-exceeded' or
+    'too-many-active-jobs'."""
 
     outcome: str
     tier: str
     limit: int
     used: int
-    resets_at: datetime | None  # the daily quota's reset (the next UTC midnight)
+    resets_at: datetime | None  # a daily limit's reset (the next UTC midnight)
     now: datetime  # the database's clock (or the injected one)
 
 
@@ -80,13 +83,8 @@ def create(
 ) -> Job | Refused | None:
     """-> `queued`; None when the key exists (a replay or a 409: the caller looks), Refused when a
     limit says no. `now` None is the database's clock; tests inject one to cross a UTC midnight."""
-    params: dict[str, Any] = {
-        "job_kind": job_kind,
-        "key": idempotency_key,
-        "request": jsonb(request_json),
-        "max_attempts": max_attempts,
-        "traceparent": traceparent,
-    }
+    params: dict[str, Any] = {"job_kind": job_kind, "key": idempotency_key, "request": jsonb(request_json)}
+    params.update(max_attempts=max_attempts, traceparent=traceparent)
     if user_id is None:
         row = conn.execute(_CREATE, params).first()
     else:
@@ -94,6 +92,7 @@ def create(
             user_id=user_id,
             daily_limits=jsonb(limits.daily) if limits else None,
             active_limits=jsonb(limits.active) if limits else None,
+            token_limits=jsonb(limits.tokens) if limits and limits.tokens is not None else None,
             now=now,
         )
         row = conn.execute(_CREATE_FOR_USER, params).first()

@@ -12,14 +12,14 @@ ON CONFLICT (user_id, job_kind, idempotency_key) DO NOTHING
 RETURNING id, created_at
 
 -- name: create_for_user
--- The database function (migration 0002) takes a per-user lock, upserts the user, checks the key
--- and the tier's limits (NULL maps: no limit) and inserts; each of its statements takes a fresh
--- snapshot after the lock, so the limits are exact. One round trip for us.
+-- The database function (migrations 0002, 0009) takes a per-user lock, upserts the user, checks
+-- the key and the tier's limits (NULL maps: no limit) and inserts; each of its statements takes a
+-- fresh snapshot after the lock, so the limits are exact. One round trip for us.
 SELECT outcome, id, created_at, tier, quota_limit, used, resets_at, db_now
   FROM insert_limited_job(CAST(:user_id AS text), CAST(:job_kind AS text), CAST(:key AS text),
                           CAST(:request AS jsonb), CAST(:max_attempts AS integer),
                           CAST(:daily_limits AS jsonb), CAST(:active_limits AS jsonb),
-                          CAST(:now AS timestamptz), CAST(:traceparent AS text))
+                          CAST(:token_limits AS jsonb), CAST(:now AS timestamptz), CAST(:traceparent AS text))
 
 -- name: claim
 -- A section starts only while its parent waits on it and no sibling has failed: checked inside the
@@ -268,10 +268,13 @@ WITH doomed AS (
      ORDER BY completed_at
      LIMIT :batch
      FOR UPDATE SKIP LOCKED
+), doomed_rows AS (  -- the jobs and their sections: each an index probe (no OR across columns)
+    SELECT id FROM doomed
+    UNION ALL
+    SELECT s.id FROM jobs s JOIN doomed ON s.parent_id = doomed.id
 ), gone AS (
-    DELETE FROM jobs
-     WHERE id IN (SELECT id FROM doomed) OR parent_id IN (SELECT id FROM doomed)
-    RETURNING job_kind, status, parent_id
+    DELETE FROM jobs USING doomed_rows WHERE jobs.id = doomed_rows.id
+    RETURNING jobs.job_kind, jobs.status, jobs.parent_id
 ), counted AS (
     INSERT INTO job_pruned_totals (job_kind, status, n)
     SELECT job_kind, status, count(*) FROM gone GROUP BY job_kind, status

@@ -18,7 +18,7 @@ from common.jobs import transitions
 from common.jobs.kinds import Completion
 from common.jobs.model import Job, JobStatus
 from common.jobs.settings import job_settings
-from common.lessons import template
+from common.lessons import gemini, template
 from common.lessons.generation import (
     DEPTHS,
     Generator,
@@ -31,7 +31,7 @@ from common.lessons.generation import (
     plans,
 )
 from common.lessons.queries import ONE_STEP_LESSON, PLANNED_LESSON, jobs_with_lessons
-from common.lessons.settings import lesson_settings
+from common.lessons.settings import GEMINI, lesson_settings
 from common.platform import telemetry
 from common.platform.db import Connection, connection, jsonb
 from common.platform.errors import PermanentJobError, ValidationFailed
@@ -65,13 +65,14 @@ def validate_lesson_payload(payload: Any) -> dict[str, Any]:
 SECTION_KIND = "lesson.section"
 
 _generator: Generator | Planner | None = None
+BUILT_IN: dict[str | None, Any] = {None: template, GEMINI: gemini}  # modules that are planners
 
 
 def get_generator() -> Generator | Planner:
     global _generator
     if _generator is None:
         spec = lesson_settings().generator
-        _generator = load_generator(spec) if spec else template
+        _generator = BUILT_IN[spec] if spec in BUILT_IN else load_generator(spec or "")
     return _generator
 
 
@@ -97,7 +98,14 @@ def _stored_payload(request_json: Any) -> dict[str, Any]:
         ) from invalid
 
 
-def _request(payload: dict[str, Any], *, job_id: uuid.UUID, user_id: str, attempt: int) -> LessonRequest:
+def _request(
+    payload: dict[str, Any],
+    *,
+    job_id: uuid.UUID,
+    user_id: str,
+    attempt: int,
+    section_index: int | None = None,
+) -> LessonRequest:
     return LessonRequest(
         topic=payload["topic"],
         details=payload["details"],
@@ -106,6 +114,7 @@ def _request(payload: dict[str, Any], *, job_id: uuid.UUID, user_id: str, attemp
         job_id=str(job_id),
         user_id=user_id,
         attempt=attempt,
+        section_index=section_index,
     )
 
 
@@ -195,6 +204,7 @@ class SectionKind:
             job_id=job.parent_id,
             user_id=job.user_id,
             attempt=job.attempts,
+            section_index=index,
         )
         with _generator_span("lesson.write_section", request, index):
             section = check_section(generator.write_section(request, parent.plan, index), index)

@@ -1,9 +1,10 @@
-"""get_job: GET /<job_id> -> the caller's job, or 404."""
+"""get_job: GET /<job_id> -> the caller's job (with its progress and model usage), or 404."""
 
 import flask
 import functions_framework
 
 from common.jobs import service
+from common.models import ledger
 from common.platform.http import Call, cold_start, json_response, serve
 
 cold_start()
@@ -11,7 +12,7 @@ cold_start()
 
 def _get(call: Call) -> flask.Response:
     job, progress = service.get_job(call.uid, call.path_id())
-    return json_response(service.job_view(job, progress))
+    return json_response({**service.job_view(job, progress), "usage": ledger.usage_of_job(job.id).view()})
 
 
 @functions_framework.http

@@ -1,25 +1,27 @@
 """the trace a job belongs to: jobs.traceparent, written by its create
 
 Revision ID: 0008
-Revises: 0005
-Create Date: 2026-12-14
+Revises: 0009
+Create Date: 2026-12-21
 """
 
 from alembic import op
 
+# 0008 was this branch's while 0009 (spending) landed first: it follows 0009, whose
+# insert_limited_job it extends.
 revision = "0008"
-down_revision = "0005"
+down_revision = "0009"
 branch_labels = None
 depends_on = None
 
-# insert_limited_job of 0002, with (traced) or without the traceparent to store.
+# insert_limited_job of 0009, with (traced) or without the traceparent to store.
 _LIMITED_INSERT = """
         CREATE OR REPLACE FUNCTION insert_limited_job(
             p_user_id text, p_job_kind text, p_key text, p_request jsonb, p_max_attempts integer,
-            p_daily_limits jsonb, p_active_limits jsonb, p_now timestamptz{parameter}
+            p_daily_limits jsonb, p_active_limits jsonb, p_token_limits jsonb, p_now timestamptz{parameter}
         )
-        RETURNS TABLE (outcome text, id uuid, created_at timestamptz, tier text, quota_limit integer,
-                       used integer, resets_at timestamptz, db_now timestamptz)
+        RETURNS TABLE (outcome text, id uuid, created_at timestamptz, tier text, quota_limit bigint,
+                       used bigint, resets_at timestamptz, db_now timestamptz)
         LANGUAGE plpgsql VOLATILE AS $$
         #variable_conflict use_column
         DECLARE
@@ -27,31 +29,38 @@ _LIMITED_INSERT = """
             v_tier text;
             v_daily integer;
             v_active integer;
+            v_tokens bigint;
             v_usage record;
         BEGIN
-            -- One user's limited creates run one at a time, until this transaction ends; other
-            -- users' never wait (a hashtext collision only serialises two users now and then).
             PERFORM pg_advisory_xact_lock(hashtext('dylen.job_quota'), hashtext(p_user_id));
             INSERT INTO users (id) VALUES (p_user_id) ON CONFLICT (id) DO NOTHING;
-            -- A replay is never limited (checked under the lock: a racing twin may just have won).
             IF EXISTS (SELECT 1 FROM jobs j WHERE j.user_id = p_user_id AND j.job_kind = p_job_kind
                                             AND j.idempotency_key = p_key) THEN
                 RETURN QUERY SELECT 'exists', NULL::uuid, NULL::timestamptz, NULL::text,
-                                    NULL::integer, NULL::integer, NULL::timestamptz, v_now;
+                                    NULL::bigint, NULL::bigint, NULL::timestamptz, v_now;
                 RETURN;
             END IF;
             SELECT u.tier INTO v_tier FROM users u WHERE u.id = p_user_id;
             v_daily := coalesce((p_daily_limits ->> v_tier)::integer, (p_daily_limits ->> 'free')::integer);
             v_active := coalesce((p_active_limits ->> v_tier)::integer, (p_active_limits ->> 'free')::integer);
+            v_tokens := coalesce((p_token_limits ->> v_tier)::bigint, (p_token_limits ->> 'free')::bigint);
             SELECT * INTO v_usage FROM job_usage(p_user_id, p_job_kind, v_now);
             IF v_usage.daily_used >= v_daily THEN
-                RETURN QUERY SELECT 'quota-exceeded', NULL::uuid, NULL::timestamptz, v_tier, v_daily,
-                                    v_usage.daily_used, v_usage.day_start + interval '1 day', v_now;
+                RETURN QUERY SELECT 'quota-exceeded', NULL::uuid, NULL::timestamptz, v_tier,
+                                    v_daily::bigint, v_usage.daily_used::bigint,
+                                    v_usage.day_start + interval '1 day', v_now;
+                RETURN;
+            END IF;
+            IF v_usage.tokens_used >= v_tokens THEN
+                RETURN QUERY SELECT 'token-budget-exceeded', NULL::uuid, NULL::timestamptz, v_tier,
+                                    v_tokens, v_usage.tokens_used,
+                                    v_usage.day_start + interval '1 day', v_now;
                 RETURN;
             END IF;
             IF v_usage.active_used >= v_active THEN
                 RETURN QUERY SELECT 'too-many-active-jobs', NULL::uuid, NULL::timestamptz, v_tier,
-                                    v_active, v_usage.active_used, NULL::timestamptz, v_now;
+                                    v_active::bigint, v_usage.active_used::bigint, NULL::timestamptz,
+                                    v_now;
                 RETURN;
             END IF;
             RETURN QUERY
@@ -60,7 +69,7 @@ _LIMITED_INSERT = """
                 VALUES (gen_random_uuid(), p_user_id, p_job_kind, 'queued', p_key, p_request, 0,
                         p_max_attempts, v_now, v_now, v_now{value})
                 ON CONFLICT (user_id, job_kind, idempotency_key) DO NOTHING
-                RETURNING 'created', j.id, j.created_at, v_tier, NULL::integer, NULL::integer,
+                RETURNING 'created', j.id, j.created_at, v_tier, NULL::bigint, NULL::bigint,
                           NULL::timestamptz, v_now;
         END
         $$;
@@ -85,17 +94,18 @@ def upgrade() -> None:
         """
         + _limited_insert(traced=True)
         + """
-        -- The 0002 signature stays, calling the new one with NULL: functions still running the
+        -- 0009's signature stays, calling the new one with NULL: functions still running the
         -- previous release keep creating jobs while this one deploys.
         CREATE OR REPLACE FUNCTION insert_limited_job(
             p_user_id text, p_job_kind text, p_key text, p_request jsonb, p_max_attempts integer,
-            p_daily_limits jsonb, p_active_limits jsonb, p_now timestamptz
+            p_daily_limits jsonb, p_active_limits jsonb, p_token_limits jsonb, p_now timestamptz
         )
-        RETURNS TABLE (outcome text, id uuid, created_at timestamptz, tier text, quota_limit integer,
-                       used integer, resets_at timestamptz, db_now timestamptz)
+        RETURNS TABLE (outcome text, id uuid, created_at timestamptz, tier text, quota_limit bigint,
+                       used bigint, resets_at timestamptz, db_now timestamptz)
         LANGUAGE sql VOLATILE AS $$
             SELECT * FROM insert_limited_job(p_user_id, p_job_kind, p_key, p_request, p_max_attempts,
-                                             p_daily_limits, p_active_limits, p_now, NULL::text)
+                                             p_daily_limits, p_active_limits, p_token_limits, p_now,
+                                             NULL::text)
         $$;
         """
     )
@@ -105,7 +115,7 @@ def downgrade() -> None:
     op.execute(
         _limited_insert(traced=False)
         + """
-        DROP FUNCTION insert_limited_job(text, text, text, jsonb, integer, jsonb, jsonb, timestamptz, text);
+        DROP FUNCTION insert_limited_job(text, text, text, jsonb, integer, jsonb, jsonb, jsonb, timestamptz, text);
         ALTER TABLE jobs DROP COLUMN traceparent;
         """
     )

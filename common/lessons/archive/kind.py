@@ -1,6 +1,7 @@
 """The `maintenance.archive_lessons` job kind and its daily scheduling: archive_lessons (called by
 Cloud Scheduler) submits one job per UTC day through the job system, and the job runs the archiver,
-then the job system's retention (finished jobs past DYLEN_JOB_RETENTION_DAYS)."""
+then the job system's retention (finished jobs past DYLEN_JOB_RETENTION_DAYS) and the model-call
+ledger's (calls past DYLEN_MODEL_CALL_RETENTION_DAYS)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from common.jobs.retention import prune_finished
 from common.jobs.service import Created, submit_job
 from common.jobs.settings import job_settings
 from common.lessons.archive.algorithm import archive_over_limit
+from common.models import ledger
 from common.platform.errors import ValidationFailed
 
 KIND = "maintenance.archive_lessons"
@@ -33,10 +35,12 @@ class ArchiveLessonsKind:
 
     def run(self, job: Job) -> Completion:
         report = archive_over_limit(tier_settings().history_limits)
-        # The day's other maintenance: finished jobs past their retention go (lessons stay).
+        # The day's other maintenance: finished jobs past their retention go (lessons stay), and
+        # model call records past theirs.
         pruned = prune_finished(days=job_settings().retention_days)
-        # Both commit their own batches; there is nothing left to write with `done`.
-        return Completion(result={**report.as_result(), **pruned.as_result()})
+        calls = ledger.prune()
+        # All commit their own batches; there is nothing left to write with `done`.
+        return Completion(result={**report.as_result(), **pruned.as_result(), "model_calls_pruned": calls})
 
 
 def archive_key(today: datetime | None = None) -> str:
