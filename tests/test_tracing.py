@@ -21,11 +21,14 @@ import pytest
 import sqlalchemy as sa
 
 from tests.faults import kill_all, rescue, start_stack, wait_until
-from tests.support import Stack, lesson_body
+from tests.gemini_standin import StandIn
+from tests.support import Stack, free_port, lesson_body
 from tests.tasks_emulator import QUEUE_PATH, TasksEmulator
 
+RESCHEDULED = ("retry_scheduled", "deferred")  # an attempt that ended back in the queue
 FANOUT = "tests.generators:fanout"  # the template's plan and sections; "fail-once" fails a plan once
 INVOKER = "tasks-invoker@dylen-test.iam.gserviceaccount.com"
+MODEL = "gemini-trace-test"  # a lane of this module's own
 
 
 def _traced(tmp: Path, **overrides: str) -> dict[str, str]:
@@ -71,6 +74,35 @@ def gcp(database_url: str, logs_dir: Path, gcp_dir: Path, emulator: TasksEmulato
         CLOUD_TASKS_EMULATOR_HOST=emulator.host,
         DYLEN_CLOUD_TASKS_QUEUE_PATH=QUEUE_PATH,
         DYLEN_TASKS_INVOKER_SA=INVOKER,
+    )
+    stack = start_stack(database_url, logs_dir, **env)
+    yield stack
+    kill_all(stack)
+
+
+@pytest.fixture(scope="module")
+def standin() -> Iterator[StandIn]:
+    server = StandIn(free_port(), "test-gemini-key", retry_delay=0.2)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def gemini_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("telemetry-gemini")
+
+
+@pytest.fixture(scope="module")
+def gemini(database_url: str, logs_dir: Path, gemini_dir: Path, standin: StandIn) -> Iterator[Stack]:
+    """The Gemini generator through the real SDK against the stand-in: every call on its lane."""
+    env = _traced(
+        gemini_dir,
+        DYLEN_LESSON_GENERATOR="gemini",
+        GEMINI_API_KEY="test-gemini-key",
+        DYLEN_GEMINI_BASE_URL=standin.url,
+        DYLEN_GEMINI_MODEL=MODEL,
+        DYLEN_GEMINI_TIMEOUT_SECONDS="10",
+        DYLEN_JOB_TIMEOUT_SECONDS="60",
     )
     stack = start_stack(database_url, logs_dir, **env)
     yield stack
@@ -186,7 +218,7 @@ def _lesson_trace(
         dispatch = by_id[delivery["parent"]]
         assert dispatch["kind"] == "SpanKind.PRODUCER"
         assert dispatch["attributes"]["dylen.job.id"] == delivery["attributes"]["dylen.job.id"]
-        failed = delivery["attributes"]["dylen.outcome"] == "retry_scheduled"
+        failed = delivery["attributes"]["dylen.outcome"] in RESCHEDULED
         for step in ("claim", "run") if failed else ("claim", "run", "finish"):
             assert len(_children(spans, delivery, step)) == 1, (step, delivery["attributes"])
         (run,) = _children(spans, delivery, "run")
@@ -195,7 +227,7 @@ def _lesson_trace(
     # The lesson's first dispatch is create_job's; each retry's is the failed attempt's.
     assert by_id[lesson[0]["parent"]]["parent"] == create["id"]
     for before, after in itertools.pairwise(lesson):
-        assert before["attributes"]["dylen.outcome"] == "retry_scheduled"
+        assert before["attributes"]["dylen.outcome"] in RESCHEDULED
         assert by_id[after["parent"]]["parent"] == before["id"]
     planning = lesson[-1]
     (run,) = _children(spans, planning, "run")
@@ -296,6 +328,50 @@ def test_a_rescued_job_continues_the_trace_it_was_created_in(
     assert dispatch["file"] != delivery["file"]
     (link,) = dispatch["links"]
     assert link["context"]["trace_id"] != "0x" + trace_id
+
+
+def test_every_model_call_and_lane_wait_is_a_span_of_the_lessons_trace(
+    gemini: Stack, gemini_dir: Path, db: sa.Engine, user: str
+) -> None:
+    # The plan's first call is answered 429: the lane pauses, the lesson is deferred, then planned.
+    trace_id, parent = _caller()
+    job_id = _create(
+        gemini, user, f"Tides [run:{uuid.uuid4().hex[:8]}] [standin:429-once:plan]", trace_id, parent
+    )
+    assert gemini.wait_for(user, job_id, timeout=60)["status"] == "done"
+    spans = _lesson_trace(gemini_dir, db, job_id=job_id, trace_id=trace_id, parent=parent, lesson_attempts=2)
+    by_id = _by_id(spans)
+    calls = [s for s in spans if s["name"] == f"generate_content {MODEL}"]
+    assert all(s["kind"] == "SpanKind.CLIENT" for s in calls)
+    assert {by_id[s["parent"]]["name"] for s in calls} == {"lesson.plan", "lesson.write_section"}
+    outcomes = sorted(s["attributes"]["dylen.model.outcome"] for s in calls)
+    assert outcomes == ["ok"] * (len(calls) - 1) + ["rate_limited"]
+    for call in calls:
+        attributes = call["attributes"]
+        assert attributes["gen_ai.request.model"] == MODEL
+        assert attributes["gen_ai.operation.name"] == "generate_content"
+        if attributes["dylen.model.outcome"] == "ok":
+            assert (
+                attributes["gen_ai.usage.input_tokens"] > 0 and attributes["gen_ai.usage.output_tokens"] > 0
+            )
+        else:
+            assert attributes["error.type"] == "rate_limited"
+            assert call["status"]["status_code"] == "ERROR"
+    waits = [s for s in spans if s["name"] == f"lane wait {MODEL}"]
+    assert len(waits) == len(calls)  # each call took its slot first, under the same generator span
+    assert sorted(by_id[w["parent"]]["id"] for w in waits) == sorted(by_id[c["parent"]]["id"] for c in calls)
+
+    def counted() -> bool:
+        points = _points(gemini_dir)
+        names = {(m, a.get("model"), a.get("type"), a.get("outcome")) for m, a, _ in points}
+        return {
+            ("dylen.model.rate_limited", MODEL, None, None),
+            ("dylen.model.tokens", MODEL, "input", None),
+            ("dylen.model.tokens", MODEL, "output", None),
+            ("dylen.model.lane.wait", MODEL, None, "slot"),
+        } <= names and any(m == "gen_ai.client.token.usage" for m, _, _ in points)
+
+    wait_until(counted, timeout=20, what="the model metrics in the exported files")
 
 
 # --- metrics -----------------------------------------------------------------------------------------

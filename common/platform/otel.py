@@ -39,6 +39,8 @@ from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from common.platform.errors import RetryLater
+
 # common.platform.telemetry's TelemetrySettings and Metric, passed in (it imports this module).
 Attributes = Mapping[str, Any]
 _PROPAGATOR = TraceContextTextMapPropagator()
@@ -239,7 +241,7 @@ class _LaneWait:
         return self._scope.__enter__()
 
     def __exit__(self, kind: type[BaseException] | None, *rest: Any) -> Any:
-        outcome = "slot" if kind is None else "retry_later"
+        outcome = "slot" if kind is None else "retry_later" if issubclass(kind, RetryLater) else "error"
         waited = time.perf_counter() - self._started
         self._otel.record("dylen.model.lane.wait", waited, {"model": self._model, "outcome": outcome})
         return self._scope.__exit__(kind, *rest)
@@ -340,13 +342,11 @@ class Otel:
             return None
         return f"{context.trace_id:032x}", f"{context.span_id:016x}", context.trace_flags.sampled
 
-    def model_call(self, model: str, *, provider: str, operation: str, attributes: Attributes) -> Any:
-        base = {
-            "gen_ai.operation.name": operation,
-            "gen_ai.provider.name": provider,
-            "gen_ai.system": provider,  # the older name, still what some back ends read
-            "gen_ai.request.model": model,
-        }
+    def model_call(self, model: str, *, provider: str | None, operation: str, attributes: Attributes) -> Any:
+        base = {"gen_ai.operation.name": operation, "gen_ai.request.model": model}
+        if provider:
+            base["gen_ai.provider.name"] = provider
+            base["gen_ai.system"] = provider  # the older name, still what some back ends read
         span = self.tracer.start_span(
             f"{operation} {model}", kind=SpanKind.CLIENT, attributes={**base, **attributes}
         )

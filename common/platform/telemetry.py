@@ -255,10 +255,13 @@ def current_ids() -> tuple[str, str, bool] | None:
     return otel.current_ids() if otel is not None else None
 
 
-def model_call(model: str, *, provider: str, operation: str = "generate_content", **attributes: Any) -> Scope:
+def model_call(
+    model: str, *, provider: str | None = None, operation: str = "generate_content", **attributes: Any
+) -> Scope:
     """A CLIENT span `{operation} {model}` with the GenAI attributes (gen_ai.request.model,
-    gen_ai.usage.input_tokens / output_tokens) and the outcome, and on exit the GenAI duration and
-    token metrics plus dylen.model.tokens. Yields a ModelCall; an exception is outcome `error`."""
+    gen_ai.provider.name when known, gen_ai.usage.input_tokens / output_tokens) and the outcome,
+    and on exit the GenAI duration and token metrics plus dylen.model.tokens. Yields a ModelCall;
+    an exception is outcome `error` unless `outcome` said otherwise."""
     otel = _otel
     if otel is None:
         return NOTHING
@@ -267,7 +270,7 @@ def model_call(model: str, *, provider: str, operation: str = "generate_content"
 
 def lane_wait(model: str) -> Scope:
     """The wait for a slot of `model`'s lane: a span, and dylen.model.lane.wait with outcome `slot`,
-    or `retry_later` when the wait ended in RetryLater (any exception)."""
+    `retry_later` (the wait ended in RetryLater) or `error`."""
     otel = _otel
     if otel is None:
         return NOTHING
