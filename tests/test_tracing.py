@@ -267,6 +267,22 @@ def test_a_lesson_is_one_trace_through_the_local_dispatcher(
     assert received[0]["logging.googleapis.com/trace_sampled"] is True
 
 
+def test_without_a_traceparent_google_s_trace_header_is_continued(
+    local: Stack, local_dir: Path, user: str
+) -> None:
+    # Cloud Run's front end sends X-Cloud-Trace-Context: TRACE_ID/SPAN_ID (decimal);o=1.
+    trace_id, span_id = uuid.uuid4().hex, 1234567890123
+    headers = {"X-Cloud-Trace-Context": f"{trace_id}/{span_id};o=1"}
+    response = local.create(user, lesson_body("Google's header"), headers=headers)
+    assert response.status_code == 202, response.text
+
+    def created() -> list[dict[str, Any]]:
+        return [s for s in _spans(local_dir, trace_id) if s["name"] == "create_job"]
+
+    wait_until(lambda: bool(created()), timeout=20, what="create_job's span")
+    assert [s["parent"] for s in created()] == [f"{span_id:016x}"]
+
+
 def test_a_scheduled_retry_continues_the_trace(
     local: Stack, local_dir: Path, db: sa.Engine, user: str
 ) -> None:
