@@ -95,10 +95,12 @@ DYLEN_INVOKER_SA_NAME (dylen-tasks), DYLEN_SCHEDULER_SA_NAME (dylen-scheduler); 
 to read gcloud's JSON).
 Passed through to the functions when set: DYLEN_TIER_HISTORY_LIMITS, DYLEN_TIER_DAILY_JOBS,
 DYLEN_TIER_ACTIVE_JOBS, DYLEN_TIER_DAILY_TOKENS, DYLEN_TIER_CONCURRENT_CALLS,
-DYLEN_RESCUE_AFTER_SECONDS, DYLEN_LESSON_GENERATOR, DYLEN_LOG_LEVEL, DYLEN_DASHBOARD_AUDIENCE, and
+DYLEN_RESCUE_AFTER_SECONDS, DYLEN_LESSON_GENERATOR, DYLEN_LOG_LEVEL, DYLEN_DASHBOARD_AUDIENCE,
+DYLEN_TRACE_SAMPLE_RATIO, DYLEN_METRICS_EXPORT_SECONDS, and
 the model calls' DYLEN_GEMINI_MODEL, DYLEN_GEMINI_VERTEX_PROJECT, DYLEN_GEMINI_VERTEX_LOCATION,
 DYLEN_GEMINI_BASE_URL, DYLEN_GEMINI_TIMEOUT_SECONDS, DYLEN_MODEL_LIMITS, DYLEN_MODEL_PRICES,
 DYLEN_MODEL_SLOT_WAIT_SECONDS, DYLEN_MODEL_CALL_BODIES, DYLEN_MODEL_CALL_RETENTION_DAYS.
+Telemetry: DYLEN_TELEMETRY (gcp: traces to Cloud Trace, metrics to Cloud Monitoring; off turns it off).
 Dashboard: DYLEN_DASHBOARD_OPERATORS (comma-separated Google accounts) get roles/run.invoker on the
 dashboard function and are the only e-mails it lets in; without it the dashboard refuses everyone.
 EOF
@@ -849,6 +851,13 @@ for role in "${RUNTIME_ROLES[@]}"; do
   run gcloud iam service-accounts add-iam-policy-binding "$INVOKER_SA" --member "serviceAccount:$(sa_email "$role")" \
     --role roles/iam.serviceAccountUser "${G[@]}"
 done
+for role in "${RUNTIME_ROLES[@]}"; do
+  # Telemetry (DYLEN_TELEMETRY=gcp): spans to Cloud Trace, metrics to Cloud Monitoring.
+  for granted in roles/cloudtrace.agent roles/monitoring.metricWriter; do
+    run gcloud projects add-iam-policy-binding "$PROJECT" --member "serviceAccount:$(sa_email "$role")" \
+      --role "$granted" --condition None
+  done
+done
 run gcloud projects add-iam-policy-binding "$PROJECT" --member "serviceAccount:$BUILD_SA" \
   --role roles/cloudbuild.builds.builder --condition None
 
@@ -976,11 +985,14 @@ add_env DYLEN_DB_IAM_AUTH "$DB_IAM_AUTH"
 add_env DYLEN_DB_IP_TYPE "$DB_IP_TYPE"
 add_env DYLEN_JOB_MAX_ATTEMPTS "$MAX_ATTEMPTS"
 add_env DYLEN_JOB_TIMEOUT_SECONDS "$JOB_TIMEOUT"
+add_env DYLEN_TELEMETRY "${DYLEN_TELEMETRY:-gcp}"
+add_env GOOGLE_CLOUD_PROJECT "$PROJECT" # the logs' trace names and the telemetry exporters' project
 OPERATORS="${DYLEN_DASHBOARD_OPERATORS:-}"
 [[ -z "$OPERATORS" ]] || add_env DYLEN_DASHBOARD_OPERATORS "$OPERATORS"
 for passthrough in DYLEN_TIER_HISTORY_LIMITS DYLEN_TIER_DAILY_JOBS DYLEN_TIER_ACTIVE_JOBS \
   DYLEN_TIER_DAILY_TOKENS DYLEN_TIER_CONCURRENT_CALLS \
   DYLEN_RESCUE_AFTER_SECONDS DYLEN_LESSON_GENERATOR DYLEN_LOG_LEVEL DYLEN_DASHBOARD_AUDIENCE \
+  DYLEN_TRACE_SAMPLE_RATIO DYLEN_METRICS_EXPORT_SECONDS \
   DYLEN_GEMINI_MODEL DYLEN_GEMINI_VERTEX_PROJECT DYLEN_GEMINI_VERTEX_LOCATION DYLEN_GEMINI_BASE_URL \
   DYLEN_GEMINI_TIMEOUT_SECONDS DYLEN_MODEL_LIMITS DYLEN_MODEL_PRICES DYLEN_MODEL_SLOT_WAIT_SECONDS \
   DYLEN_MODEL_CALL_BODIES DYLEN_MODEL_CALL_RETENTION_DAYS; do

@@ -89,6 +89,7 @@ class Fanout:
     """A planner (DYLEN_LESSON_GENERATOR=devtools.generators:fanout): the template's plan and
     sections, with behaviour chosen by the topic:
       "permanent-plan ..."      plan raises PermanentJobError
+      "fail-once ..."           plan fails on its attempt 1 (the lesson job is retried), then plans
       "flaky-section:<i> ..."   section i fails on its attempts 1 and 2, then succeeds
       "fail3-section:<i> ..."   section i fails on its attempts 1 to 3: with DYLEN_JOB_MAX_ATTEMPTS=3
                                 the lesson fails (section_failed), and an operator's retry makes it
@@ -104,6 +105,8 @@ class Fanout:
         _record_line(request.job_id, f"plan {request.attempt}")
         if request.topic.startswith("permanent-plan"):
             raise PermanentJobError("unsupported_topic", "This topic cannot be planned.")
+        if request.topic.startswith("fail-once") and request.attempt == 1:
+            raise RuntimeError("transient: the planner timed out")
         return template.plan(request)
 
     def write_section(self, request: LessonRequest, plan: dict[str, Any], index: int) -> dict[str, Any]:

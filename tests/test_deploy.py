@@ -30,6 +30,7 @@ from common.accounts.settings import tier_settings
 from common.jobs.settings import job_settings
 from common.models.settings import model_settings
 from common.platform.config import load_settings
+from common.platform.telemetry import telemetry_settings
 from devtools import deploy_checks
 from tests.support import ROOT, FunctionServer, base_env, lesson_body, session, stop_all
 
@@ -304,6 +305,9 @@ def test_dry_run_env_vars_are_a_valid_production_configuration(dry_run: dict[str
         # Each role logs in as its own service account's IAM database user.
         assert settings.db_user == account.removesuffix(".gserviceaccount.com")
         assert settings.auth_mode == "firebase" and settings.firebase_project_id == PROJECT
+        # Traces and metrics go to the deployment's project, checked as at cold start.
+        traced = telemetry_settings.load({**env, "DYLEN_ENV_FILE": os.devnull})
+        assert (traced.mode, traced.project) == ("gcp", PROJECT)
 
 
 @pytest.mark.parametrize(("asked", "given"), [("7200", "1800"), ("5", "15")])
@@ -343,8 +347,10 @@ def test_dry_run_gives_each_identity_only_what_it_needs(dry_run: dict[str, Any])
     for c in _find(commands, "gcloud", "projects", "add-iam-policy-binding", PROJECT):
         project_roles.setdefault(_flag(c, "--member"), set()).add(_flag(c, "--role"))
     database = {"roles/cloudsql.client", "roles/cloudsql.instanceUser"}
+    telemetry = {"roles/cloudtrace.agent", "roles/monitoring.metricWriter"}
     assert project_roles == {
-        **{f"serviceAccount:{a}": database for a in (*RUNTIME_SAS, MIGRATE_SA)},
+        **{f"serviceAccount:{a}": database | telemetry for a in RUNTIME_SAS},
+        f"serviceAccount:{MIGRATE_SA}": database,
         f"serviceAccount:{BUILD_SA}": {"roles/cloudbuild.builds.builder"},
     }  # no project-wide enqueuer
     enqueuers = _find(commands, "gcloud", "tasks", "queues", "add-iam-policy-binding", "dylen-jobs")

@@ -1,7 +1,8 @@
 """Cold start pays only for what the configuration uses: google-cloud-tasks and the Cloud SQL connector
 stay out of `sys.modules` until a gcp dispatch or a Cloud SQL connection needs them, google-genai
-(~0.4 s) until process_job makes its first Gemini call, and no function imports SQLAlchemy (~0.3 s
-of CPU; it is for migrations only, see common/db.py)."""
+(~0.4 s) until process_job makes its first Gemini call, OpenTelemetry until DYLEN_TELEMETRY turns it
+on, and no function imports SQLAlchemy (~0.3 s of CPU; it is for migrations only, see
+common/db.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any
 
 from tests.support import ROOT, free_port
 
-HEAVY = ("google.cloud.tasks_v2", "google.cloud.sql.connector", "sqlalchemy", "google.genai")
+HEAVY = ("google.cloud.tasks_v2", "google.cloud.sql.connector", "sqlalchemy", "google.genai", "opentelemetry")
 FUNCTIONS = sorted(p.name for p in (ROOT / "functions").iterdir() if (p / "main.py").is_file())
 
 
@@ -33,7 +34,9 @@ def _run(script: str, **env: str) -> Any:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_no_function_imports_tasks_the_connector_or_sqlalchemy_under_local_configuration() -> None:
+def test_no_function_imports_tasks_the_connector_sqlalchemy_or_opentelemetry_under_local_configuration() -> (
+    None
+):
     script = (
         "import json, runpy, sys\n"
         f"heavy, names = {HEAVY!r}, {FUNCTIONS!r}\n"
@@ -126,3 +129,26 @@ def test_every_function_hides_its_import_time_objects_from_the_cyclic_gc() -> No
         "print(json.dumps(frozen))\n"
     )
     assert _run(script) == {name: True for name in FUNCTIONS}
+
+
+def test_telemetry_loads_the_sdk_at_cold_start_and_the_google_exporters_on_their_first_export(
+    tmp_path: Any,
+) -> None:
+    # The SDK in the cold start (Cloud Run's start-up CPU boost), not on a request; the Google
+    # exporters (~350 ms of imports) on their first export, which a process that served nothing
+    # never reaches.
+    script = (
+        "import json, runpy, sys\n"
+        "runpy.run_path('functions/create_job/main.py')\n"
+        "names = ('opentelemetry.sdk.trace', 'opentelemetry.sdk.metrics',\n"
+        "         'opentelemetry.exporter.cloud_trace', 'opentelemetry.exporter.cloud_monitoring')\n"
+        "print(json.dumps([n in sys.modules for n in names]))\n"
+    )
+    assert _run(script, DYLEN_TELEMETRY="file", DYLEN_TELEMETRY_DIR=str(tmp_path)) == [
+        True,
+        True,
+        False,
+        False,
+    ]
+    assert _run(script, DYLEN_TELEMETRY="gcp", GOOGLE_CLOUD_PROJECT="p") == [True, True, False, False]
+    assert list(tmp_path.iterdir()) == []  # nothing recorded, nothing written

@@ -32,7 +32,7 @@ JOB_COLUMNS = (
     "id, user_id, job_kind, status, idempotency_key, request_json, result_json, error_json, "
     "attempts, max_attempts, lease_expires_at, dispatched_at, created_at, updated_at, "
     "started_at, completed_at, parent_id, section_index, run_after, deferrals, waited_seconds, "
-    "attempt_started_at"
+    "attempt_started_at, traceparent"
 )
 
 
@@ -60,6 +60,7 @@ class Job:
     deferrals: int = 0  # claims given back (RetryLater, infrastructure faults): not attempts used
     waited_seconds: float = 0.0  # deferred so far by RetryLater and infrastructure faults
     attempt_started_at: datetime | None = None  # when the current (or last) attempt began
+    traceparent: str | None = None  # the span that created it (W3C): its dispatches continue that trace
 
     @classmethod
     def queued(
@@ -72,6 +73,7 @@ class Job:
         request_json: dict[str, Any],
         max_attempts: int,
         now: datetime,
+        traceparent: str | None = None,
     ) -> Job:
         """A job as insert_job stores it: queued, dispatched now, no attempt yet."""
         return cls(
@@ -91,6 +93,7 @@ class Job:
             updated_at=now,
             started_at=None,
             completed_at=None,
+            traceparent=traceparent,
         )
 
     @classmethod

@@ -28,6 +28,7 @@ from common.jobs.kinds import Completion, get_kind
 from common.jobs.model import FINAL_STATUSES, Job, JobStatus
 from common.jobs.settings import job_settings
 from common.jobs.transitions import AttemptRecord
+from common.platform import telemetry
 from common.platform.db import QueryError, connection
 from common.platform.errors import (
     DatabaseUnavailable,
@@ -92,7 +93,8 @@ def process_job(job_id: uuid.UUID | None, *, task_name: str | None = None) -> An
     if job_id is None:
         return Answer(200, {"outcome": "unknown_job"})
 
-    with connection() as conn:
+    telemetry.annotate({"dylen.job.id": str(job_id)})
+    with telemetry.span("claim"), connection() as conn:
         claim = transitions.claim(conn, job_id, lease_seconds=job_settings().timeout_seconds)
 
     job = claim.job
@@ -104,11 +106,13 @@ def process_job(job_id: uuid.UUID | None, *, task_name: str | None = None) -> An
         return _answer_unclaimed(job, claim, log)
 
     log["attempt"] = job.attempts
+    _claimed(job, claim)
     kind = get_kind(job.job_kind)
     try:
         if kind is None:
             raise PermanentJobError("unknown_kind", f"No handler for job kind {job.job_kind!r}.")
-        completion = kind.run(job)
+        with telemetry.span("run"), telemetry.timed("dylen.job.run.duration", job_kind=job.job_kind):
+            completion = kind.run(job)
     except PermanentJobError as failure:
         message = failure.public_message or SAFE_MESSAGES.get(failure.code, FAILED_FOR_GOOD)
         record = AttemptRecord("failed", failure.code, message, _detail(failure), instance_id())
@@ -123,7 +127,8 @@ def process_job(job_id: uuid.UUID | None, *, task_name: str | None = None) -> An
         return _retry(job, _detail(failure), log)
 
     try:
-        created = _finish(job.id, job.attempts, completion)
+        with telemetry.span("finish"):
+            created = _finish(job.id, job.attempts, completion)
     except (_Superseded, QueryError) as error:
         if isinstance(error, QueryError) and not error.unique_violation:
             raise
@@ -140,7 +145,20 @@ def process_job(job_id: uuid.UUID | None, *, task_name: str | None = None) -> An
         logger.info("Job planned; its sections are dispatched", extra={**log, "sections": len(created)})
     else:
         logger.info("Job completed successfully.", extra=log)
+        telemetry.record("dylen.jobs.finished", 1, job_kind=job.job_kind, status=JobStatus.DONE)
     return Answer(200, {"job_id": str(job.id), "status": completion.status, "result": completion.result})
+
+
+def _claimed(job: Job, claim: transitions.Claim) -> None:
+    attributes = {"dylen.job.kind": job.job_kind, "dylen.job.attempt": job.attempts}
+    if job.parent_id is not None:
+        attributes.update(
+            {"dylen.job.parent_id": str(job.parent_id), "dylen.section.index": job.section_index}
+        )
+    telemetry.annotate(attributes)
+    if job.attempts == 1 and claim.now is not None:  # created to first claim, on the database's clock
+        waited = (claim.now - job.created_at).total_seconds()
+        telemetry.record("dylen.job.queue_latency", waited, job_kind=job.job_kind)
 
 
 def _finish(job_id: uuid.UUID, attempt: int, completion: Completion) -> list[Job]:
@@ -185,6 +203,7 @@ def _answer_unclaimed(job: Job, claim: transitions.Claim, log: dict[str, Any]) -
             if job.parent_id is not None:
                 transitions.fail_parents_of_failed_sections(conn, parent_id=job.parent_id)
         logger.error("Job out of attempts", extra=log)
+        telemetry.record("dylen.jobs.finished", 1, job_kind=job.job_kind, status=JobStatus.ERROR)
         return Answer(200, {**body, "status": JobStatus.ERROR, "outcome": "attempts_exhausted"})
     # Queued yet not claimed: a concurrent delivery won the row lock a moment ago and runs it.
     return Answer(200, {**body, "outcome": "contended"})
@@ -205,6 +224,7 @@ def _fail(job: Job, record: AttemptRecord, log: dict[str, Any]) -> Answer:
         logger.info("Failure not recorded: the claim was lost meanwhile", extra=log)
         return Answer(200, {**_error_body(job, record), "outcome": "superseded"})
     logger.error("Job failed", extra={**log, "error_code": record.code, "error": record.detail})
+    telemetry.record("dylen.jobs.finished", 1, job_kind=job.job_kind, status=JobStatus.ERROR)
     return Answer(200, {**_error_body(job, record), "status": JobStatus.ERROR, "outcome": "failed"})
 
 
@@ -239,6 +259,7 @@ def _rescheduled(
     # A task for its time (Cloud Tasks schedule_time; the local dispatcher waits); should that
     # fail, the job stays queued with its run_after and rescue_jobs delivers it after that.
     _dispatch([queued])
+    telemetry.record("dylen.jobs.retries", 1, job_kind=job.job_kind, outcome=outcome, code=record.code)
     logger.warning(
         "Job will be retried" if outcome == "retry_scheduled" else "Job deferred",
         extra={**log, "error_code": record.code, "run_after": _iso(queued.run_after), "error": record.detail},

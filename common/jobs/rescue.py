@@ -21,6 +21,7 @@ from common.jobs import transitions
 from common.jobs.dispatch import dispatch_job
 from common.jobs.model import Job, JobStatus
 from common.jobs.settings import job_settings
+from common.platform import telemetry
 from common.platform.db import connection, transaction
 from common.platform.log import logger
 
@@ -59,6 +60,7 @@ def rescue_jobs(
         if job.status == JobStatus.ERROR:
             report.exhausted.append(job.id)
             logger.error("Job out of attempts after its lease expired", extra={"job_id": str(job.id)})
+            telemetry.record("dylen.jobs.finished", 1, job_kind=job.job_kind, status=JobStatus.ERROR)
             continue
         if dispatch(job):
             report.redispatched.append(job.id)

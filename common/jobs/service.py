@@ -13,6 +13,7 @@ from common.jobs.dispatch import dispatch_job
 from common.jobs.kinds import get_kind, user_kind
 from common.jobs.model import Job, JobStatus, Progress
 from common.jobs.settings import job_settings
+from common.platform import telemetry
 from common.platform.db import connection, transaction
 from common.platform.errors import Conflict, IdempotencyConflict, NotFound, ValidationFailed
 from common.platform.log import logger
@@ -76,6 +77,7 @@ def submit_job(
             request_json=request_json,
             max_attempts=settings.policy(job_kind).max_attempts,
             limits=admission.limits() if admission is not None else None,
+            traceparent=telemetry.traceparent(),
         )
         if isinstance(job, transitions.Refused):
             assert admission is not None
@@ -91,6 +93,7 @@ def submit_job(
             return Created(job=existing, created=False)
     if logger.isEnabledFor(logging.INFO):  # the hot path: skip building the record when off
         logger.info("Job created", extra={"job_id": str(job.id), "job_kind": job_kind})
+    telemetry.record("dylen.jobs.created", 1, job_kind=job_kind)
     if settings.auto_process:
         dispatch_job(job)
     return Created(job=job, created=True)

@@ -79,15 +79,12 @@ def create(
     max_attempts: int,
     limits: Limits | None = None,
     now: datetime | None = None,
+    traceparent: str | None = None,
 ) -> Job | Refused | None:
     """-> `queued`; None when the key exists (a replay or a 409: the caller looks), Refused when a
     limit says no. `now` None is the database's clock; tests inject one to cross a UTC midnight."""
-    params: dict[str, Any] = {
-        "job_kind": job_kind,
-        "key": idempotency_key,
-        "request": jsonb(request_json),
-        "max_attempts": max_attempts,
-    }
+    params: dict[str, Any] = {"job_kind": job_kind, "key": idempotency_key, "request": jsonb(request_json)}
+    params.update(max_attempts=max_attempts, traceparent=traceparent)
     if user_id is None:
         row = conn.execute(_CREATE, params).first()
     else:
@@ -113,6 +110,7 @@ def create(
         request_json=request_json,
         max_attempts=max_attempts,
         now=row.created_at,
+        traceparent=traceparent,
     )
 
 
@@ -207,6 +205,7 @@ def plan(
     section_kind: str,
     max_attempts: int,
     instance: str | None = None,
+    traceparent: str | None = None,
 ) -> list[Job] | None:
     """Store the plan, leave the job waiting (`running`, no lease) and insert one queued section per
     `plan["sections"]` entry, one statement; None if this attempt lost its claim."""
@@ -219,6 +218,7 @@ def plan(
             "kind": section_kind,
             "max_attempts": max_attempts,
             "instance": instance,
+            "traceparent": traceparent,
         },
     ).all()
     return [Job.from_row(row) for row in rows] or None

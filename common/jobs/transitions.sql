@@ -5,9 +5,9 @@
 -- name: create
 -- A job without an owner (maintenance). Only the id and created_at come back: the rest is known.
 INSERT INTO jobs (id, user_id, job_kind, status, idempotency_key, request_json,
-                  attempts, max_attempts, dispatched_at)
+                  attempts, max_attempts, dispatched_at, traceparent)
 VALUES (gen_random_uuid(), NULL, :job_kind, 'queued', :key, CAST(:request AS jsonb), 0,
-        :max_attempts, now())
+        :max_attempts, now(), CAST(:traceparent AS text))
 ON CONFLICT (user_id, job_kind, idempotency_key) DO NOTHING
 RETURNING id, created_at
 
@@ -19,7 +19,7 @@ SELECT outcome, id, created_at, tier, quota_limit, used, resets_at, db_now
   FROM insert_limited_job(CAST(:user_id AS text), CAST(:job_kind AS text), CAST(:key AS text),
                           CAST(:request AS jsonb), CAST(:max_attempts AS integer),
                           CAST(:daily_limits AS jsonb), CAST(:active_limits AS jsonb),
-                          CAST(:token_limits AS jsonb), CAST(:now AS timestamptz))
+                          CAST(:token_limits AS jsonb), CAST(:now AS timestamptz), CAST(:traceparent AS text))
 
 -- name: claim
 -- A section starts only while its parent waits on it and no sibling has failed: checked inside the
@@ -82,12 +82,12 @@ WITH parent AS (
     ON CONFLICT (job_id, attempt) DO NOTHING
 )
 INSERT INTO jobs (id, user_id, job_kind, status, idempotency_key, request_json,
-                  attempts, max_attempts, dispatched_at, parent_id, section_index)
+                  attempts, max_attempts, dispatched_at, parent_id, section_index, traceparent)
 SELECT gen_random_uuid(), parent.user_id, CAST(:kind AS text), 'queued',
        parent.id || ':' || (brief.n - 1),
        jsonb_build_object('job_kind', CAST(:kind AS text), 'section_index', brief.n - 1,
                           'heading', brief.value ->> 'heading'),
-       0, :max_attempts, now(), parent.id, brief.n - 1
+       0, :max_attempts, now(), parent.id, brief.n - 1, CAST(:traceparent AS text)
   FROM parent,
        jsonb_array_elements(CAST(:plan AS jsonb) -> 'sections') WITH ORDINALITY AS brief(value, n)
 RETURNING {columns}

@@ -32,6 +32,7 @@ from common.lessons.generation import (
 )
 from common.lessons.queries import ONE_STEP_LESSON, PLANNED_LESSON, jobs_with_lessons
 from common.lessons.settings import GEMINI, lesson_settings
+from common.platform import telemetry
 from common.platform.db import Connection, connection, jsonb
 from common.platform.errors import PermanentJobError, ValidationFailed
 from common.platform.log import instance_id
@@ -73,6 +74,19 @@ def get_generator() -> Generator | Planner:
         spec = lesson_settings().generator
         _generator = BUILT_IN[spec] if spec in BUILT_IN else load_generator(spec or "")
     return _generator
+
+
+def _generator_span(name: str, request: LessonRequest, section: int | None = None) -> telemetry.Scope:
+    """Every generator call is a span (a model call inside it is a span of its own, under it)."""
+    if not telemetry.enabled():
+        return telemetry.NOTHING
+    attributes: dict[str, Any] = {
+        "dylen.generator": lesson_settings().generator or "template",
+        "dylen.job.id": request.job_id,
+    }
+    if section is not None:
+        attributes["dylen.section.index"] = section
+    return telemetry.span(name, attributes)
 
 
 def _stored_payload(request_json: Any) -> dict[str, Any]:
@@ -120,7 +134,8 @@ class LessonKind:
         generator = get_generator()
         if plans(generator):
             return self._plan(generator, request)
-        title, content = check_generated(cast(Generator, generator)(request))
+        with _generator_span("lesson.generate", request):
+            title, content = check_generated(cast(Generator, generator)(request))
         lesson_id = uuid.uuid4()
         result = {"lesson_id": str(lesson_id)}
 
@@ -139,7 +154,8 @@ class LessonKind:
         return Completion(result=result, finish=finish)
 
     def _plan(self, generator: Planner, request: LessonRequest) -> Completion:
-        plan = check_plan(generator.plan(request))
+        with _generator_span("lesson.plan", request):
+            plan = check_plan(generator.plan(request))
         max_attempts = job_settings().policy(SECTION_KIND).max_attempts
 
         def finish(conn: Connection, job_id: uuid.UUID, attempt: int) -> list[Job] | None:
@@ -151,6 +167,7 @@ class LessonKind:
                 section_kind=SECTION_KIND,
                 max_attempts=max_attempts,
                 instance=instance_id(),
+                traceparent=telemetry.traceparent(),  # a section rescued later continues this trace
             )
 
         return Completion(result={"sections": len(plan["sections"])}, finish=finish, status=JobStatus.RUNNING)
@@ -190,7 +207,8 @@ class SectionKind:
             attempt=job.attempts,
             section_index=index,
         )
-        section = check_section(generator.write_section(request, parent.plan, index), index)
+        with _generator_span("lesson.write_section", request, index):
+            section = check_section(generator.write_section(request, parent.plan, index), index)
 
         def finish(conn: Connection, job_id: uuid.UUID, attempt: int) -> list[Job] | None:
             assert job.parent_id is not None
@@ -198,13 +216,15 @@ class SectionKind:
                 if not transitions.finish_section(conn, job, attempt=attempt, result=section):
                     return None  # canceled, failed elsewhere, or a newer attempt: discarded
                 lesson_id = uuid.uuid4()
-                transitions.fan_in(
+                lesson_done = transitions.fan_in(
                     conn,
                     job.parent_id,
                     result={"lesson_id": str(lesson_id)},
                     output=PLANNED_LESSON,
                     params={"lesson_id": lesson_id},
                 )
+            if lesson_done:  # the planned lesson's `done` (the processor counts the section's)
+                telemetry.record("dylen.jobs.finished", 1, job_kind=LessonKind.kind, status=JobStatus.DONE)
             return []
 
         return Completion(result={"section_index": index}, finish=finish)

@@ -28,6 +28,7 @@ from typing import Any
 
 from common.jobs.settings import job_settings
 from common.models.settings import LaneLimits, model_settings
+from common.platform import telemetry
 from common.platform.db import Statement, connection, jsonb
 from common.platform.errors import PermanentJobError, RetryLater
 from common.platform.log import logger
@@ -151,6 +152,7 @@ class Call:
         from now (written by the settle). Raise what this returns: the job is rescheduled."""
         self.mark("rate_limited", code)
         self.pause_seconds = max(0.0, float(retry_after_seconds))
+        telemetry.rate_limited(self.model, self.pause_seconds)
         return RetryLater(self.pause_seconds, code)
 
     def recorded_bodies(self) -> tuple[str | None, str | None]:
@@ -276,27 +278,36 @@ def model_call(
     otherwise, and goes on."""
     settings = model_settings()
     timeout = float(timeout_seconds) if timeout_seconds is not None else float(job_settings().timeout_seconds)
-    call_id = take_slot(
-        context,
-        model,
-        purpose=purpose,
-        prompt_version=prompt_version,
-        estimated_tokens=estimated_tokens,
-        lease_seconds=timeout + LEASE_MARGIN_SECONDS,
-    )
+    with telemetry.lane_wait(model):
+        call_id = take_slot(
+            context,
+            model,
+            purpose=purpose,
+            prompt_version=prompt_version,
+            estimated_tokens=estimated_tokens,
+            lease_seconds=timeout + LEASE_MARGIN_SECONDS,
+        )
     call = Call(call_id, model, keep_bodies=settings.keep_bodies)
     started = time.monotonic()
-    try:
-        yield call
-    except BaseException as error:
-        if call.outcome is None:
-            if isinstance(error, PermanentJobError):
-                call.mark("error", error.code)
-            else:
-                name = type(error).__name__
-                call.mark("timeout" if "Timeout" in name else "error", name)
-        settle(call, latency_ms=_ms_since(started))
-        raise
+    # The call's span (GenAI conventions) says what the ledger says: tokens and outcome.
+    with telemetry.model_call(model, **{"dylen.model.purpose": purpose}) as traced:
+        try:
+            yield call
+        except BaseException as error:
+            if call.outcome is None:
+                if isinstance(error, PermanentJobError):
+                    call.mark("error", error.code)
+                else:
+                    name = type(error).__name__
+                    call.mark("timeout" if "Timeout" in name else "error", name)
+            _settle(call, traced, started)
+            raise
+        _settle(call, traced, started)
+
+
+def _settle(call: Call, traced: telemetry.ModelCall, started: float) -> None:
+    traced.usage(call.input_tokens, call.output_tokens)
+    traced.outcome(call.outcome or "ok", call.error_code)
     settle(call, latency_ms=_ms_since(started))
 
 

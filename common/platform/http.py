@@ -20,6 +20,7 @@ from typing import Any, Literal
 import flask
 from werkzeug.exceptions import HTTPException
 
+from common.platform import telemetry
 from common.platform.auth import authenticate_operator, authenticate_task, authenticate_user
 from common.platform.config import Settings, get_settings
 from common.platform.db import QueryError
@@ -248,6 +249,7 @@ def cold_start(*preload: Callable[[], object]) -> None:
             "Serving with dev auth: X-Dylen-User (and X-Dylen-Operator) are trusted without a token; "
             "bind loopback only (--host 127.0.0.1)"
         )
+    telemetry.start()
     install_problem_handlers()
     install_body_limit()
     gc.freeze()
@@ -280,12 +282,14 @@ def serve(
     render_error: ErrorRenderer | None = None,
 ) -> flask.Response:
     """`function` (the function's name) is required for auth="task": it decides the OIDC audience
-    (Settings.task_audience), and it names the function in logs. `log_request` writes one
+    (Settings.task_audience), and it names the function in logs and traces. `log_request` writes one
     request line (method, path, status, latency, user, trace) for functions that log nothing else.
     `render_error` answers errors instead of problem+json (the dashboard's HTML pages); the status
     and headers stay the error's."""
     answer = problem_response if render_error is None else (lambda error: render_error(request, error))
     token = set_trace(request.headers.get("X-Cloud-Trace-Context"))
+    scope = telemetry.server_span(function, request)  # the request's span, in the caller's trace
+    span = scope.__enter__()  # left in `finally`: nothing but BaseException escapes the handlers
     started = time.perf_counter()
     call: Call | None = None
     response: flask.Response | None = None
@@ -321,6 +325,11 @@ def serve(
     finally:
         if log_request and response is not None:
             _log_request(request, response, started, call)
+        if response is not None:
+            span.set_attribute("http.response.status_code", response.status_code)
+            if response.status_code >= 500:
+                span.set_attribute("error.type", str(response.status_code))
+        scope.__exit__(None, None, None)
         reset_trace(token)
     return response
 

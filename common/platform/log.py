@@ -1,4 +1,7 @@
-"""One JSON object per line on stdout, in the shape Cloud Logging reads (severity, message, trace)."""
+"""One JSON object per line on stdout, in the shape Cloud Logging reads (severity, message, trace).
+
+The trace is the current span's when telemetry is on (with its span id, so Cloud Logging shows the
+line under that span in Cloud Trace), else the request's X-Cloud-Trace-Context."""
 
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ import threading
 import time
 from datetime import UTC, datetime
 from typing import Any
+
+from common.platform.telemetry import current_ids
 
 _trace: contextvars.ContextVar[str | None] = contextvars.ContextVar("dylen_trace", default=None)
 _STD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
@@ -28,8 +33,12 @@ class JsonFormatter(logging.Formatter):
         for key, value in vars(record).items():
             if key not in _STD_ATTRS and not key.startswith("_"):
                 entry[key] = value
-        trace = _trace.get()
-        if trace:
+        ids = current_ids()
+        if ids is not None:
+            entry["logging.googleapis.com/trace"] = _trace_name(ids[0])
+            entry["logging.googleapis.com/spanId"] = ids[1]
+            entry["logging.googleapis.com/trace_sampled"] = ids[2]
+        elif trace := _trace.get():
             entry["logging.googleapis.com/trace"] = trace
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
@@ -71,14 +80,18 @@ class RateLimit:
             return held
 
 
+def _trace_name(trace_id: str) -> str:
+    project = os.environ.get("GOOGLE_CLOUD_PROJECT")
+    return f"projects/{project}/traces/{trace_id}" if project else trace_id
+
+
 def set_trace(header: str | None) -> contextvars.Token[str | None]:
     """Bind the request's X-Cloud-Trace-Context (`TRACE_ID/SPAN;o=1`) to its log lines."""
     value = None
     if header:
         trace_id = header.split("/", 1)[0].strip()
         if trace_id and len(trace_id) <= 64 and trace_id.isalnum():
-            project = os.environ.get("GOOGLE_CLOUD_PROJECT")
-            value = f"projects/{project}/traces/{trace_id}" if project else trace_id
+            value = _trace_name(trace_id)
     return _trace.set(value)
 
 

@@ -15,4 +15,6 @@ def _cancel(call: Call) -> flask.Response:
 
 @functions_framework.http
 def cancel_job(request: flask.Request) -> flask.Response:
-    return serve(request, methods=("POST",), auth="user", log_request=True, action=_cancel)
+    return serve(
+        request, methods=("POST",), auth="user", log_request=True, action=_cancel, function="cancel_job"
+    )

@@ -22,4 +22,4 @@ def _create(call: Call) -> flask.Response:
 
 @functions_framework.http
 def create_job(request: flask.Request) -> flask.Response:
-    return serve(request, methods=("POST",), auth="user", action=_create)
+    return serve(request, methods=("POST",), auth="user", action=_create, function="create_job")

@@ -17,4 +17,4 @@ def _get(call: Call) -> flask.Response:
 
 @functions_framework.http
 def get_job(request: flask.Request) -> flask.Response:
-    return serve(request, methods=("GET",), auth="user", log_request=True, action=_get)
+    return serve(request, methods=("GET",), auth="user", log_request=True, action=_get, function="get_job")

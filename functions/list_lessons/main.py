@@ -20,4 +20,6 @@ def _list(call: Call) -> flask.Response:
 
 @functions_framework.http
 def list_lessons(request: flask.Request) -> flask.Response:
-    return serve(request, methods=("GET",), auth="user", log_request=True, action=_list)
+    return serve(
+        request, methods=("GET",), auth="user", log_request=True, action=_list, function="list_lessons"
+    )

@@ -4,6 +4,7 @@ import flask
 import functions_framework
 
 from common.jobs import kinds, processor
+from common.platform import telemetry
 from common.platform.http import Call, cold_start, json_response, serve
 
 cold_start(kinds.load)  # the kinds' products and their settings load, and are checked, now
@@ -13,6 +14,7 @@ def _process(call: Call) -> flask.Response:
     call.require_root_path()
     job_id = processor.parse_task_body(call.json())
     answer = processor.process_job(job_id, task_name=call.request.headers.get("X-CloudTasks-TaskName"))
+    telemetry.annotate({"dylen.outcome": answer.body.get("outcome") or answer.body.get("status")})
     return json_response(answer.body, answer.status, answer.headers)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 from common.jobs.dispatch.base import Delivery, task_name_for
 from common.jobs.model import Job
 from common.jobs.settings import JobSettings
+from common.platform import telemetry
 from common.platform.config import Settings
 from common.platform.log import logger
 
@@ -67,7 +68,8 @@ class CloudTasksDispatcher:
         from google.protobuf import duration_pb2
 
         s = self.settings
-        headers = {"Content-Type": "application/json"}
+        # The trace travels in the task (`traceparent`, the dispatch's span), a retry's included.
+        headers = telemetry.inject({"Content-Type": "application/json"})
         if s.task_secret:
             headers["X-Dylen-Task-Secret"] = s.task_secret
         http_request = tasks_v2.HttpRequest(

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 from common.jobs.dispatch.base import LOCAL_QUEUE_NAME, Delivery, backoff_seconds, task_name_for
 from common.jobs.model import Job
 from common.jobs.settings import JobSettings
+from common.platform import telemetry
 from common.platform.config import Settings
 from common.platform.errors import ConfigError
 from common.platform.log import logger
@@ -128,9 +129,10 @@ class LocalHttpDispatcher:
     def dispatch(self, job: Job) -> None:
         logger.info(f"Dispatching task locally to {self.url}", extra={"job_id": str(job.id)})
         job_id, task_name, tries = str(job.id), task_name_for(job), job.max_attempts
+        trace = telemetry.inject({})  # taken now, in the dispatch's span, as a task's headers are
 
         def submit() -> None:
-            self._executor.submit(self._deliver, job_id, task_name, tries)
+            self._executor.submit(self._deliver, job_id, task_name, tries, trace=trace)
 
         wait = (job.run_after - datetime.now(UTC)).total_seconds() if job.run_after else 0.0
         if wait > 0:
@@ -140,11 +142,12 @@ class LocalHttpDispatcher:
 
     def deliver(self, job: Job) -> Delivery:
         """Deliver in the caller's thread, with the same retries, and say how it ended."""
-        return self._deliver(str(job.id), task_name_for(job), job.max_attempts)
+        return self._deliver(str(job.id), task_name_for(job), job.max_attempts, trace=telemetry.inject({}))
 
-    def _deliver(self, job_id: str, task_name: str, max_attempts: int) -> Delivery:
+    def _deliver(self, job_id: str, task_name: str, max_attempts: int, *, trace: dict[str, str]) -> Delivery:
         s = self.settings
         headers = {
+            **trace,
             "Content-Type": "application/json",
             "X-CloudTasks-QueueName": LOCAL_QUEUE_NAME,
             "X-CloudTasks-TaskName": task_name,
