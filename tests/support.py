@@ -159,8 +159,9 @@ def base_env(database_url: str, **overrides: str) -> dict[str, str]:
         DYLEN_TASK_SECRET=TASK_SECRET,
         DYLEN_LOCAL_DISPATCH_MIN_BACKOFF_SECONDS="0.05",
         DYLEN_LOCAL_DISPATCH_MAX_BACKOFF_SECONDS="1",
-        DYLEN_DB_POOL_SIZE="5",
-        DYLEN_DB_MAX_OVERFLOW="5",
+        # Two kept idle, up to ten open: the suite's many stacks share one server's 100 connections.
+        DYLEN_DB_POOL_SIZE="2",
+        DYLEN_DB_MAX_OVERFLOW="8",
         # Quotas stay on (every create runs the limited insert) but out of reach, except in the
         # tests about them, which set the limits they test.
         DYLEN_TIER_DAILY_JOBS="free=1000000",

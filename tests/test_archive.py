@@ -43,7 +43,7 @@ def run_env(archive_db_url: str, adb: sa.Engine, monkeypatch: pytest.MonkeyPatch
     from common.platform.config import reset_settings
 
     with adb.begin() as conn:
-        conn.execute(sa.text("TRUNCATE lessons, job_attempts, jobs, users"))
+        conn.execute(sa.text("TRUNCATE lessons, job_attempts, model_calls, quota_grants, jobs, users"))
     for key, value in base_env(archive_db_url).items():
         if key.startswith("DYLEN_"):
             monkeypatch.setenv(key, value)

@@ -146,7 +146,14 @@ def test_only_a_verified_listed_google_account_gets_in(
 
 def test_every_page_answers_with_security_headers(op: requests.Session, dashboard: str) -> None:
     for path in (
-        "/", "/queue", "/jobs", "/failures", "/usage", "/models", "/users", "/jobs?status=error&older_than=1s"
+        "/",
+        "/queue",
+        "/jobs",
+        "/failures",
+        "/usage",
+        "/models",
+        "/users",
+        "/jobs?status=error&older_than=1s",
     ):
         page = op.get(dashboard + path, timeout=10)
         assert page.status_code == 200, (path, page.text[:500])

@@ -213,6 +213,7 @@ STATEMENTS: dict[str, ParamSets] = {
             "key": "archive-2100-01-01",
             "request": "{}",
             "max_attempts": 5,
+            "traceparent": None,
         }
     ],
     "common.jobs.transitions._CREATE_FOR_USER": lambda d: [
@@ -222,6 +223,7 @@ STATEMENTS: dict[str, ParamSets] = {
             "key": uuid.uuid4().hex,
             "request": _LESSON_REQUEST,
             "max_attempts": 5,
+            "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             **limits,
         }
         for u in (d.heavy, d.typical)
@@ -256,6 +258,7 @@ STATEMENTS: dict[str, ParamSets] = {
             "max_attempts": 5,
             "plan": '{"title": "T", "sections": [{"heading": "a"}, {"heading": "b"}, {"heading": "c"}]}',
             "instance": "local/host/1",
+            "traceparent": None,
         }
     ],
     "common.jobs.transitions._FINISH_SECTION": lambda d: [
@@ -384,7 +387,28 @@ STATEMENTS: dict[str, ParamSets] = {
     "common.models.ledger._LANES": lambda d: [{"window": 61.0}],
     "common.models.ledger._PRUNE": lambda d: [{"days": 30, "batch": 5000}],
     "common.dashboard.queries._LAST_DAY": lambda d: [{}],
-    "common.dashboard.queries._PER_MINUTE": lambda d: [{}],
+    "common.dashboard.queries._PER_MINUTE": lambda d: [{"leave_out": ["lesson.section"]}],
+    "common.dashboard.queries._PER_HOUR": lambda d: [{"leave_out": ["lesson.section"]}],
+    "common.dashboard.queries._FAILURE_GROUPS": lambda d: [{"leave_out": ["lesson.section"]}],
+    "common.jobs.queries._FINISHED_COUNTS": lambda d: [{"w": 3600.0, "leave_out": ["lesson.section"]}],
+    # the job page (a lesson's sections' progress, its lesson), the Users page, CSRF key
+    "common.dashboard.queries._PROGRESS": lambda d: [{"ids": [str(d.parent), str(d.done_id)]}],
+    "common.dashboard.queries._LESSON_OF": lambda d: [{"id": d.done_id}],
+    "common.dashboard.queries._USERS": lambda d: [
+        {"user_id": None, "limit": 50},
+        {"user_id": d.heavy, "limit": 50},
+    ],
+    "common.dashboard.queries._SECRET": lambda d: [{}],
+    # the queue view (now, and the 1 h / 24 h windows) and the usage view's top users
+    "common.dashboard.queries._QUEUE_NOW": lambda d: [{}],
+    "common.dashboard.queries._THROUGHPUT": lambda d: [
+        {"since": d.now - timedelta(hours=h), "step": s} for h, s in ((1, 120.0), (24, 3600.0))
+    ],
+    "common.dashboard.queries._LATENCY": lambda d: [
+        {"since": d.now - timedelta(hours=h), "step": s, "buckets": n, "per_bucket": 100}
+        for h, s, n in ((1, 120.0, 30), (24, 3600.0, 24))
+    ],
+    "common.dashboard.queries._TOP_USERS": lambda d: [{"limit": 20}],
 }
 
 
@@ -423,7 +447,6 @@ def _jobs(**filters: Any) -> Call:
 
 
 def _calls() -> dict[str, list[Call]]:
-    from common.dashboard import queries as dash
     from common.jobs import queries as jq
     from common.jobs import totals
     from common.lessons import queries as lq
@@ -459,15 +482,7 @@ def _calls() -> dict[str, list[Call]]:
             ),
         ],
         "common.jobs.queries.oldest_queued": [lambda c, d: jq.oldest_queued(c)],
-        "common.jobs.queries.finished_counts": [lambda c, d: jq.finished_counts(c, within_seconds=3600)],
         "common.jobs.totals.all_time_counts": [lambda c, d: totals.all_time_counts(c)],
-        "common.dashboard.queries.failure_groups": [lambda c, d: dash.failure_groups(c)],
-        "common.dashboard.queries.lesson_of": [lambda c, d: dash.lesson_of(c, d.done_id)],
-        "common.dashboard.queries.users": [
-            lambda c, d: dash.users(c, user_id=None, limit=50),
-            lambda c, d: dash.users(c, user_id=d.heavy, limit=50),
-        ],
-        "common.dashboard.queries.dashboard_secret": [lambda c, d: dash.dashboard_secret(c)],
         "common.lessons.archive.queries.database_now": [lambda c, d: aq.database_now(c)],
         "common.lessons.archive.queries.lesson_blocks": [lambda c, d: aq.lesson_blocks(c)],
     }
@@ -784,6 +799,7 @@ def test_the_quota_count_is_index_only(
         "key": uuid.uuid4().hex,
         "request": _LESSON_REQUEST,
         "max_attempts": 5,
+        "traceparent": None,
         **_limits(),
     }
     plans = {
