@@ -405,7 +405,13 @@ STATEMENTS: dict[str, ParamSets] = {
         {"since": d.now - timedelta(hours=h), "step": s} for h, s in ((1, 120.0), (24, 3600.0))
     ],
     "common.dashboard.queries._LATENCY": lambda d: [
-        {"since": d.now - timedelta(hours=h), "step": s, "buckets": n, "per_bucket": 100}
+        {
+            "since": d.now - timedelta(hours=h),
+            "step": s,
+            "buckets": n,
+            "per_bucket": 100,
+            "kinds": ["lesson", "lesson.section", "maintenance.archive_lessons"],
+        }
         for h, s, n in ((1, 120.0, 30), (24, 3600.0, 24))
     ],
     "common.dashboard.queries._TOP_USERS": lambda d: [{"limit": 20}],

@@ -155,8 +155,9 @@ _THROUGHPUT = Statement(
 )
 
 # Percentiles of the wait before the first start and of the run, per kind and bucket, and per kind
-# over the window (the GROUPING SET whose `at` is NULL), from the newest :per_bucket jobs finished
-# in each bucket: the heap rows read stay bounded however many jobs finish. The buckets come from an
+# over the window (the GROUPING SET whose `at` is NULL), from the newest :per_bucket jobs of each
+# kind (:kinds, those the window's throughput found) finished in each bucket: the heap rows read
+# stay bounded however many jobs finish, and a busy kind never crowds a quiet one out of its sample. The buckets come from an
 # integer series: its row count is known to the planner (a timestamp series is guessed at 1,000
 # rows, which prices the plan over jit_above_cost and pays ~20 ms of JIT compilation per view).
 _LATENCY = Statement(
@@ -165,20 +166,22 @@ _LATENCY = Statement(
         SELECT CAST(:since AS timestamptz) + i * make_interval(secs => CAST(:step AS float8)) AS at
           FROM generate_series(0, CAST(:buckets AS integer) - 1) AS i
     )
-    SELECT s.job_kind, b.at,
+    SELECT k.job_kind, b.at,
            percentile_cont(0.5) WITHIN GROUP (ORDER BY s.wait) AS wait_p50,
            percentile_cont(0.95) WITHIN GROUP (ORDER BY s.wait) AS wait_p95,
            percentile_cont(0.5) WITHIN GROUP (ORDER BY s.run) AS run_p50,
            percentile_cont(0.95) WITHIN GROUP (ORDER BY s.run) AS run_p95
-      FROM buckets b,
-           LATERAL (SELECT job_kind, EXTRACT(EPOCH FROM started_at - created_at) AS wait,
-                           EXTRACT(EPOCH FROM completed_at - started_at) AS run
-                      FROM jobs
-                     WHERE completed_at >= b.at
-                       AND completed_at < b.at + make_interval(secs => CAST(:step AS float8))
-                       AND status IN ('done', 'error')
-                     ORDER BY completed_at DESC LIMIT :per_bucket) s
-     GROUP BY GROUPING SETS ((s.job_kind, b.at), (s.job_kind))
+      FROM buckets b
+     CROSS JOIN unnest(CAST(:kinds AS text[])) AS k(job_kind)
+     CROSS JOIN LATERAL (
+           SELECT EXTRACT(EPOCH FROM started_at - created_at) AS wait,
+                  EXTRACT(EPOCH FROM completed_at - started_at) AS run
+             FROM jobs
+            WHERE completed_at >= b.at
+              AND completed_at < b.at + make_interval(secs => CAST(:step AS float8))
+              AND status IN ('done', 'error') AND job_kind = k.job_kind
+            ORDER BY completed_at DESC LIMIT :per_bucket) s
+     GROUP BY GROUPING SETS ((k.job_kind, b.at), (k.job_kind))
     """
 )
 LATENCY_SAMPLE = 100  # jobs per bucket the percentiles read
@@ -193,10 +196,19 @@ def throughput(conn: Connection, *, since: datetime, step_seconds: float) -> lis
     return conn.execute(_THROUGHPUT, {"since": since, "step": step_seconds}).all()
 
 
-def latency(conn: Connection, *, since: datetime, step_seconds: float, buckets: int) -> list[Any]:
+def latency(
+    conn: Connection, *, since: datetime, step_seconds: float, buckets: int, kinds: Sequence[str]
+) -> list[Any]:
     """Rows (job_kind, at, wait_p50, wait_p95, run_p50, run_p95) in seconds, from a bounded sample
-    (LATENCY_SAMPLE per bucket) of `buckets` buckets from `since`; `at` None: the whole window."""
-    params = {"since": since, "step": step_seconds, "buckets": buckets, "per_bucket": LATENCY_SAMPLE}
+    (LATENCY_SAMPLE per kind and bucket) of `buckets` buckets from `since`; `at` None: the whole
+    window."""
+    params = {
+        "since": since,
+        "step": step_seconds,
+        "buckets": buckets,
+        "per_bucket": LATENCY_SAMPLE,
+        "kinds": list(kinds),
+    }
     return conn.execute(_LATENCY, params).all()
 
 

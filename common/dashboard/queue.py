@@ -46,7 +46,8 @@ def queue_context(request: flask.Request) -> dict[str, Any]:
     with connection() as conn:
         now_rows = queries.queue_now(conn)
         counted = queries.throughput(conn, since=since, step_seconds=step)
-        timed = queries.latency(conn, since=since, step_seconds=step, buckets=len(times))
+        kinds = sorted({row.job_kind for row in counted})
+        timed = queries.latency(conn, since=since, step_seconds=step, buckets=len(times), kinds=kinds)
     sections = section_kinds()
     live_by_kind = {row.job_kind: row for row in now_rows}
     counts: dict[str, dict[datetime, Any]] = {}
