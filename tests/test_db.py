@@ -189,19 +189,10 @@ def test_a_statement_whose_table_changed_is_replaced_not_left_on_the_server(
 
 
 def prepared_in_functions(source: str) -> list[int]:
-    """Lines where `Statement(..., prepare=...)`, or a `transitions.Output` (which always prepares),
-    is built inside a function or lambda body; Output's own constructor is that declaration."""
+    """Lines where `Statement(..., prepare=...)`, or a `transitions.Output` (a prepared Statement),
+    is built inside a function or lambda body."""
     found = []
-    tree = ast.parse(source)
-    declaring = {
-        id(method)
-        for cls in ast.walk(tree)
-        if isinstance(cls, ast.ClassDef) and cls.name == "Output"
-        for method in cls.body
-    }
-    for scope in ast.walk(tree):
-        if id(scope) in declaring:
-            continue
+    for scope in ast.walk(ast.parse(source)):
         if isinstance(scope, (ast.FunctionDef, ast.AsyncFunctionDef)):
             body: list[ast.AST] = list(scope.body)
         elif isinstance(scope, ast.Lambda):
@@ -238,9 +229,6 @@ def test_the_prepared_checker_finds_what_it_is_for() -> None:
         "LESSON = transitions.Output('INSERT ...')\n"
         "def per_call():\n"
         "    return transitions.Output('INSERT ...')\n"
-        "class Output:\n"
-        "    def __init__(self, sql):\n"
-        "        self.statement = Statement(sql, prepare=True)\n"
     )
     assert prepared_in_functions(sample) == [5, 9, 10, 13]
 

@@ -153,18 +153,17 @@ DONE_ROW = "id, user_id, request_json, plan, section_results"
 _COMPLETE = Statement(_SQL["complete"], prepare=True)
 
 
-class Output:
+class Output(Statement):
     """A product's statement that stores a job's output from the row its `done` transition returns:
-    an `INSERT ... SELECT ... FROM done RETURNING ...` reading DONE_ROW's columns. Declared once, at
-    module level; both run as one statement, so the output and `done` commit together or not at all.
-    `fan_in` picks the transition it rides on: a one-step job's complete, or a parent's fan-in."""
+    an `INSERT ... SELECT ... FROM done RETURNING ...` reading DONE_ROW's columns, prefixed with the
+    transition it rides on (a one-step job's complete, or with `fan_in` a parent's fan-in): one
+    prepared statement, so the output and `done` commit together or not at all. Declared at module
+    level, like any prepared Statement."""
 
-    __slots__ = ("statement",)
+    __slots__ = ()
 
     def __init__(self, sql: str, *, fan_in: bool = False) -> None:
-        self.statement = Statement(
-            _SQL["fan_in_with" if fan_in else "complete_with"] + "\n" + sql, prepare=True
-        )
+        super().__init__(_SQL["fan_in_with" if fan_in else "complete_with"] + "\n" + sql, prepare=True)
 
 
 def complete(
@@ -180,7 +179,7 @@ def complete(
     values = {**(params or {}), "id": job_id, "attempt": attempt, "result": jsonb(result)}
     if output is None:
         return conn.execute(_COMPLETE, values).rowcount == 1
-    return conn.execute(output.statement, values).first() is not None
+    return conn.execute(output, values).first() is not None
 
 
 def fan_in(
@@ -188,7 +187,7 @@ def fan_in(
 ) -> bool:
     """The waiting parent -> `done` with its output once every section is; False while any is not."""
     values = {**params, "id": parent_id, "result": jsonb(result)}
-    return conn.execute(output.statement, values).first() is not None
+    return conn.execute(output, values).first() is not None
 
 
 # --- plan: a job that fans out into sections ----------------------------------------------------------
